@@ -1,0 +1,128 @@
+/*
+ * sbn/comm.h - the connection to the coordinator, groups and synchronization
+ * rounds.
+ *
+ * Threading: an sbn_ctx and its groups belong to one thread at a time; calls
+ * on the same context must not overlap (the library sends one request and
+ * waits for its reply).  Different contexts are independent.
+ *
+ * Failure: every function returns SBN_OK or a negative SBN_E* code and, on
+ * failure, leaves a message for sbn_last_error() on the calling thread.  No
+ * function calls exit() or abort().  Every blocking call is bounded by the
+ * context's timeout.  When a round fails (a member lost, ranks that disagree,
+ * a timeout) the output buffers are left unchanged.
+ */
+#ifndef SBN_COMM_H
+#define SBN_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sbn/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sbn_ctx sbn_ctx;
+typedef struct sbn_group sbn_group;
+
+/* Limits, named so callers and tests can meet them at their edge. */
+#define SBN_JOB_MAX 128       /* bytes in a job id */
+#define SBN_LAYER_MAX 256     /* bytes in a layer identity */
+#define SBN_WORLD_MAX 65536   /* ranks in a job */
+
+typedef struct sbn_config {
+  /* "host:port" of sbn-coordinator; NULL (or world_size 1) = no network. */
+  const char *coordinator;
+  const char *job;        /* job id, default "default"; at most SBN_JOB_MAX-1 bytes */
+  int rank;               /* 0 .. world_size-1 */
+  int world_size;         /* >= 1 */
+  uint64_t generation;    /* restart counter, default 0 */
+  int connect_timeout_ms; /* keep retrying connect this long, default 30000 */
+  /* Bound on each blocking round; 0 = the coordinator's round timeout plus
+   * 5 s, so that its error (which names the missing ranks) arrives first. */
+  int timeout_ms;
+  /* Poll the socket without sleeping this long before blocking on a reply
+   * (trades CPU for latency); default 0 = off. */
+  int spin_us;
+} sbn_config;
+
+/* Fills cfg with the defaults above (no coordinator, rank 0, world size 1). */
+SBN_API void sbn_config_init(sbn_config *cfg);
+
+/*
+ * Fills cfg from the environment, first set wins for each field:
+ *   coordinator  SBN_COORDINATOR=host:port, else MASTER_ADDR[:MASTER_PORT]
+ *   rank         SBN_RANK, RANK, SLURM_PROCID
+ *   world size   SBN_WORLD_SIZE, WORLD_SIZE, SLURM_NTASKS
+ *   job          SBN_JOB, SLURM_JOB_ID
+ *   timeouts     SBN_TIMEOUT_MS, SBN_CONNECT_TIMEOUT_MS, SBN_SPIN_US
+ * Fields with no variable keep their value.  The strings stay owned by the
+ * environment/this library (valid until the next call).  Returns SBN_EINVAL
+ * naming the variable when one is malformed (cfg is then unchanged).
+ */
+SBN_API int sbn_config_from_env(sbn_config *cfg);
+
+/*
+ * Connects (retrying until connect_timeout_ms), says hello and waits for the
+ * coordinator's welcome.  With world_size 1 or no coordinator, no connection
+ * is made and every group operation is local.  On success *out owns the
+ * context; free it with sbn_finalize().  On failure *out is NULL.
+ */
+SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out);
+
+/* Says goodbye, closes the connection and frees ctx and its groups (but not
+ * groups already freed).  NULL is a no-op.  Returns the goodbye's status. */
+SBN_API int sbn_finalize(sbn_ctx *ctx);
+
+SBN_API int sbn_rank(const sbn_ctx *ctx);
+SBN_API int sbn_world_size(const sbn_ctx *ctx);
+/* True when rounds go to a coordinator (world size > 1). */
+SBN_API int sbn_is_distributed(const sbn_ctx *ctx);
+
+/* The group of all ranks; owned by ctx, valid until sbn_finalize(). */
+SBN_API sbn_group *sbn_world(sbn_ctx *ctx);
+
+/*
+ * A group of the given world ranks (any order; they are sorted, the group
+ * rank is the index in sorted order).  Must be called by members only, with
+ * the same set on every member.  Fails with SBN_EINVAL for an empty set, a
+ * duplicate or out-of-range rank, SBN_ENOTMEMBER when the caller is not in
+ * it.  Free with sbn_group_free() (before sbn_finalize).
+ */
+SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n,
+                          sbn_group **out);
+SBN_API void sbn_group_free(sbn_group *g);
+SBN_API int sbn_group_size(const sbn_group *g);
+/* This process's rank within the group. */
+SBN_API int sbn_group_rank(const sbn_group *g);
+/* The world rank of group rank i, or -1 when i is out of range. */
+SBN_API int sbn_group_member(const sbn_group *g, int i);
+
+/*
+ * One forward synchronization round.  Sends this rank's per-channel count,
+ * mean[C] and M2[C] (sum of squared deviations) and waits for the group's
+ * merge: *gcount, gmean[C], gm2[C] (all members get bitwise the same values).
+ * layer names the layer (at most SBN_LAYER_MAX-1 bytes); every member must
+ * call with the same layer and C in the same order, or every member gets
+ * SBN_EMISMATCH naming who differed.  count may be 0 (mean/M2 then ignored).
+ * A NULL group or a group of one merges locally.
+ */
+SBN_API int sbn_sync_stats(sbn_group *g, const char *layer, size_t C,
+                           uint64_t count, const double *mean, const double *m2,
+                           uint64_t *gcount, double *gmean, double *gm2);
+
+/*
+ * One backward round: gsum_a = sum over members of a[C], likewise b; added
+ * in rank order in double.  Same rules as sbn_sync_stats.
+ */
+SBN_API int sbn_sync_sums(sbn_group *g, const char *layer, size_t C,
+                          const double *a, const double *b, double *gsum_a,
+                          double *gsum_b);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SBN_COMM_H */

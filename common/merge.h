@@ -1,0 +1,37 @@
+/*
+ * merge.h - the statistics merge (Chan et al.'s parallel formula) in double.
+ *
+ * Pure functions, no I/O.  The coordinator merges contributions in rank order
+ * with these, so the result is the same bytes whatever order they arrived in.
+ */
+#ifndef SBN_MERGE_H
+#define SBN_MERGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Merges (nb, mean_b[c], m2_b[c]) into (*na, mean_a[c], m2_a[c]) for c < C:
+ *   n = na + nb, delta = mean_b - mean_a,
+ *   mean = mean_a + delta * nb / n, M2 = M2_a + M2_b + delta^2 * na * nb / n.
+ * A side with count 0 contributes nothing (its mean/M2 are ignored).
+ */
+void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb,
+                      const double *mean_b, const double *m2_b, size_t C);
+
+/* acc[i] += b[i] for i < n. */
+void sbn__sums_add(double *acc, const double *b, size_t n);
+
+/*
+ * Checks one contribution's statistics: every mean and M2 finite, M2 >= 0,
+ * count at most SBN_MAX_COUNT.  Returns the first bad channel index, or -1
+ * if all are good; *what names the problem.
+ */
+#define SBN_MAX_COUNT (UINT64_C(1) << 53) /* exact in a double */
+long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C,
+                      const char **what);
+
+/* Checks that every value is finite; returns the first bad index or -1. */
+long sbn__finite_check(const double *v, size_t n);
+
+#endif /* SBN_MERGE_H */

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what is missing (Debian), builds sbn twice (plain, and with
+# AddressSanitizer + UndefinedBehaviorSanitizer) and runs every test in both.
+#   ./scripts/test.sh            everything
+#   SBN_TEST_FAST=1 ./scripts/test.sh   plain build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+sbn_install_deps
+
+jobs=$(nproc 2>/dev/null || echo 2)
+run_suite() {
+  local dir=$1; shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+  (cd "$dir" && ctest --output-on-failure -j "$jobs" --timeout 300)
+}
+
+echo "== plain build"
+run_suite build
+if [ -z "${SBN_TEST_FAST:-}" ]; then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_suite build-asan -DSBN_SANITIZE=ON
+fi
+echo "== all tests passed"

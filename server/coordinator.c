@@ -1,0 +1,2 @@
+/* placeholder */
+int sbn__coordinator_placeholder;
