@@ -69,7 +69,7 @@ void sbn__framer_commit(sbn__framer *f, size_t n);
 int sbn__framer_feed(sbn__framer *f, const void *data, size_t n);
 
 /*
- * The next complete frame: returns 1 and sets *body/*len (valid until the
+ * The next complete frame: returns 1 and sets *body and *len (valid until the
  * next call that changes the framer), 0 if more bytes are needed, or a
  * negative status if the stream is malformed (the message is in f->errmsg and
  * every later call returns the same status).
