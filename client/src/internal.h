@@ -9,6 +9,8 @@
 #include <stddef.h>
 
 #include "sbn/sbn.h"
+#include "frame.h"
+#include "msg.h"
 
 /*
  * Records a failure for sbn_last_error() on this thread and returns code, so
@@ -19,5 +21,79 @@
 int sbn__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Clears the last error (successful calls need not call this). */
 void sbn__clear_error(void);
+
+/* A connection to the coordinator (conn.c).  fd < 0 means none. */
+typedef struct sbn__conn {
+  int fd;
+  sbn__framer rx;
+  uint32_t max_frame; /* the coordinator's, from its welcome */
+  int spin_us;
+  /* Once the connection fails it stays failed: later calls get this. */
+  int dead_code;
+  char dead_msg[256];
+} sbn__conn;
+
+void sbn__conn_init(sbn__conn *c);
+/* Connects to host:port, retrying until deadline_ms (monotonic). */
+int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_ms);
+/* Encodes env and writes the whole frame before deadline_ms. */
+int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms);
+/* Receives one envelope before deadline_ms; free it with sbn__msg_free. */
+int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms);
+/* Marks the connection failed with code and message; returns code. */
+int sbn__conn_kill(sbn__conn *c, int code, const char *msg);
+void sbn__conn_close(sbn__conn *c);
+
+struct sbn_ctx {
+  int rank;
+  int world_size;
+  char job[SBN_JOB_MAX];
+  uint64_t generation;
+  int timeout_ms;          /* per round, resolved (never 0 once connected) */
+  uint32_t round_timeout_ms; /* the coordinator's */
+  sbn__conn conn;
+  struct sbn_group *world;
+};
+
+struct sbn_group {
+  sbn_ctx *ctx;
+  uint32_t *members;  /* sorted world ranks */
+  size_t n;
+  int my_index;       /* this process's group rank */
+  uint64_t seq;       /* next round's sequence number */
+};
+
+/* What one round sends; unused fields stay zero. */
+typedef struct sbn__round_req {
+  int phase;           /* SBN__PHASE__PHASE_* */
+  const char *layer;
+  size_t channels;
+  uint64_t count;
+  const double *a, *b; /* channels values each, or NULL */
+  const float *fvals;  /* channels values, or NULL */
+  const void *blob;
+  size_t blob_len;
+  uint32_t root;
+} sbn__round_req;
+
+/*
+ * Runs one round of group g with the coordinator: sends the contribution and
+ * waits for the Result of the same sequence number.  On SBN_OK *reply owns
+ * the envelope whose body is that Result (free with sbn__msg_free); on
+ * failure *reply is NULL and the last error names what went wrong.  The
+ * group's sequence number advances either way so that members stay in step.
+ */
+int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply);
+
+/* True when g needs no coordinator (NULL, or one member). */
+int sbn__group_is_local(const sbn_group *g);
+
+/*
+ * A model-check round: every member sends text (one line per SyncBatchNorm
+ * layer: "name C eps momentum affine ...") and the coordinator answers
+ * SBN_OK when all are byte-identical, else SBN_EMISMATCH naming the first
+ * differing rank and line.  Local (always SBN_OK) for a group of one.
+ */
+int sbn__group_model_check(sbn_group *g, const char *text, size_t len);
 
 #endif /* SBN_CLIENT_INTERNAL_H */

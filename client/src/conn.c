@@ -1,0 +1,242 @@
+/*
+ * conn.c - the blocking connection to the coordinator.
+ *
+ * Plain POSIX sockets with poll(): a worker makes one request and waits for
+ * its reply, so an event loop would buy nothing here.  Every wait is bounded
+ * by a deadline on the monotonic clock, and a connection that failed once
+ * stays failed (the protocol stream cannot be trusted after a partial frame).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "util.h"
+
+/* Pause between connection attempts: starts small, doubles up to the cap. */
+#define SBN_CONNECT_RETRY_MIN_MS 50
+#define SBN_CONNECT_RETRY_MAX_MS 1000
+/* Bytes asked of one recv(). */
+#define SBN_RECV_CHUNK (64 * 1024)
+
+void sbn__conn_init(sbn__conn *c) {
+  memset(c, 0, sizeof(*c));
+  c->fd = -1;
+  c->max_frame = SBN_MAX_FRAME_DEFAULT;
+  sbn__framer_init(&c->rx, SBN_MAX_FRAME_CEILING);
+}
+
+void sbn__conn_close(sbn__conn *c) {
+  if (c->fd >= 0)
+    close(c->fd);
+  c->fd = -1;
+  sbn__framer_release(&c->rx);
+}
+
+int sbn__conn_kill(sbn__conn *c, int code, const char *msg) {
+  if (c->dead_code == 0) {
+    c->dead_code = code;
+    snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", msg);
+  }
+  if (c->fd >= 0) {
+    close(c->fd);
+    c->fd = -1;
+  }
+  return sbn__fail(c->dead_code, "%s", c->dead_msg);
+}
+
+static int ms_left(uint64_t deadline_ms) {
+  uint64_t now = sbn__now_ms();
+  if (now >= deadline_ms)
+    return 0;
+  uint64_t left = deadline_ms - now;
+  return left > INT32_MAX ? INT32_MAX : (int)left;
+}
+
+/* One non-blocking connect attempt bounded by deadline_ms. */
+static int try_connect(const struct addrinfo *ai, uint64_t deadline_ms, int *err) {
+  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                  ai->ai_protocol);
+  if (fd < 0) {
+    *err = errno;
+    return -1;
+  }
+  if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+    *err = errno;
+    close(fd);
+    return -1;
+  }
+  struct pollfd p = {.fd = fd, .events = POLLOUT};
+  int r;
+  do
+    r = poll(&p, 1, ms_left(deadline_ms));
+  while (r < 0 && errno == EINTR);
+  int soerr = 0;
+  socklen_t len = sizeof(soerr);
+  if (r <= 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0 || soerr) {
+    *err = r == 0 ? ETIMEDOUT : soerr ? soerr : errno;
+    close(fd);
+    return -1;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_ms) {
+  char portstr[16];
+  snprintf(portstr, sizeof(portstr), "%d", port);
+  struct addrinfo hints = {0}, *res = NULL;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  int gai = getaddrinfo(host, portstr, &hints, &res);
+  if (gai != 0)
+    return sbn__fail(SBN_ECONNECT, "cannot resolve coordinator host '%s': %s", host,
+                     gai_strerror(gai));
+  int delay = SBN_CONNECT_RETRY_MIN_MS, err = 0, attempts = 0;
+  for (;;) {
+    attempts++;
+    for (struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next) {
+      int fd = try_connect(ai, deadline_ms, &err);
+      if (fd >= 0) {
+        freeaddrinfo(res);
+        c->fd = fd;
+        c->dead_code = 0;
+        return SBN_OK;
+      }
+    }
+    int left = ms_left(deadline_ms);
+    if (left == 0)
+      break;
+    usleep((useconds_t)(delay < left ? delay : left) * 1000u);
+    delay = delay * 2 > SBN_CONNECT_RETRY_MAX_MS ? SBN_CONNECT_RETRY_MAX_MS : delay * 2;
+  }
+  freeaddrinfo(res);
+  return sbn__fail(SBN_ECONNECT,
+                   "cannot connect to coordinator '%s:%d' after %d attempts: %s", host,
+                   port, attempts, strerror(err));
+}
+
+/* Waits until fd is ready for events, spinning first if configured. */
+static int wait_fd(sbn__conn *c, short events, uint64_t deadline_ms) {
+  struct pollfd p = {.fd = c->fd, .events = events};
+  if (c->spin_us > 0 && events == POLLIN) {
+    uint64_t spin_end = sbn__now_ns() + (uint64_t)c->spin_us * 1000u;
+    do {
+      if (poll(&p, 1, 0) > 0)
+        return SBN_OK;
+    } while (sbn__now_ns() < spin_end);
+  }
+  for (;;) {
+    int left = ms_left(deadline_ms);
+    int r = poll(&p, 1, left);
+    if (r > 0)
+      return SBN_OK;
+    if (r == 0)
+      return SBN_ETIMEDOUT;
+    if (errno != EINTR)
+      return SBN_EIO;
+  }
+}
+
+int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms) {
+  if (c->fd < 0)
+    return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
+                        : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
+  uint8_t *buf;
+  size_t len;
+  int rc = sbn__msg_encode(env, c->max_frame, &buf, &len);
+  if (rc == SBN_ETOOBIG)
+    return sbn__fail(rc, "message of %zu bytes exceeds the coordinator's frame limit "
+                         "of %u bytes",
+                     sbn__envelope__get_packed_size(env), (unsigned)c->max_frame);
+  if (rc != SBN_OK)
+    return sbn__fail(rc, "cannot encode message: out of memory");
+  size_t off = 0;
+  while (off < len) {
+    ssize_t n = send(c->fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      off += (size_t)n;
+      continue;
+    }
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      rc = wait_fd(c, POLLOUT, deadline_ms);
+      if (rc == SBN_OK)
+        continue;
+      free(buf);
+      /* A partial frame is on the wire: the stream is unusable now. */
+      return sbn__conn_kill(c, rc == SBN_ETIMEDOUT ? SBN_ETIMEDOUT : SBN_EIO,
+                            rc == SBN_ETIMEDOUT
+                                ? "timed out sending to the coordinator"
+                                : "poll failed while sending to the coordinator");
+    }
+    char msg[200];
+    snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s",
+             strerror(errno));
+    free(buf);
+    return sbn__conn_kill(c, SBN_ECLOSED, msg);
+  }
+  free(buf);
+  return SBN_OK;
+}
+
+int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
+  *out = NULL;
+  if (c->fd < 0)
+    return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
+                        : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
+  for (;;) {
+    const uint8_t *body;
+    size_t len;
+    int r = sbn__framer_next(&c->rx, &body, &len);
+    if (r > 0) {
+      char err[160];
+      Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+      if (env == NULL) {
+        char msg[200];
+        snprintf(msg, sizeof(msg), "bad message from the coordinator: %s", err);
+        return sbn__conn_kill(c, SBN_EPROTO, msg);
+      }
+      *out = env;
+      return SBN_OK;
+    }
+    if (r < 0) {
+      char msg[200];
+      snprintf(msg, sizeof(msg), "bad frame from the coordinator: %s", c->rx.errmsg);
+      return sbn__conn_kill(c, r, msg);
+    }
+    int rc = wait_fd(c, POLLIN, deadline_ms);
+    if (rc == SBN_ETIMEDOUT)
+      return sbn__fail(SBN_ETIMEDOUT, "no reply from the coordinator in time");
+    if (rc != SBN_OK)
+      return sbn__conn_kill(c, SBN_EIO, "poll failed while waiting for the coordinator");
+    uint8_t *space;
+    long room = sbn__framer_space(&c->rx, SBN_RECV_CHUNK, &space);
+    if (room < 0)
+      return sbn__conn_kill(c, (int)room, "cannot buffer the coordinator's reply");
+    ssize_t n = recv(c->fd, space, (size_t)room, MSG_DONTWAIT);
+    if (n > 0) {
+      sbn__framer_commit(&c->rx, (size_t)n);
+      continue;
+    }
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+      continue;
+    char msg[200];
+    if (n == 0)
+      snprintf(msg, sizeof(msg), "the coordinator closed the connection");
+    else
+      snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s",
+               strerror(errno));
+    return sbn__conn_kill(c, SBN_ECLOSED, msg);
+  }
+}
