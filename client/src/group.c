@@ -128,6 +128,7 @@ int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
   c.blob.data = (uint8_t *)req->blob;
   c.blob.len = req->blob_len;
   c.root = req->root;
+  c.op = (Sbn__ReduceOp)req->op;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &c;
   uint64_t deadline = sbn__now_ms() + (uint64_t)ctx->timeout_ms;

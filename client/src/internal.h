@@ -74,6 +74,7 @@ typedef struct sbn__round_req {
   const void *blob;
   size_t blob_len;
   uint32_t root;
+  int op;              /* SBN_REDUCE_* for allreduce */
 } sbn__round_req;
 
 /*

@@ -121,6 +121,53 @@ SBN_API int sbn_sync_sums(sbn_group *g, const char *layer, size_t C,
                           const double *a, const double *b, double *gsum_a,
                           double *gsum_b);
 
+/* ---- Collectives for data-parallel training ----------------------------
+ *
+ * Served by the same coordinator, with the same failure rules as the rounds
+ * above (a lost member, a disagreement or a timeout fails the call on every
+ * member, with a message naming the ranks).  A buffer that fits one chunk
+ * is updated only when the call succeeds; a larger one travels in several
+ * chunks, and a failure part-way leaves the earlier chunks updated (the call
+ * still returns the error; treat the buffer's contents as undefined then).
+ */
+
+/* Values per chunk: larger buffers travel in several rounds, so the
+ * coordinator holds at most members x SBN_CHUNK_FLOATS values per round. */
+#define SBN_CHUNK_FLOATS (1024u * 1024u)
+#define SBN_CHUNK_BYTES (4u * 1024u * 1024u)
+
+typedef enum sbn_reduce_op {
+  SBN_REDUCE_SUM = 0,  /* element-wise sum */
+  SBN_REDUCE_MEAN = 1  /* element-wise sum divided by the group size */
+} sbn_reduce_op;
+
+/*
+ * Replaces buf[0..n) on every member with the element-wise sum (or mean)
+ * over the group.  The sum is taken in double in rank order and rounded once,
+ * so every member gets bitwise the same floats whatever the arrival order.
+ * Every member must pass the same n.  NaN or Inf in any input fails the call
+ * with SBN_EBADSTATS naming the rank.
+ */
+SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op);
+
+/*
+ * Fused allreduce of k buffers (like Horovod's tensor fusion): the buffers
+ * are packed into as few chunks as fit SBN_CHUNK_FLOATS, so many small
+ * gradients cost few rounds.  bufs[i] has ns[i] floats; every member must
+ * pass the same list of sizes.
+ */
+SBN_API int sbn_allreduce_many(sbn_group *g, float *const *bufs, const size_t *ns,
+                               size_t k, sbn_reduce_op op);
+
+/*
+ * Copies len bytes at buf from group rank root to every other member's buf.
+ * Every member must pass the same len and root.
+ */
+SBN_API int sbn_broadcast(sbn_group *g, void *buf, size_t len, int root);
+
+/* Returns once every member of the group has called it. */
+SBN_API int sbn_barrier(sbn_group *g);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,150 @@
+/*
+ * collectives.c - allreduce, broadcast and barrier through the coordinator.
+ *
+ * Large buffers travel in chunks of at most SBN_CHUNK_FLOATS values, one
+ * round each, so the coordinator's memory per round stays bounded whatever
+ * the gradient size.  Small buffers are fused into shared chunks.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* One allreduce round over buf[0..n), n <= SBN_CHUNK_FLOATS. */
+static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
+  sbn__round_req req = {.phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "allreduce",
+                        .channels = n, .count = n, .fvals = buf, .op = (int)op};
+  Sbn__Envelope *reply;
+  int rc = sbn__round(g, &req, &reply);
+  if (rc != SBN_OK)
+    return rc;
+  const Sbn__Result *r = reply->result;
+  if (r->n_fvals != n) {
+    rc = sbn__fail(SBN_EPROTO, "coordinator answered an allreduce of %zu values with %zu",
+                   n, r->n_fvals);
+  } else {
+    memcpy(buf, r->fvals, n * sizeof(float));
+  }
+  sbn__msg_free(reply);
+  return rc;
+}
+
+static int check_op(sbn_reduce_op op) {
+  if (op != SBN_REDUCE_SUM && op != SBN_REDUCE_MEAN)
+    return sbn__fail(SBN_EINVAL, "reduce op %d is neither SBN_REDUCE_SUM nor SBN_REDUCE_MEAN",
+                     (int)op);
+  return SBN_OK;
+}
+
+SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
+  int rc = check_op(op);
+  if (rc != SBN_OK)
+    return rc;
+  if (buf == NULL && n > 0)
+    return sbn__fail(SBN_EINVAL, "sbn_allreduce got a NULL buffer of %zu values", n);
+  if (sbn__group_is_local(g) || n == 0)
+    return SBN_OK; /* the sum and the mean over one member are the values */
+  for (size_t off = 0; off < n; off += SBN_CHUNK_FLOATS) {
+    size_t k = n - off < SBN_CHUNK_FLOATS ? n - off : SBN_CHUNK_FLOATS;
+    rc = allreduce_chunk(g, buf + off, k, op);
+    if (rc != SBN_OK)
+      return rc;
+  }
+  return SBN_OK;
+}
+
+SBN_API int sbn_allreduce_many(sbn_group *g, float *const *bufs, const size_t *ns,
+                               size_t k, sbn_reduce_op op) {
+  int rc = check_op(op);
+  if (rc != SBN_OK)
+    return rc;
+  if (k > 0 && (bufs == NULL || ns == NULL))
+    return sbn__fail(SBN_EINVAL, "sbn_allreduce_many got a NULL list");
+  for (size_t i = 0; i < k; i++)
+    if (bufs[i] == NULL && ns[i] > 0)
+      return sbn__fail(SBN_EINVAL, "sbn_allreduce_many: buffer %zu is NULL", i);
+  if (sbn__group_is_local(g))
+    return SBN_OK;
+  float *pack = NULL;
+  size_t i = 0;
+  while (i < k) {
+    /* A buffer of a chunk or more goes on its own, in place. */
+    if (ns[i] >= SBN_CHUNK_FLOATS) {
+      rc = sbn_allreduce(g, bufs[i], ns[i], op);
+      if (rc != SBN_OK)
+        break;
+      i++;
+      continue;
+    }
+    /* Otherwise fuse consecutive small buffers into one chunk. */
+    size_t j = i, total = 0;
+    while (j < k && ns[j] < SBN_CHUNK_FLOATS && total + ns[j] <= SBN_CHUNK_FLOATS)
+      total += ns[j++];
+    if (pack == NULL && (pack = malloc(SBN_CHUNK_BYTES)) == NULL) {
+      rc = sbn__fail(SBN_ENOMEM, "out of memory for the fusion buffer");
+      break;
+    }
+    size_t off = 0;
+    for (size_t t = i; t < j; t++) {
+      memcpy(pack + off, bufs[t], ns[t] * sizeof(float));
+      off += ns[t];
+    }
+    rc = total ? allreduce_chunk(g, pack, total, op) : SBN_OK;
+    if (rc != SBN_OK)
+      break;
+    off = 0;
+    for (size_t t = i; t < j; t++) {
+      memcpy(bufs[t], pack + off, ns[t] * sizeof(float));
+      off += ns[t];
+    }
+    i = j;
+  }
+  free(pack);
+  return rc;
+}
+
+SBN_API int sbn_broadcast(sbn_group *g, void *buf, size_t len, int root) {
+  if (buf == NULL && len > 0)
+    return sbn__fail(SBN_EINVAL, "sbn_broadcast got a NULL buffer of %zu bytes", len);
+  if (root < 0 || root >= sbn_group_size(g))
+    return sbn__fail(SBN_EINVAL, "broadcast root %d is not a group rank (group of %d)",
+                     root, sbn_group_size(g));
+  if (sbn__group_is_local(g))
+    return SBN_OK;
+  int is_root = g->my_index == root;
+  uint8_t *p = buf;
+  size_t off = 0;
+  do {
+    size_t k = len - off < SBN_CHUNK_BYTES ? len - off : SBN_CHUNK_BYTES;
+    sbn__round_req req = {.phase = SBN__PHASE__PHASE_BROADCAST, .layer = "broadcast",
+                          .channels = k, .root = (uint32_t)root,
+                          .blob = is_root ? p + off : NULL, .blob_len = is_root ? k : 0};
+    Sbn__Envelope *reply;
+    int rc = sbn__round(g, &req, &reply);
+    if (rc != SBN_OK)
+      return rc;
+    const Sbn__Result *r = reply->result;
+    if (r->blob.len != k) {
+      rc = sbn__fail(SBN_EMISMATCH,
+                     "broadcast from group rank %d carried %zu bytes, this rank expected %zu",
+                     root, r->blob.len, k);
+      sbn__msg_free(reply);
+      return rc;
+    }
+    if (!is_root)
+      memcpy(p + off, r->blob.data, k);
+    sbn__msg_free(reply);
+    off += k;
+  } while (off < len);
+  return SBN_OK;
+}
+
+SBN_API int sbn_barrier(sbn_group *g) {
+  if (sbn__group_is_local(g))
+    return SBN_OK;
+  sbn__round_req req = {.phase = SBN__PHASE__PHASE_BARRIER, .layer = "barrier"};
+  Sbn__Envelope *reply;
+  int rc = sbn__round(g, &req, &reply);
+  sbn__msg_free(reply);
+  return rc;
+}
