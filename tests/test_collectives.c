@@ -1,0 +1,244 @@
+/*
+ * test_collectives.c - allreduce (sum, mean, chunked, fused), broadcast and
+ * barrier between real worker processes through a real coordinator.  The
+ * expected values are computed in the test the way the contract states them:
+ * the double sum in rank order, rounded once to float32, so they must match
+ * bit for bit.
+ */
+#include <check.h>
+#include <math.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "coord_proc.h"
+#include "sbn/sbn.h"
+#include "workers.h"
+
+#define BIG_N (2 * SBN_CHUNK_FLOATS + 12345) /* three chunks */
+#define BCAST_BYTES (SBN_CHUNK_BYTES + 777)  /* two chunks */
+
+typedef struct shared {
+  int failures[WORKERS_MAX];
+  char msg[WORKERS_MAX][512];
+  long long t_before_barrier[WORKERS_MAX];
+  long long t_after_barrier[WORKERS_MAX];
+  int rc[WORKERS_MAX];
+} shared;
+
+typedef struct arg {
+  const char *addr;
+  const char *job;
+  int world;
+} arg;
+
+static float value(int rank, size_t i) {
+  /* Values whose float sums round differently from a float accumulation. */
+  uint32_t h = (uint32_t)(i * 2654435761u) ^ (uint32_t)(rank * 40503u);
+  return (float)((double)(h % 20011) / 7.0 - 1400.0) * (rank % 2 ? 1e-3f : 1.0f);
+}
+
+static float expected(int world, size_t i, sbn_reduce_op op) {
+  double s = 0;
+  for (int r = 0; r < world; r++)
+    s += (double)value(r, i);
+  return op == SBN_REDUCE_MEAN ? (float)(s / world) : (float)s;
+}
+
+#define FAIL(sh, rank, ...)                                                    \
+  do {                                                                         \
+    if ((sh)->failures[rank]++ == 0)                                           \
+      snprintf((sh)->msg[rank], 512, __VA_ARGS__);                             \
+  } while (0)
+
+static int check_buf(shared *sh, int rank, int world, const float *buf, size_t n,
+                     sbn_reduce_op op, const char *what) {
+  for (size_t i = 0; i < n; i++) {
+    float e = expected(world, i, op);
+    if (memcmp(&buf[i], &e, sizeof(float)) != 0) {
+      FAIL(sh, rank, "%s: element %zu is %.9g, expected %.9g", what, i, buf[i], e);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static sbn_ctx *connect_rank(const arg *a, int rank, shared *sh) {
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = a->addr;
+  cfg.job = a->job;
+  cfg.rank = rank;
+  cfg.world_size = a->world;
+  sbn_ctx *ctx = NULL;
+  if (sbn_init(&cfg, &ctx) != SBN_OK)
+    FAIL(sh, rank, "init: %s", sbn_last_error());
+  return ctx;
+}
+
+static int collectives_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  sbn_group *w = sbn_world(ctx);
+  static const size_t sizes[] = {1, 7, 1000, SBN_CHUNK_FLOATS, BIG_N};
+  float *buf = malloc(BIG_N * sizeof(float));
+  for (int op = 0; op < 2; op++)
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+      for (size_t i = 0; i < sizes[s]; i++)
+        buf[i] = value(rank, i);
+      int rc = sbn_allreduce(w, buf, sizes[s], (sbn_reduce_op)op);
+      if (rc != SBN_OK)
+        FAIL(sh, rank, "allreduce of %zu: %s", sizes[s], sbn_last_error());
+      else
+        check_buf(sh, rank, a->world, buf, sizes[s], (sbn_reduce_op)op, "allreduce");
+    }
+  /* Fused: small buffers share a chunk, a big one goes alone. */
+  static const size_t fsz[] = {3, 1, 5000, SBN_CHUNK_FLOATS - 100, 200, SBN_CHUNK_FLOATS + 1, 2};
+  enum { NF = sizeof(fsz) / sizeof(fsz[0]) };
+  float *fb[NF];
+  for (int k = 0; k < NF; k++) {
+    fb[k] = malloc(fsz[k] * sizeof(float));
+    for (size_t i = 0; i < fsz[k]; i++)
+      fb[k][i] = value(rank, i);
+  }
+  if (sbn_allreduce_many(w, fb, fsz, NF, SBN_REDUCE_MEAN) != SBN_OK)
+    FAIL(sh, rank, "allreduce_many: %s", sbn_last_error());
+  else
+    for (int k = 0; k < NF; k++)
+      check_buf(sh, rank, a->world, fb[k], fsz[k], SBN_REDUCE_MEAN, "allreduce_many");
+  for (int k = 0; k < NF; k++)
+    free(fb[k]);
+  /* Broadcast from the last rank, two chunks. */
+  unsigned char *bb = malloc(BCAST_BYTES);
+  int root = a->world - 1;
+  for (size_t i = 0; i < BCAST_BYTES; i++)
+    bb[i] = rank == root ? (unsigned char)(i * 31 + 7) : 0;
+  if (sbn_broadcast(w, bb, BCAST_BYTES, root) != SBN_OK)
+    FAIL(sh, rank, "broadcast: %s", sbn_last_error());
+  for (size_t i = 0; i < BCAST_BYTES; i++)
+    if (bb[i] != (unsigned char)(i * 31 + 7)) {
+      FAIL(sh, rank, "broadcast byte %zu is %u", i, bb[i]);
+      break;
+    }
+  free(bb);
+  /* Barrier: nobody leaves before the last one (rank 0, late) arrives. */
+  if (rank == 0)
+    usleep(200000);
+  sh->t_before_barrier[rank] = test_now_ms();
+  if (sbn_barrier(w) != SBN_OK)
+    FAIL(sh, rank, "barrier: %s", sbn_last_error());
+  sh->t_after_barrier[rank] = test_now_ms();
+  /* A subgroup of the odd ranks reduces on its own. */
+  if (a->world >= 4 && rank % 2 == 1) {
+    int odd[] = {1, 3};
+    sbn_group *g;
+    if (sbn_new_group(ctx, odd, 2, &g) != SBN_OK) {
+      FAIL(sh, rank, "new_group: %s", sbn_last_error());
+    } else {
+      float v[3] = {(float)rank, 1, 2};
+      if (sbn_allreduce(g, v, 3, SBN_REDUCE_SUM) != SBN_OK || v[0] != 4 || v[1] != 2)
+        FAIL(sh, rank, "subgroup allreduce: %s (%g %g)", sbn_last_error(), v[0], v[1]);
+      sbn_group_free(g);
+    }
+  }
+  free(buf);
+  if (sbn_finalize(ctx) != SBN_OK)
+    FAIL(sh, rank, "finalize: %s", sbn_last_error());
+  return sh->failures[rank] ? 1 : 0;
+}
+
+static coord_proc coord;
+
+START_TEST(test_collectives_n) {
+  static const int worlds[] = {2, 4};
+  int world = worlds[_i];
+  ck_assert_int_eq(coord_start(&coord, NULL), 0);
+  arg a = {coord.addr, unique_job(), world};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, world, collectives_worker, &a, sizeof(shared)), 0);
+  int ok = workers_wait(&ws, 100000);
+  shared *sh = ws.shared;
+  for (int r = 0; r < world; r++)
+    ck_assert_msg(ws.status[r] == 0, "rank %d: status %d: %s", r, ws.status[r], sh->msg[r]);
+  ck_assert_int_eq(ok, world);
+  for (int r = 0; r < world; r++)
+    ck_assert_msg(sh->t_after_barrier[r] >= sh->t_before_barrier[0],
+                  "rank %d left the barrier before rank 0 arrived", r);
+  workers_release(&ws);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
+static int nan_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  float v[4] = {1, 2, 3, 4};
+  if (rank == 1)
+    v[2] = NAN;
+  sh->rc[rank] = sbn_allreduce(sbn_world(ctx), v, 4, SBN_REDUCE_SUM);
+  snprintf(sh->msg[rank], 512, "%s", sbn_last_error());
+  /* Sizes that differ between ranks are a mismatch, not a hang. */
+  float w[8] = {0};
+  int rc2 = sbn_allreduce(sbn_world(ctx), w, rank == 0 ? 8 : 6, SBN_REDUCE_SUM);
+  sbn_finalize(ctx);
+  return rc2 == SBN_OK ? 1 : 0;
+}
+
+START_TEST(test_poisoned_allreduce) {
+  ck_assert_int_eq(coord_start(&coord, NULL), 0);
+  arg a = {coord.addr, unique_job(), 2};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 2, nan_worker, &a, sizeof(shared)), 0);
+  ck_assert_int_eq(workers_wait(&ws, 30000), 2);
+  shared *sh = ws.shared;
+  for (int r = 0; r < 2; r++) {
+    ck_assert_msg(sh->rc[r] == SBN_EBADSTATS, "rank %d: %d %s", r, sh->rc[r], sh->msg[r]);
+    ck_assert_msg(strstr(sh->msg[r], "rank 1") != NULL, "'%s'", sh->msg[r]);
+  }
+  workers_release(&ws);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
+START_TEST(test_local_collectives) {
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  sbn_ctx *ctx;
+  ck_assert_int_eq(sbn_init(&cfg, &ctx), SBN_OK);
+  float v[2] = {1.5f, -2};
+  ck_assert_int_eq(sbn_allreduce(sbn_world(ctx), v, 2, SBN_REDUCE_MEAN), SBN_OK);
+  ck_assert(v[0] == 1.5f && v[1] == -2);
+  ck_assert_int_eq(sbn_allreduce(sbn_world(ctx), v, 2, (sbn_reduce_op)7), SBN_EINVAL);
+  ck_assert_int_eq(sbn_allreduce(sbn_world(ctx), NULL, 2, SBN_REDUCE_SUM), SBN_EINVAL);
+  ck_assert_int_eq(sbn_broadcast(sbn_world(ctx), v, sizeof(v), 1), SBN_EINVAL);
+  ck_assert_ptr_nonnull(strstr(sbn_last_error(), "root 1"));
+  ck_assert_int_eq(sbn_broadcast(sbn_world(ctx), v, sizeof(v), 0), SBN_OK);
+  ck_assert_int_eq(sbn_barrier(sbn_world(ctx)), SBN_OK);
+  sbn_finalize(ctx);
+}
+END_TEST
+
+int main(void) {
+  Suite *s = suite_create("collectives");
+  TCase *tc = tcase_create("collectives");
+  tcase_set_timeout(tc, 150);
+  tcase_add_loop_test(tc, test_collectives_n, 0, 2);
+  tcase_add_test(tc, test_poisoned_allreduce);
+  tcase_add_test(tc, test_local_collectives);
+  suite_add_tcase(s, tc);
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? 0 : 1;
+}
