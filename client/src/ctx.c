@@ -162,6 +162,7 @@ SBN_API int sbn_finalize(sbn_ctx *ctx) {
   sbn__conn_close(&ctx->conn);
   free(ctx->world->members);
   free(ctx->world);
+  free(ctx->lat);
   free(ctx);
   return rc;
 }

@@ -87,6 +87,10 @@ SBN_API int sbn_group_member(const sbn_group *g, int i) {
   return i >= 0 && (size_t)i < g->n ? (int)g->members[i] : -1;
 }
 
+static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
+                        uint64_t deadline, Sbn__Envelope **reply);
+static void record_latency(sbn_ctx *ctx, uint64_t ns);
+
 /* Turns an Error from the coordinator into the caller's status and message. */
 static int error_from_reply(const Sbn__Error *e) {
   int code = e->code < 0 && e->code >= SBN_STATUS_MIN ? e->code : SBN_EPROTO;
@@ -131,10 +135,67 @@ int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
   c.op = (Sbn__ReduceOp)req->op;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &c;
-  uint64_t deadline = sbn__now_ms() + (uint64_t)ctx->timeout_ms;
+  uint64_t t0 = sbn__now_ns();
+  uint64_t deadline = t0 / 1000000u + (uint64_t)ctx->timeout_ms;
   int rc = sbn__conn_send(&ctx->conn, &env, deadline);
-  if (rc != SBN_OK)
+  if (rc != SBN_OK) {
+    ctx->rounds_failed++;
     return rc;
+  }
+  rc = await_result(ctx, req, seq, deadline, reply);
+  if (rc == SBN_OK)
+    record_latency(ctx, sbn__now_ns() - t0);
+  else
+    ctx->rounds_failed++;
+  return rc;
+}
+
+/* Keeps the last SBN_LATENCY_WINDOW latencies in a ring. */
+static void record_latency(sbn_ctx *ctx, uint64_t ns) {
+  if (ctx->lat == NULL && (ctx->lat = malloc(SBN_LATENCY_WINDOW * sizeof(float))) == NULL)
+    return; /* statistics are best effort */
+  ctx->lat[ctx->lat_n++ % SBN_LATENCY_WINDOW] = (float)((double)ns / 1000.0);
+  ctx->rounds_ok++;
+}
+
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset) {
+  if (ctx == NULL || out == NULL)
+    return sbn__fail(SBN_EINVAL, "sbn_round_stats_get needs a context and an output");
+  memset(out, 0, sizeof(*out));
+  out->rounds = ctx->rounds_ok;
+  out->failed = ctx->rounds_failed;
+  size_t n = ctx->lat_n < SBN_LATENCY_WINDOW ? ctx->lat_n : SBN_LATENCY_WINDOW;
+  if (n > 0) {
+    float *v = malloc(n * sizeof(float));
+    if (v == NULL)
+      return sbn__fail(SBN_ENOMEM, "out of memory sorting latencies");
+    memcpy(v, ctx->lat, n * sizeof(float));
+    qsort(v, n, sizeof(float), cmp_float);
+    double sum = 0;
+    for (size_t i = 0; i < n; i++)
+      sum += v[i];
+    out->mean_us = sum / (double)n;
+    out->p50_us = v[n / 2];
+    out->p99_us = v[(size_t)((double)(n - 1) * 0.99)];
+    out->max_us = v[n - 1];
+    free(v);
+  }
+  if (reset) {
+    ctx->lat_n = 0;
+    ctx->rounds_ok = ctx->rounds_failed = 0;
+  }
+  return SBN_OK;
+}
+
+/* Waits for the Result of round seq, answering pings on the way. */
+static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
+                        uint64_t deadline, Sbn__Envelope **reply) {
+  int rc;
   for (;;) {
     Sbn__Envelope *in;
     rc = sbn__conn_recv(&ctx->conn, &in, deadline);

@@ -53,6 +53,10 @@ struct sbn_ctx {
   uint32_t round_timeout_ms; /* the coordinator's */
   sbn__conn conn;
   struct sbn_group *world;
+  /* Round latencies (us), a ring of SBN_LATENCY_WINDOW, and counters. */
+  float *lat;
+  size_t lat_n;
+  unsigned long long rounds_ok, rounds_failed;
 };
 
 struct sbn_group {

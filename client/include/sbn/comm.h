@@ -121,6 +121,18 @@ SBN_API int sbn_sync_sums(sbn_group *g, const char *layer, size_t C,
                           const double *a, const double *b, double *gsum_a,
                           double *gsum_b);
 
+/* Latency of the rounds this context ran through the coordinator (all kinds:
+ * forward, backward, collectives), over the last SBN_LATENCY_WINDOW rounds. */
+#define SBN_LATENCY_WINDOW 4096
+typedef struct sbn_round_stats {
+  unsigned long long rounds; /* rounds completed since the last reset */
+  unsigned long long failed; /* rounds that returned an error */
+  double mean_us, p50_us, p99_us, max_us; /* over the window (0 when empty) */
+} sbn_round_stats;
+
+/* Fills *out; with reset != 0 starts a new window.  SBN_EINVAL for NULLs. */
+SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset);
+
 /* ---- Collectives for data-parallel training ----------------------------
  *
  * Served by the same coordinator, with the same failure rules as the rounds
