@@ -1,2 +1,168 @@
-/* placeholder */
-int sbn__coordinator_placeholder;
+/*
+ * coordinator.c - the server object: configuration, the listening socket,
+ * and the clean shutdown.
+ */
+#include "coordinator.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coord_internal.h"
+#include "log.h"
+#include "sbn/status.h"
+
+/* Pending connections the kernel may hold for us. */
+#define SBN_SRV_BACKLOG 511
+
+void sbn__coord_config_init(sbn__coord_config *cfg) {
+  memset(cfg, 0, sizeof(*cfg));
+  snprintf(cfg->host, sizeof(cfg->host), "%s", SBN_DEFAULT_HOST);
+  cfg->port = SBN_DEFAULT_PORT;
+  cfg->round_timeout_ms = SBN_COORD_ROUND_TIMEOUT_DEFAULT_MS;
+  cfg->hello_timeout_ms = SBN_COORD_HELLO_TIMEOUT_DEFAULT_MS;
+  cfg->max_frame = SBN_MAX_FRAME_DEFAULT;
+}
+
+int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **out) {
+  *out = NULL;
+  if (cfg->max_frame < SBN_MAX_FRAME_FLOOR || cfg->max_frame > SBN_MAX_FRAME_CEILING) {
+    SBN_LOGE("max frame %u is outside [%u, %u]", (unsigned)cfg->max_frame,
+             SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING);
+    return SBN_EINVAL;
+  }
+  if (cfg->round_timeout_ms == 0 || cfg->hello_timeout_ms == 0) {
+    SBN_LOGE("timeouts must be at least 1 ms");
+    return SBN_EINVAL;
+  }
+  if (cfg->port < 0 || cfg->port > 65535) {
+    SBN_LOGE("port %d is outside [0, 65535]", cfg->port);
+    return SBN_EINVAL;
+  }
+  sbn__coord *c = calloc(1, sizeof(*c));
+  if (c == NULL)
+    return SBN_ENOMEM;
+  c->loop = loop;
+  c->cfg = *cfg;
+  /* The seed only has to differ between runs; see map.c. */
+  uint64_t seed = uv_hrtime() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL);
+  sbn__srv_map_init(&c->jobs, seed);
+  *out = c;
+  return SBN_OK;
+}
+
+double *sbn__srv_scratch(sbn__coord *c, size_t n) {
+  if (n > c->scratch_len) {
+    double *p = realloc(c->scratch, n * sizeof(double));
+    if (p == NULL)
+      return NULL;
+    c->scratch = p;
+    c->scratch_len = n;
+  }
+  return c->scratch;
+}
+
+static void coord_on_connection(uv_stream_t *server, int status) {
+  sbn__coord *c = server->data;
+  if (status < 0) {
+    SBN_LOGW("listen error: %s", uv_strerror(status));
+    return;
+  }
+  if (c->stopping)
+    return;
+  sbn__srv_conn_accept(c);
+}
+
+/* Resolves cfg->host (numeric first, then the resolver) into ss. */
+static int coord_resolve(const sbn__coord_config *cfg, uv_loop_t *loop,
+                         struct sockaddr_storage *ss) {
+  memset(ss, 0, sizeof(*ss));
+  if (uv_ip4_addr(cfg->host, cfg->port, (struct sockaddr_in *)ss) == 0)
+    return 0;
+  if (uv_ip6_addr(cfg->host, cfg->port, (struct sockaddr_in6 *)ss) == 0)
+    return 0;
+  uv_getaddrinfo_t req;
+  struct addrinfo hints;
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  /* Without a callback the lookup is synchronous: this runs once at start. */
+  int rc = uv_getaddrinfo(loop, &req, NULL, cfg->host, NULL, &hints);
+  if (rc != 0)
+    return rc;
+  memcpy(ss, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);
+  if (ss->ss_family == AF_INET)
+    ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)cfg->port);
+  else
+    ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)cfg->port);
+  uv_freeaddrinfo(req.addrinfo);
+  return 0;
+}
+
+int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
+  struct sockaddr_storage ss;
+  int rc = coord_resolve(&c->cfg, c->loop, &ss);
+  if (rc != 0) {
+    SBN_LOGE("cannot resolve '%s': %s", c->cfg.host, uv_strerror(rc));
+    return SBN_EIO;
+  }
+  uv_tcp_init(c->loop, &c->listener);
+  c->listener.data = c;
+  c->listening = 1;
+  rc = uv_tcp_bind(&c->listener, (struct sockaddr *)&ss, 0);
+  if (rc == 0)
+    rc = uv_listen((uv_stream_t *)&c->listener, SBN_SRV_BACKLOG, coord_on_connection);
+  if (rc != 0) {
+    SBN_LOGE("cannot listen on %s:%d: %s", c->cfg.host, c->cfg.port, uv_strerror(rc));
+    uv_close((uv_handle_t *)&c->listener, NULL);
+    return SBN_EIO;
+  }
+  int len = sizeof(ss);
+  char ip[INET6_ADDRSTRLEN] = "?";
+  uv_tcp_getsockname(&c->listener, (struct sockaddr *)&ss, &len);
+  if (ss.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof(ip));
+    snprintf(addr, addrlen, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof(ip));
+    snprintf(addr, addrlen, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+  }
+  SBN_LOGI("listening on %s (round timeout %u ms, hello timeout %u ms, max frame %u bytes)",
+           addr, (unsigned)c->cfg.round_timeout_ms, (unsigned)c->cfg.hello_timeout_ms,
+           (unsigned)c->cfg.max_frame);
+  return SBN_OK;
+}
+
+void sbn__coord_stop(sbn__coord *c) {
+  if (c == NULL || c->stopping)
+    return;
+  c->stopping = 1;
+  SBN_LOGI("shutting down");
+  if (c->listening && !uv_is_closing((uv_handle_t *)&c->listener))
+    uv_close((uv_handle_t *)&c->listener, NULL);
+  /*
+   * Idle workers learn of the shutdown from a connection-level error (no
+   * phase), workers waiting in a round from that round's error.
+   */
+  sbn__srv_wbuf *idle = sbn__srv_error_encode(SBN_ESHUTDOWN, "the coordinator is shutting down",
+                                              NULL, 0, 0, 0, "");
+  for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
+    if (conn->welcomed && conn->round == NULL)
+      sbn__srv_conn_send(conn, idle);
+  sbn__srv_wbuf_unref(idle);
+  sbn__srv_jobs_shutdown(c);
+  for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
+    sbn__srv_conn_close(conn, 1, "the coordinator is shutting down");
+}
+
+void sbn__coord_free(sbn__coord *c) {
+  if (c == NULL)
+    return;
+  sbn__srv_job_free_all(c);
+  sbn__srv_map_release(&c->jobs);
+  free(c->scratch);
+  free(c);
+}
