@@ -1,0 +1,422 @@
+/*
+ * conn.c - one worker connection: reading and framing, message dispatch,
+ * shared write buffers, and closing.
+ *
+ * Every connection reads into its own framer, which checks each frame header
+ * before buffering its body, so a malformed or oversized frame costs only that
+ * connection.  Writes go out with uv_try_write() first and fall back to a
+ * queued uv_write() for what the socket did not take.
+ *
+ * Deliberately left for later issues: a bound on each connection's write
+ * queue (a worker that stops reading keeps its results queued until it is
+ * lost), and authentication of workers at hello.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coord_internal.h"
+#include "log.h"
+#include "sbn/status.h"
+
+/* How much one read may ask the framer for. */
+#define SBN_SRV_READ_CHUNK (64u * 1024u)
+
+/* A queued write of (the tail of) a shared buffer. */
+typedef struct sbn__srv_write {
+  uv_write_t req;
+  sbn__srv_wbuf *wb;
+} sbn__srv_write;
+
+static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env);
+
+/* Write buffers */
+
+sbn__srv_wbuf *sbn__srv_wbuf_encode(const Sbn__Envelope *env, uint32_t max_frame, int *rc) {
+  size_t body = sbn__envelope__get_packed_size(env);
+  if (body > max_frame) {
+    *rc = SBN_ETOOBIG;
+    return NULL;
+  }
+  sbn__srv_wbuf *wb = malloc(sizeof(*wb) + SBN_FRAME_HEADER_SIZE + body);
+  if (wb == NULL) {
+    *rc = SBN_ENOMEM;
+    return NULL;
+  }
+  wb->refs = 1;
+  wb->len = SBN_FRAME_HEADER_SIZE + body;
+  sbn__frame_header_write(wb->data, (uint32_t)body);
+  sbn__envelope__pack(env, wb->data + SBN_FRAME_HEADER_SIZE);
+  *rc = SBN_OK;
+  return wb;
+}
+
+void sbn__srv_wbuf_unref(sbn__srv_wbuf *wb) {
+  if (wb != NULL && --wb->refs == 0)
+    free(wb);
+}
+
+sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *ranks,
+                                     size_t nranks, uint64_t seq, int phase, const char *layer) {
+  Sbn__Error e = SBN__ERROR__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  e.code = code;
+  e.message = (char *)msg;
+  e.ranks = (uint32_t *)ranks;
+  e.n_ranks = nranks;
+  e.seq = seq;
+  e.phase = (Sbn__Phase)phase;
+  e.layer = (char *)(layer ? layer : "");
+  env.body_case = SBN__ENVELOPE__BODY_ERROR;
+  env.error = &e;
+  int rc;
+  /* Errors are small; the frame ceiling only guards a pathological message. */
+  return sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+}
+
+/* Closing */
+
+static void conn_on_close(uv_handle_t *h) {
+  sbn__srv_conn *conn = h->data;
+  if (--conn->handles_open > 0)
+    return;
+  sbn__coord *c = conn->coord;
+  if (conn->prev != NULL)
+    conn->prev->next = conn->next;
+  else
+    c->conns = conn->next;
+  if (conn->next != NULL)
+    conn->next->prev = conn->prev;
+  sbn__framer_release(&conn->rx);
+  free(conn);
+}
+
+static void conn_close_handles(sbn__srv_conn *conn) {
+  if (!uv_is_closing((uv_handle_t *)&conn->tcp))
+    uv_close((uv_handle_t *)&conn->tcp, conn_on_close);
+  if (!uv_is_closing((uv_handle_t *)&conn->timer))
+    uv_close((uv_handle_t *)&conn->timer, conn_on_close);
+}
+
+static void conn_on_shutdown(uv_shutdown_t *req, int status) {
+  (void)status; /* flushed or not, the connection is done */
+  conn_close_handles(req->data);
+}
+
+/* The peer did not take what it was sent in time: drop it. */
+static void conn_on_flush_timeout(uv_timer_t *t) { conn_close_handles(t->data); }
+
+void sbn__srv_conn_close(sbn__srv_conn *conn, int flush, const char *fmt, ...) {
+  if (conn->closing)
+    return;
+  conn->closing = 1;
+  char why[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, sizeof(why), fmt, ap);
+  va_end(ap);
+  if (conn->job != NULL)
+    SBN_LOGI("conn %llu %s (rank %u of job '%s') closed: %s", (unsigned long long)conn->id,
+             conn->peer, (unsigned)conn->rank, conn->job->name, why);
+  else
+    SBN_LOGI("conn %llu %s closed: %s", (unsigned long long)conn->id, conn->peer, why);
+  /* The rank is lost (or has left) from now on, whatever remains to flush. */
+  if (conn->job != NULL)
+    sbn__srv_job_conn_gone(conn);
+  uv_read_stop((uv_stream_t *)&conn->tcp);
+  uv_timer_stop(&conn->timer);
+  if (flush) {
+    conn->shutdown_req.data = conn;
+    if (uv_shutdown(&conn->shutdown_req, (uv_stream_t *)&conn->tcp, conn_on_shutdown) == 0) {
+      uv_timer_start(&conn->timer, conn_on_flush_timeout, SBN_SRV_FLUSH_TIMEOUT_MS, 0);
+      return;
+    }
+  }
+  conn_close_handles(conn);
+}
+
+/* Writing */
+
+static void conn_on_broken(uv_timer_t *t) {
+  sbn__srv_conn *conn = t->data;
+  sbn__srv_conn_close(conn, 0, "%s", conn->broken_why);
+}
+
+/*
+ * A write failed.  The close is deferred to the next loop iteration because
+ * the sender is usually in the middle of a round's bookkeeping, and closing
+ * a connection may fail rounds and free its job.
+ */
+static void conn_break(sbn__srv_conn *conn, const char *why, int err) {
+  if (conn->closing || conn->broken)
+    return;
+  conn->broken = 1;
+  if (err != 0)
+    snprintf(conn->broken_why, sizeof(conn->broken_why), "%s: %s", why, uv_strerror(err));
+  else
+    snprintf(conn->broken_why, sizeof(conn->broken_why), "%s", why);
+  uv_read_stop((uv_stream_t *)&conn->tcp);
+  uv_timer_stop(&conn->timer);
+  uv_timer_start(&conn->timer, conn_on_broken, 0, 0);
+}
+
+static void conn_on_write(uv_write_t *req, int status) {
+  sbn__srv_write *w = (sbn__srv_write *)req;
+  sbn__srv_conn *conn = req->data;
+  sbn__srv_wbuf_unref(w->wb);
+  free(w);
+  if (status < 0 && status != UV_ECANCELED)
+    conn_break(conn, "write failed", status);
+}
+
+/*
+ * Never closes conn synchronously (see conn_break), so callers may send to
+ * many connections in a loop without their job vanishing under them.
+ */
+void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
+  if (conn->closing || conn->broken || wb == NULL)
+    return;
+  uv_buf_t buf = uv_buf_init((char *)wb->data, (unsigned)wb->len);
+  /* Most replies fit in the socket buffer: then nothing is queued at all. */
+  int n = uv_try_write((uv_stream_t *)&conn->tcp, &buf, 1);
+  if (n >= 0 && (size_t)n == wb->len)
+    return;
+  if (n < 0 && n != UV_EAGAIN) {
+    conn_break(conn, "write failed", n);
+    return;
+  }
+  size_t off = n > 0 ? (size_t)n : 0;
+  sbn__srv_write *w = malloc(sizeof(*w));
+  if (w == NULL) {
+    /* Part of a frame may be out already: the stream cannot be saved. */
+    conn_break(conn, "out of memory queueing a write", 0);
+    return;
+  }
+  w->wb = wb;
+  w->req.data = conn;
+  wb->refs++;
+  buf = uv_buf_init((char *)wb->data + off, (unsigned)(wb->len - off));
+  int rc = uv_write(&w->req, (uv_stream_t *)&conn->tcp, &buf, 1, conn_on_write);
+  if (rc != 0) {
+    sbn__srv_wbuf_unref(wb);
+    free(w);
+    conn_break(conn, "write failed", rc);
+  }
+}
+
+void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, size_t nranks,
+                         uint64_t seq, int phase, const char *layer, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  SBN_LOGW("conn %llu %s: error %s: %s", (unsigned long long)conn->id, conn->peer,
+           sbn_strerror(code), msg);
+  sbn__srv_wbuf *wb = sbn__srv_error_encode(code, msg, ranks, nranks, seq, phase, layer);
+  sbn__srv_conn_send(conn, wb);
+  sbn__srv_wbuf_unref(wb);
+}
+
+/* Reading */
+
+static void conn_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  sbn__srv_conn *conn = h->data;
+  uint8_t *space = NULL;
+  (void)suggested;
+  long room = sbn__framer_space(&conn->rx, SBN_SRV_READ_CHUNK, &space);
+  /* A zero-length buffer makes libuv report UV_ENOBUFS to the read callback. */
+  *buf = uv_buf_init(room > 0 ? (char *)space : NULL, room > 0 ? (unsigned)room : 0);
+}
+
+/* Hands every whole frame held to the dispatcher, stopping when one closes us. */
+static void conn_drain(sbn__srv_conn *conn) {
+  while (!conn->closing) {
+    const uint8_t *body;
+    size_t len;
+    int rc = sbn__framer_next(&conn->rx, &body, &len);
+    if (rc == 0)
+      return;
+    if (rc < 0) {
+      sbn__srv_conn_error(conn, rc, NULL, 0, 0, 0, "", "%s", conn->rx.errmsg);
+      sbn__srv_conn_close(conn, 1, "frame error: %s", conn->rx.errmsg);
+      return;
+    }
+    char err[160];
+    Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+    if (env == NULL) {
+      sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "%s", err);
+      sbn__srv_conn_close(conn, 1, "bad message: %s", err);
+      return;
+    }
+    conn_dispatch(conn, env);
+  }
+}
+
+static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  sbn__srv_conn *conn = s->data;
+  (void)buf;
+  if (nread == 0)
+    return; /* EAGAIN; the buffer is handed back untouched */
+  if (nread == UV_EOF) {
+    sbn__srv_conn_close(conn, 0, conn->said_goodbye ? "goodbye" : "peer closed the connection");
+    return;
+  }
+  if (nread == UV_ENOBUFS) {
+    sbn__srv_conn_close(conn, 0, "no room to read a frame (out of memory)");
+    return;
+  }
+  if (nread < 0) {
+    sbn__srv_conn_close(conn, 0, "read failed: %s", uv_strerror((int)nread));
+    return;
+  }
+  sbn__framer_commit(&conn->rx, (size_t)nread);
+  conn_drain(conn);
+}
+
+static void conn_on_hello_timeout(uv_timer_t *t) {
+  sbn__srv_conn *conn = t->data;
+  unsigned ms = conn->coord->cfg.hello_timeout_ms;
+  sbn__srv_conn_error(conn, SBN_ETIMEDOUT, NULL, 0, 0, 0, "", "no hello within %u ms", ms);
+  sbn__srv_conn_close(conn, 1, "no hello within %u ms", ms);
+}
+
+/* Dispatch */
+
+static const char *body_name(int body_case) {
+  switch (body_case) {
+  case SBN__ENVELOPE__BODY_HELLO: return "hello";
+  case SBN__ENVELOPE__BODY_WELCOME: return "welcome";
+  case SBN__ENVELOPE__BODY_REJECT: return "reject";
+  case SBN__ENVELOPE__BODY_CONTRIBUTE: return "contribute";
+  case SBN__ENVELOPE__BODY_RESULT: return "result";
+  case SBN__ENVELOPE__BODY_ERROR: return "error";
+  case SBN__ENVELOPE__BODY_PING: return "ping";
+  case SBN__ENVELOPE__BODY_PONG: return "pong";
+  case SBN__ENVELOPE__BODY_GOODBYE: return "goodbye";
+  default: return "unknown";
+  }
+}
+
+/* Takes ownership of env. */
+static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env) {
+  int kind = env->body_case;
+  if (kind == SBN__ENVELOPE__BODY_HELLO) {
+    if (conn->welcomed || conn->job != NULL) {
+      sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "second hello on a connection");
+      sbn__srv_conn_close(conn, 1, "second hello");
+    } else {
+      uv_timer_stop(&conn->timer);
+      sbn__srv_job_hello(conn, env->hello);
+      if (conn->welcomed)
+        conn->rx.max_frame = conn->coord->cfg.max_frame;
+    }
+    sbn__msg_free(env);
+    return;
+  }
+  if (!conn->welcomed) {
+    sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "expected hello, got %s",
+                        body_name(kind));
+    sbn__srv_conn_close(conn, 1, "%s before hello", body_name(kind));
+    sbn__msg_free(env);
+    return;
+  }
+  switch (kind) {
+  case SBN__ENVELOPE__BODY_CONTRIBUTE:
+    sbn__srv_contribute(conn, env); /* takes env */
+    return;
+  case SBN__ENVELOPE__BODY_PING: {
+    Sbn__Pong pong = SBN__PONG__INIT;
+    Sbn__Envelope out = SBN__ENVELOPE__INIT;
+    pong.nonce = env->ping->nonce;
+    out.body_case = SBN__ENVELOPE__BODY_PONG;
+    out.pong = &pong;
+    int rc;
+    sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&out, SBN_MAX_FRAME_CEILING, &rc);
+    if (wb == NULL)
+      sbn__srv_conn_close(conn, 0, "cannot answer ping: %s", sbn_strerror(rc));
+    sbn__srv_conn_send(conn, wb);
+    sbn__srv_wbuf_unref(wb);
+    break;
+  }
+  case SBN__ENVELOPE__BODY_PONG:
+    break; /* an answer to a liveness probe: receiving it was the point */
+  case SBN__ENVELOPE__BODY_GOODBYE:
+    conn->said_goodbye = 1;
+    sbn__srv_conn_close(conn, 1, "goodbye%s%s",
+                        env->goodbye->reason && env->goodbye->reason[0] ? ": " : "",
+                        env->goodbye->reason ? env->goodbye->reason : "");
+    break;
+  default:
+    sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "a worker must not send %s",
+                        body_name(kind));
+    sbn__srv_conn_close(conn, 1, "sent %s, which only the coordinator sends", body_name(kind));
+    break;
+  }
+  sbn__msg_free(env);
+}
+
+/* Accepting */
+
+static void format_peer(uv_tcp_t *tcp, char *out, size_t len) {
+  struct sockaddr_storage ss;
+  int sl = sizeof(ss);
+  char ip[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  snprintf(out, len, "?");
+  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &sl) != 0)
+    return;
+  if (ss.ss_family == AF_INET) {
+    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    uv_ip4_name(a, ip, sizeof(ip));
+    port = ntohs(a->sin_port);
+    snprintf(out, len, "%s:%d", ip, port);
+  } else if (ss.ss_family == AF_INET6) {
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    uv_ip6_name(a, ip, sizeof(ip));
+    port = ntohs(a->sin6_port);
+    snprintf(out, len, "[%s]:%d", ip, port);
+  }
+}
+
+void sbn__srv_conn_accept(sbn__coord *c) {
+  sbn__srv_conn *conn = calloc(1, sizeof(*conn));
+  if (conn == NULL) {
+    /* Leave the connection in the backlog; the next accept may succeed. */
+    SBN_LOGE("out of memory accepting a connection");
+    return;
+  }
+  conn->coord = c;
+  conn->id = ++c->next_conn_id;
+  conn->tcp.data = conn;
+  conn->timer.data = conn;
+  sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame
+                                  ? SBN_SRV_HELLO_MAX_FRAME
+                                  : c->cfg.max_frame);
+  uv_tcp_init(c->loop, &conn->tcp);
+  uv_timer_init(c->loop, &conn->timer);
+  conn->handles_open = 2;
+  conn->next = c->conns;
+  if (c->conns != NULL)
+    c->conns->prev = conn;
+  c->conns = conn;
+  int rc = uv_accept((uv_stream_t *)&c->listener, (uv_stream_t *)&conn->tcp);
+  if (rc != 0) {
+    SBN_LOGW("accept failed: %s", uv_strerror(rc));
+    conn->closing = 1;
+    conn_close_handles(conn);
+    return;
+  }
+  format_peer(&conn->tcp, conn->peer, sizeof(conn->peer));
+  /* Rounds are latency bound: never let Nagle hold a reply back. */
+  rc = uv_tcp_nodelay(&conn->tcp, 1);
+  if (rc != 0)
+    SBN_LOGW("conn %llu %s: TCP_NODELAY failed: %s", (unsigned long long)conn->id, conn->peer,
+             uv_strerror(rc));
+  SBN_LOGI("conn %llu accepted from %s", (unsigned long long)conn->id, conn->peer);
+  uv_timer_start(&conn->timer, conn_on_hello_timeout, c->cfg.hello_timeout_ms, 0);
+  rc = uv_read_start((uv_stream_t *)&conn->tcp, conn_on_alloc, conn_on_read);
+  if (rc != 0)
+    sbn__srv_conn_close(conn, 0, "cannot read: %s", uv_strerror(rc));
+}

@@ -1,0 +1,212 @@
+/*
+ * coord_internal.h - the coordinator's types and the functions its files
+ * share.  Private to server/; nothing here is a published API.
+ *
+ * Ownership in one paragraph: the coordinator owns a list of connections and
+ * a map of jobs.  A job owns its rank table, a map of groups and the list of
+ * its open rounds; a group owns its open rounds' list links and its
+ * tombstone.  A connection points at its job and at its one open round; the
+ * job's rank table points back at the connection while it is attached.
+ * Connection memory is freed only in the close callbacks of its handles, a
+ * round's memory only in its timer's close callback.
+ */
+#ifndef SBN_COORD_INTERNAL_H
+#define SBN_COORD_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "coordinator.h"
+#include "frame.h"
+#include "map.h"
+#include "msg.h"
+
+/* Hello limits (the client's SBN_JOB_MAX / SBN_WORLD_MAX, the same numbers). */
+#define SBN_SRV_JOB_MAX 128
+#define SBN_SRV_WORLD_MAX 65536u
+#define SBN_SRV_LAYER_MAX 256
+/*
+ * The largest channel count a contribution may announce.  The frame limit
+ * binds long before this one (a forward round of 2^24 channels is 256 MiB of
+ * doubles), it only keeps arithmetic on C far away from overflow.
+ */
+#define SBN_MAX_CHANNELS (1u << 24)
+/*
+ * Until a connection has been welcomed its frames may be at most this big: a
+ * hello is a few hundred bytes, and a stranger should not make us buffer
+ * megabytes.
+ */
+#define SBN_SRV_HELLO_MAX_FRAME 4096u
+/* How long a closing connection may take to flush what it was sent. */
+#define SBN_SRV_FLUSH_TIMEOUT_MS 2000u
+
+/* A rank's state within the current generation of its job. */
+enum sbn__srv_rank_state {
+  SBN_RANK_NEVER = 0, /* not connected yet in this generation */
+  SBN_RANK_CONNECTED,
+  SBN_RANK_LOST, /* closed without goodbye */
+  SBN_RANK_LEFT  /* said goodbye */
+};
+
+/*
+ * An encoded frame shared by every connection it is written to; freed when
+ * the last write completes.  Results are encoded once per round.
+ */
+typedef struct sbn__srv_wbuf {
+  unsigned refs;
+  size_t len;
+  uint8_t data[];
+} sbn__srv_wbuf;
+
+typedef struct sbn__srv_conn sbn__srv_conn;
+typedef struct sbn__srv_job sbn__srv_job;
+typedef struct sbn__srv_group sbn__srv_group;
+typedef struct sbn__srv_round sbn__srv_round;
+
+struct sbn__coord {
+  uv_loop_t *loop;
+  sbn__coord_config cfg;
+  uv_tcp_t listener;
+  int listening;     /* the listener handle was initialized */
+  int stopping;      /* sbn__coord_stop() ran */
+  sbn__srv_conn *conns; /* every connection not yet closed, a list */
+  sbn__srv_map jobs; /* job id -> sbn__srv_job */
+  uint64_t next_conn_id;
+  uint64_t next_session;
+  /* Reused by allreduce for its double accumulator; grows, never shrinks. */
+  double *scratch;
+  size_t scratch_len;
+};
+
+struct sbn__srv_conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer; /* hello timeout, then the flush deadline when closing */
+  uv_shutdown_t shutdown_req;
+  sbn__coord *coord;
+  sbn__srv_conn *prev, *next; /* in coord->conns */
+  uint64_t id;
+  char peer[64];
+  sbn__framer rx;
+  int handles_open; /* close callbacks still to come; free at 0 */
+  int closing;      /* no reads, no writes, teardown done */
+  int broken;       /* a write failed; closes on the next loop iteration */
+  char broken_why[128];
+  int welcomed;
+  int said_goodbye;
+  /* Set once welcomed, cleared when the job lets go of the connection. */
+  sbn__srv_job *job;
+  uint32_t rank;
+  uint64_t generation;
+  sbn__srv_round *round; /* the open round holding this rank's contribution */
+};
+
+/* One entry of a job's rank table. */
+typedef struct sbn__srv_rank {
+  sbn__srv_conn *conn;
+  uint8_t state; /* enum sbn__srv_rank_state */
+} sbn__srv_rank;
+
+struct sbn__srv_job {
+  sbn__srv_map_node node; /* in coord->jobs, keyed by name */
+  sbn__coord *coord;
+  char name[SBN_SRV_JOB_MAX];
+  uint64_t generation;
+  uint32_t world;
+  uint32_t nconns;     /* attached connections; the job dies at 0 */
+  uint32_t n_waiting;  /* connections with an open contribution */
+  sbn__srv_rank *ranks; /* [world] */
+  sbn__srv_map groups; /* members -> sbn__srv_group */
+  sbn__srv_round *rounds; /* open rounds, a list */
+};
+
+/*
+ * A group: WORLD or a sorted subset of the job's ranks.  Groups live as long
+ * as their job (a later issue may bound how many a job may create).
+ */
+struct sbn__srv_group {
+  sbn__srv_map_node node; /* in job->groups; the key is `members` bytes */
+  sbn__srv_job *job;
+  uint32_t n;             /* member count */
+  int is_world;           /* members[] is empty: member i is rank i */
+  /*
+   * Open rounds of this group.  Each holds at least one contribution and a
+   * connection holds at most one, so this list is never longer than the
+   * group; in lock-step training it holds one round.
+   */
+  sbn__srv_round *rounds;
+  /* Tombstone of the last failed round: later seqs up to it fail at once. */
+  int tomb_set;
+  uint64_t tomb_seq;
+  int tomb_code;
+  char *tomb_msg;
+  uint32_t *tomb_ranks;
+  size_t tomb_nranks;
+  uint32_t members[]; /* [n] unless is_world */
+};
+
+struct sbn__srv_round {
+  uv_timer_t timer; /* the round timeout; the round is freed on its close */
+  sbn__srv_group *group;
+  sbn__srv_round *job_prev, *job_next; /* in job->rounds */
+  sbn__srv_round *grp_next;            /* in group->rounds */
+  uint64_t seq;
+  uint32_t n;     /* group size */
+  uint32_t nhave; /* contributions so far */
+  uint32_t ref;   /* group index of the first contributor, the reference */
+  int dead;       /* failed or completed; only the close callback remains */
+  uint32_t *arrived;            /* [n] group indices in arrival order */
+  Sbn__Envelope *contrib[];     /* [n] by group index, NULL until it arrives */
+};
+
+/* coordinator.c */
+double *sbn__srv_scratch(sbn__coord *c, size_t n);
+
+/* conn.c */
+void sbn__srv_conn_accept(sbn__coord *c);
+/* Closes conn; with flush, what was queued is written first (bounded). */
+void sbn__srv_conn_close(sbn__srv_conn *conn, int flush, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/*
+ * Queues a frame; takes its own reference.  No-op on a closing connection.
+ * Never closes the connection synchronously, so it is safe in loops over
+ * a round's members.
+ */
+void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb);
+/* Sends an Error about one request to conn alone. */
+void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, size_t nranks,
+                         uint64_t seq, int phase, const char *layer, const char *fmt, ...)
+    __attribute__((format(printf, 8, 9)));
+
+/* Encodes env as a frame into a wbuf with one reference; NULL on failure
+ * with the status in *rc (SBN_ENOMEM or SBN_ETOOBIG). */
+sbn__srv_wbuf *sbn__srv_wbuf_encode(const Sbn__Envelope *env, uint32_t max_frame, int *rc);
+void sbn__srv_wbuf_unref(sbn__srv_wbuf *wb);
+sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *ranks,
+                                     size_t nranks, uint64_t seq, int phase, const char *layer);
+
+/* job.c */
+void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h);
+/* The connection is going away: its rank becomes lost (or left). */
+void sbn__srv_job_conn_gone(sbn__srv_conn *conn);
+/* Finds or creates the group of members (empty = WORLD); NULL if out of memory. */
+sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, size_t n);
+/* The group index of world rank r, or -1 if r is not a member. */
+long sbn__srv_group_index(const sbn__srv_group *g, uint32_t r);
+uint32_t sbn__srv_group_rank(const sbn__srv_group *g, uint32_t i);
+void sbn__srv_group_describe(const sbn__srv_group *g, char *buf, size_t len);
+void sbn__srv_job_free_all(sbn__coord *c);
+/* Shutdown: fails every open round of every job with SBN_ESHUTDOWN. */
+void sbn__srv_jobs_shutdown(sbn__coord *c);
+
+/* round.c */
+void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env);
+/* Fails round r for every member that contributed, leaves a tombstone. */
+void sbn__srv_round_fail(sbn__srv_round *r, int code, const uint32_t *ranks, size_t nranks,
+                         const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* Frees a round without telling anyone (the job is being reset). */
+void sbn__srv_round_drop(sbn__srv_round *r);
+void sbn__srv_group_tomb_release(sbn__srv_group *g);
+
+#endif /* SBN_COORD_INTERNAL_H */
