@@ -5,6 +5,7 @@
  * does not leak between tests.
  */
 #include <check.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,7 +15,7 @@ static void clear_env(void) {
   static const char *const vars[] = {
       "SBN_COORDINATOR", "MASTER_ADDR", "MASTER_PORT", "SBN_RANK", "RANK",
       "SLURM_PROCID", "SBN_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", "SBN_JOB",
-      "SLURM_JOB_ID", "SBN_TIMEOUT_MS", "SBN_CONNECT_TIMEOUT_MS", "SBN_SPIN_US", NULL};
+      "SLURM_JOB_ID", "SBN_TIMEOUT_MS", "SBN_CONNECT_TIMEOUT_MS", "SBN_SPIN_US", "SBN_GENERATION", NULL};
   for (int i = 0; vars[i]; i++)
     unsetenv(vars[i]);
 }
@@ -39,6 +40,7 @@ START_TEST(test_sbn_variables) {
   setenv("SBN_JOB", "resnet", 1);
   setenv("SBN_TIMEOUT_MS", "1500", 1);
   setenv("SBN_SPIN_US", "50", 1);
+  setenv("SBN_GENERATION", "18446744073709551615", 1);
   /* sbn's own variables win over the launchers'. */
   setenv("RANK", "5", 1);
   setenv("MASTER_ADDR", "elsewhere", 1);
@@ -51,6 +53,7 @@ START_TEST(test_sbn_variables) {
   ck_assert_str_eq(cfg.job, "resnet");
   ck_assert_int_eq(cfg.timeout_ms, 1500);
   ck_assert_int_eq(cfg.spin_us, 50);
+  ck_assert(cfg.generation == UINT64_MAX);
 }
 END_TEST
 
@@ -95,6 +98,7 @@ START_TEST(test_bad_values_change_nothing) {
       {"SBN_WORLD_SIZE", "0"},     {"SBN_WORLD_SIZE", "65537"},
       {"WORLD_SIZE", ""},          {"MASTER_PORT", "70000"},
       {"SBN_COORDINATOR", "h:p"},  {"SBN_TIMEOUT_MS", "soon"},
+      {"SBN_GENERATION", "-3"},    {"SBN_GENERATION", "18446744073709551616"},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
     clear_env();

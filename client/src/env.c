@@ -61,6 +61,11 @@ SBN_API int sbn_config_from_env(sbn_config *cfg) {
       (rc = env_int(ctimeout_names, 0, INT32_MAX, &next.connect_timeout_ms)) != SBN_OK ||
       (rc = env_int(spin_names, 0, 1000000, &next.spin_us)) != SBN_OK)
     return rc;
+  const char *gen = getenv("SBN_GENERATION");
+  if (gen != NULL && gen[0] != '\0' &&
+      sbn__parse_u64(gen, 0, UINT64_MAX, &next.generation) != SBN_OK)
+    return sbn__fail(SBN_EINVAL, "environment variable SBN_GENERATION='%s' is not a number",
+                     gen);
   char host[SBN_HOST_MAX + 1];
   char err[200];
   int port = SBN_DEFAULT_PORT;

@@ -58,6 +58,7 @@ SBN_API void sbn_config_init(sbn_config *cfg);
  *   world size   SBN_WORLD_SIZE, WORLD_SIZE, SLURM_NTASKS
  *   job          SBN_JOB, SLURM_JOB_ID
  *   timeouts     SBN_TIMEOUT_MS, SBN_CONNECT_TIMEOUT_MS, SBN_SPIN_US
+ *   generation   SBN_GENERATION (restart counter)
  * Fields with no variable keep their value.  The strings stay owned by the
  * environment/this library (valid until the next call).  Returns SBN_EINVAL
  * naming the variable when one is malformed (cfg is then unchanged).
