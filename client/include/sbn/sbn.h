@@ -9,6 +9,9 @@
 
 #include "sbn/status.h"
 #include "sbn/comm.h"
+#include "sbn/tensor.h"
+#include "sbn/module.h"
+#include "sbn/nn.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -1,0 +1,663 @@
+/*
+ * batchnorm.c - BatchNorm and SyncBatchNorm: forward, backward, running
+ * statistics, repr.  The maths is in shared/spec/SYNCBN_SEMANTICS.md.
+ *
+ * Layout: an input (N, C, S...) is N*C contiguous planes of S values; every
+ * kernel walks plane by plane with a simple inner loop over S.  Passes over
+ * the data: statistics one read; normalization one read and one write;
+ * backward one read of x and dy for the sums, then one for dx.
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "nn_internal.h"
+
+/* ---- types ---------------------------------------------------------------- */
+
+typedef struct bn {
+  size_t C;
+  double eps, momentum;
+  int affine, track, freeze;
+  sbn_group *group;
+  char *user_name;  /* from the options or sbn_bn_set_name */
+  char *path_name;  /* from sbn_module_name_layers */
+  char default_name[40];
+  /* What the last successful forward left for backward. */
+  int saved_valid;
+  int saved_batch;       /* batch statistics (else running ones) */
+  sbn_group *saved_sync; /* the group it synchronized over, or NULL */
+  uint64_t saved_n;      /* (global) values per channel */
+  sbn_tensor *saved_x;
+  double *saved_mean, *saved_invstd; /* C each */
+} bn;
+
+static atomic_ulong layer_counter;
+static atomic_int warned_n1;
+
+/* ---- helpers -------------------------------------------------------------- */
+
+const char *sbn__py_float(double v, char *buf, size_t len) {
+  char tmp[40];
+  if (isnan(v)) return snprintf(buf, len, "nan"), buf;
+  if (isinf(v)) return snprintf(buf, len, v > 0 ? "inf" : "-inf"), buf;
+  if (v == 0) return snprintf(buf, len, signbit(v) ? "-0.0" : "0.0"), buf;
+  /* Shortest %e that reads back as v. */
+  int p;
+  for (p = 1; p <= 17; p++) {
+    snprintf(tmp, sizeof(tmp), "%.*e", p - 1, v);
+    if (strtod(tmp, NULL) == v) break;
+  }
+  /* tmp = [-]d[.ddd]e[+-]xx: split into sign, digits and exponent. */
+  char digits[24];
+  size_t nd = 0;
+  const char *s = tmp;
+  int neg = *s == '-';
+  if (neg) s++;
+  for (; *s && *s != 'e'; s++)
+    if (*s != '.') digits[nd++] = *s;
+  while (nd > 1 && digits[nd - 1] == '0') nd--;
+  digits[nd] = '\0';
+  int exp = atoi(s + 1);
+  char out[48];
+  size_t o = 0;
+  if (neg) out[o++] = '-';
+  if (exp < -4 || exp >= 16) {
+    out[o++] = digits[0];
+    if (nd > 1) {
+      out[o++] = '.';
+      for (size_t i = 1; i < nd; i++) out[o++] = digits[i];
+    }
+    o += (size_t)snprintf(out + o, sizeof(out) - o, "e%c%02d", exp < 0 ? '-' : '+', abs(exp));
+  } else if (exp < 0) {
+    out[o++] = '0';
+    out[o++] = '.';
+    for (int i = -1; i > exp; i--) out[o++] = '0';
+    for (size_t i = 0; i < nd; i++) out[o++] = digits[i];
+  } else {
+    for (int i = 0; i <= exp; i++) out[o++] = (size_t)i < nd ? digits[i] : '0';
+    out[o++] = '.';
+    if ((size_t)exp + 1 < nd)
+      for (size_t i = (size_t)exp + 1; i < nd; i++) out[o++] = digits[i];
+    else
+      out[o++] = '0';
+  }
+  out[o] = '\0';
+  snprintf(buf, len, "%s", out);
+  return buf;
+}
+
+static int is_bn(const sbn_module *m) {
+  const sbn_module_vtable *vt = sbn_module_vtable_of(m);
+  return vt == &sbn__batchnorm_vtable || vt == &sbn__syncbatchnorm_vtable;
+}
+
+static const char *identity(const bn *b) {
+  if (b->user_name) return b->user_name;
+  if (b->path_name) return b->path_name;
+  return b->default_name;
+}
+
+/* True when g needs no coordinator; NULL never touches the transport. */
+static int group_local(sbn_group *g) { return g == NULL || sbn__group_is_local(g); }
+
+static int check_layer_name(const char *name) {
+  if (!name) return SBN_OK;
+  size_t len = strlen(name);
+  if (len == 0) return sbn__fail(SBN_EINVAL, "layer name is empty");
+  if (len >= SBN_LAYER_MAX)
+    return sbn__fail(SBN_EINVAL, "layer name '%.32s...' is longer than %d bytes", name,
+                     SBN_LAYER_MAX - 1);
+  for (const char *p = name; *p; p++)
+    if (*p == '\n' || *p == ' ')
+      return sbn__fail(SBN_EINVAL, "layer name '%s' contains a space or newline", name);
+  return SBN_OK;
+}
+
+/* The layer's tensors; SBN_ESTATE when one was removed or resized. */
+typedef struct bn_tensors {
+  sbn_tensor *w, *b, *rm, *rv;
+} bn_tensors;
+
+static int get_tensor(const sbn_module *m, const bn *b, const char *name, sbn_tensor **out) {
+  sbn_tensor *t = sbn__module_attr_tensor(m, name);
+  if (!t || sbn_tensor_numel(t) != b->C)
+    return sbn__fail(SBN_ESTATE, "layer '%s' has no '%s' of %zu elements", identity(b), name,
+                     b->C);
+  *out = t;
+  return SBN_OK;
+}
+
+static int get_tensors(const sbn_module *m, const bn *b, bn_tensors *t) {
+  int rc = SBN_OK;
+  memset(t, 0, sizeof(*t));
+  if (b->affine) {
+    if ((rc = get_tensor(m, b, "weight", &t->w)) != SBN_OK) return rc;
+    if ((rc = get_tensor(m, b, "bias", &t->b)) != SBN_OK) return rc;
+  }
+  if (b->track) {
+    if ((rc = get_tensor(m, b, "running_mean", &t->rm)) != SBN_OK) return rc;
+    if ((rc = get_tensor(m, b, "running_var", &t->rv)) != SBN_OK) return rc;
+  }
+  return rc;
+}
+
+/* Checks the input and splits its shape into N, C, S (spatial size). */
+static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, size_t *N,
+                       size_t *S) {
+  char s[96];
+  int nd = sbn_tensor_ndim(x);
+  if (nd < 2 || nd > 5)
+    return sbn__fail(SBN_ESHAPE, "%s '%s' expects a 2D, 3D, 4D or 5D input, got %dD input of shape %s",
+                     sbn_module_type_name(m), identity(b), nd, sbn_tensor_shape_str(x, s, sizeof(s)));
+  if (sbn_tensor_dim(x, 1) != b->C)
+    return sbn__fail(SBN_ESHAPE,
+                     "%s '%s' expects %zu channels (num_features), got input of shape %s",
+                     sbn_module_type_name(m), identity(b), b->C,
+                     sbn_tensor_shape_str(x, s, sizeof(s)));
+  *N = sbn_tensor_dim(x, 0);
+  *S = 1;
+  for (int i = 2; i < nd; i++) *S *= sbn_tensor_dim(x, i);
+  return SBN_OK;
+}
+
+/* ---- kernels ------------------------------------------------------------------ */
+
+/*
+ * Per-channel count, mean and M2 in one read.  Sums of d = x - K in double,
+ * K being the channel's first value: with K a sample of the channel the
+ * textbook cancellation of Σx² - (Σx)²/n cannot happen, and
+ * M2 = Σd² - (Σd)²/n is accurate to double precision.  Four partial sums
+ * keep the inner loop free of a serial dependency.
+ */
+static void local_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2) {
+  size_t count = N * S;
+  for (size_t c = 0; c < C; c++) {
+    mean[c] = 0;
+    m2[c] = 0;
+  }
+  if (count == 0) return;
+  for (size_t c = 0; c < C; c++) {
+    const float k = x[c * S];
+    double s = 0, q = 0;
+    for (size_t n = 0; n < N; n++) {
+      const float *p = x + (n * C + c) * S;
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+      size_t i = 0;
+      for (; i + 4 <= S; i += 4) {
+        double d0 = (double)p[i] - k, d1 = (double)p[i + 1] - k;
+        double d2 = (double)p[i + 2] - k, d3 = (double)p[i + 3] - k;
+        s0 += d0, s1 += d1, s2 += d2, s3 += d3;
+        q0 += d0 * d0, q1 += d1 * d1, q2 += d2 * d2, q3 += d3 * d3;
+      }
+      for (; i < S; i++) {
+        double d = (double)p[i] - k;
+        s0 += d;
+        q0 += d * d;
+      }
+      s += (s0 + s1) + (s2 + s3);
+      q += (q0 + q1) + (q2 + q3);
+    }
+    mean[c] = (double)k + s / (double)count;
+    double v = q - s * s / (double)count;
+    m2[c] = v > 0 ? v : 0;
+  }
+}
+
+/*
+ * y = (x - mean) * a + b per plane, with a = weight * invstd.  The mean is
+ * subtracted in two float steps, hi = float(mean) first (exact for values
+ * near it) and then the remainder lo, so that |mean| >> std loses nothing;
+ * the fused x*a + (b - mean*a) would cancel catastrophically.
+ */
+static void normalize(const float *x, float *y, size_t N, size_t C, size_t S, const double *mean,
+                      const double *scale, const double *shift) {
+  for (size_t n = 0; n < N; n++)
+    for (size_t c = 0; c < C; c++) {
+      const float *p = x + (n * C + c) * S;
+      float *q = y + (n * C + c) * S;
+      const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
+      const float a = (float)scale[c], b = (float)shift[c];
+      for (size_t i = 0; i < S; i++) q[i] = ((p[i] - hi) - lo) * a + b;
+    }
+}
+
+/* Per channel Σdy and Σdy·(x - mean), in double, one read of x and dy. */
+static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
+                      const double *mean, double *sdy, double *sdyx) {
+  for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
+  for (size_t n = 0; n < N; n++)
+    for (size_t c = 0; c < C; c++) {
+      const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
+      const double mu = mean[c];
+      double a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+      size_t i = 0;
+      for (; i + 2 <= S; i += 2) {
+        a0 += g[i], a1 += g[i + 1];
+        b0 += (double)g[i] * ((double)p[i] - mu);
+        b1 += (double)g[i + 1] * ((double)p[i + 1] - mu);
+      }
+      for (; i < S; i++) {
+        a0 += g[i];
+        b0 += (double)g[i] * ((double)p[i] - mu);
+      }
+      sdy[c] += a0 + a1;
+      sdyx[c] += b0 + b1;
+    }
+}
+
+/* dx = k*(dy - c1) - (x - mean)*q per plane (mean split as in normalize). */
+static void grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C, size_t S,
+                       const double *mean, const double *k, const double *c1, const double *q) {
+  for (size_t n = 0; n < N; n++)
+    for (size_t c = 0; c < C; c++) {
+      const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
+      float *o = dx + (n * C + c) * S;
+      const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
+      const float kf = (float)k[c], cf = (float)c1[c], qf = (float)q[c];
+      for (size_t i = 0; i < S; i++) o[i] = kf * (g[i] - cf) - ((p[i] - hi) - lo) * qf;
+    }
+}
+
+/* ---- forward ----------------------------------------------------------------- */
+
+static void warn_n1(const char *layer) {
+  if (atomic_exchange(&warned_n1, 1)) return;
+  fprintf(stderr,
+          "sbn: warning: layer '%s' normalized one value per channel; running_var is not "
+          "updated when n = 1 (this warning is shown once)\n",
+          layer);
+}
+
+static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
+  bn *b = sbn_module_impl(m);
+  size_t N = 0, S = 0, C = b->C;
+  bn_tensors t;
+  int rc = check_input(m, b, x, &N, &S);
+  if (rc == SBN_OK) rc = get_tensors(m, b, &t);
+  if (rc != SBN_OK) return rc;
+  const int training = sbn_module_is_training(m);
+  const int use_batch = !b->track || (training && !b->freeze);
+  const int update = b->track && training && !b->freeze;
+  const int is_sync = sbn_module_vtable_of(m) == &sbn__syncbatchnorm_vtable;
+  sbn_group *sync = (is_sync && use_batch && !group_local(b->group)) ? b->group : NULL;
+
+  sbn_tensor *y = NULL;
+  double *work = malloc(6 * C * sizeof(double));
+  if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' forward", identity(b));
+  double *mean = work, *m2 = work + C, *invstd = work + 2 * C;
+  double *scale = work + 3 * C, *shift = work + 4 * C, *gmean = work + 5 * C;
+  if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &y)) != SBN_OK) {
+    free(work);
+    return rc;
+  }
+  const float *xd = sbn_tensor_cdata(x);
+  uint64_t n = (uint64_t)N * S;
+  if (use_batch) {
+    local_stats(xd, N, C, S, mean, m2);
+    if (sync) {
+      uint64_t gn = 0;
+      /* gm2 goes to scale (free until normalization). */
+      rc = sbn_sync_stats(sync, identity(b), C, n, mean, m2, &gn, gmean, scale);
+      if (rc != SBN_OK) {
+        sbn_tensor_free(y);
+        free(work);
+        return rc;
+      }
+      n = gn;
+      memcpy(mean, gmean, C * sizeof(double));
+      memcpy(m2, scale, C * sizeof(double));
+    }
+    for (size_t c = 0; c < C; c++) {
+      double var = n ? m2[c] / (double)n : 0.0;
+      invstd[c] = 1.0 / sqrt(var + b->eps);
+    }
+  } else {
+    const float *rm = sbn_tensor_cdata(t.rm), *rv = sbn_tensor_cdata(t.rv);
+    for (size_t c = 0; c < C; c++) {
+      mean[c] = rm[c];
+      invstd[c] = 1.0 / sqrt((double)rv[c] + b->eps);
+    }
+  }
+  const float *w = t.w ? sbn_tensor_cdata(t.w) : NULL, *bs = t.b ? sbn_tensor_cdata(t.b) : NULL;
+  for (size_t c = 0; c < C; c++) {
+    scale[c] = (w ? (double)w[c] : 1.0) * invstd[c];
+    shift[c] = bs ? bs[c] : 0.0;
+  }
+  normalize(xd, sbn_tensor_data(y), N, C, S, mean, scale, shift);
+
+  /* Nothing below can fail: commit. */
+  if (update && n > 0) {
+    float *rm = sbn_tensor_data(t.rm), *rv = sbn_tensor_data(t.rv);
+    const double mo = b->momentum;
+    for (size_t c = 0; c < C; c++) rm[c] = (float)(mo * rm[c] + (1.0 - mo) * mean[c]);
+    if (n > 1) {
+      for (size_t c = 0; c < C; c++)
+        rv[c] = (float)(mo * rv[c] + (1.0 - mo) * (m2[c] / (double)(n - 1)));
+    } else {
+      warn_n1(identity(b));
+    }
+  }
+  sbn_tensor_replace(&b->saved_x, sbn_tensor_ref(x));
+  memcpy(b->saved_mean, mean, C * sizeof(double));
+  memcpy(b->saved_invstd, invstd, C * sizeof(double));
+  b->saved_valid = 1;
+  b->saved_batch = use_batch;
+  b->saved_sync = sync;
+  b->saved_n = n;
+  free(work);
+  *out = y;
+  return SBN_OK;
+}
+
+/* ---- backward ---------------------------------------------------------------- */
+
+static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
+  bn *b = sbn_module_impl(m);
+  size_t C = b->C;
+  char s1[96], s2[96];
+  if (!b->saved_valid)
+    return sbn__fail(SBN_ESTATE, "backward of layer '%s' before any forward", identity(b));
+  sbn_tensor *x = b->saved_x;
+  if (!sbn_tensor_same_shape(x, dy))
+    return sbn__fail(SBN_ESHAPE, "layer '%s' got dy of shape %s for an input of shape %s",
+                     identity(b), sbn_tensor_shape_str(dy, s1, sizeof(s1)),
+                     sbn_tensor_shape_str(x, s2, sizeof(s2)));
+  bn_tensors t;
+  int rc = get_tensors(m, b, &t);
+  if (rc != SBN_OK) return rc;
+  size_t N = sbn_tensor_dim(x, 0), S = C ? sbn_tensor_numel(x) / (N ? N : 1) / C : 0;
+  if (N == 0) S = 0;
+  sbn_tensor *dx = NULL;
+  double *work = malloc(7 * C * sizeof(double));
+  if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' backward", identity(b));
+  double *sdy = work, *sdyx = work + C, *gdy = work + 2 * C, *gdyx = work + 3 * C;
+  double *k = work + 4 * C, *c1 = work + 5 * C, *q = work + 6 * C;
+  if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &dx)) != SBN_OK) {
+    free(work);
+    return rc;
+  }
+  const double *mean = b->saved_mean, *invstd = b->saved_invstd;
+  grad_sums(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), N, C, S, mean, sdy, sdyx);
+  for (size_t c = 0; c < C; c++) sdyx[c] *= invstd[c]; /* now Σ dy·x̂ */
+  const float *w = t.w ? sbn_tensor_cdata(t.w) : NULL;
+  if (b->saved_batch) {
+    if (b->saved_sync) {
+      rc = sbn_sync_sums(b->saved_sync, identity(b), C, sdy, sdyx, gdy, gdyx);
+      if (rc != SBN_OK) {
+        sbn_tensor_free(dx);
+        free(work);
+        return rc;
+      }
+    } else {
+      memcpy(gdy, sdy, C * sizeof(double));
+      memcpy(gdyx, sdyx, C * sizeof(double));
+    }
+    /* dx = w·invstd·(dy - Σdy/n - x̂·Σ(dy·x̂)/n), x̂ = (x - mean)·invstd. */
+    double n = (double)b->saved_n;
+    for (size_t c = 0; c < C; c++) {
+      k[c] = (w ? (double)w[c] : 1.0) * invstd[c];
+      c1[c] = n > 0 ? gdy[c] / n : 0.0;
+      q[c] = n > 0 ? k[c] * invstd[c] * gdyx[c] / n : 0.0;
+    }
+  } else {
+    /* Running statistics are constants: dx = dy·w/sqrt(rv + eps). */
+    for (size_t c = 0; c < C; c++) {
+      k[c] = (w ? (double)w[c] : 1.0) * invstd[c];
+      c1[c] = q[c] = 0.0;
+    }
+  }
+  grad_input(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), sbn_tensor_data(dx), N, C, S, mean, k, c1,
+             q);
+  /* Local parameter gradients; a frozen layer's weight and bias get none. */
+  if (b->affine && !b->freeze) {
+    sbn_tensor *gw = sbn_tensor_grad(t.w), *gb = sbn_tensor_grad(t.b);
+    float *pw = gw ? sbn_tensor_data(gw) : NULL, *pb = gb ? sbn_tensor_data(gb) : NULL;
+    for (size_t c = 0; c < C; c++) {
+      if (pw) pw[c] = (float)((double)pw[c] + sdyx[c]);
+      if (pb) pb[c] = (float)((double)pb[c] + sdy[c]);
+    }
+  }
+  free(work);
+  *out = dx;
+  return SBN_OK;
+}
+
+/* ---- the rest of the vtable -------------------------------------------------- */
+
+static int bn_extra_repr(const sbn_module *m, char *buf, size_t len) {
+  const bn *b = sbn_module_impl(m);
+  char e[40], mo[40];
+  return snprintf(buf, len, "%zu, eps=%s, momentum=%s, affine=%s, track_running_stats=%s", b->C,
+                  sbn__py_float(b->eps, e, sizeof(e)), sbn__py_float(b->momentum, mo, sizeof(mo)),
+                  b->affine ? "True" : "False", b->track ? "True" : "False");
+}
+
+static void bn_destroy(void *impl) {
+  bn *b = impl;
+  if (!b) return;
+  sbn_tensor_free(b->saved_x);
+  free(b->saved_mean);
+  free(b->saved_invstd);
+  free(b->user_name);
+  free(b->path_name);
+  free(b);
+}
+
+static int bn_reset_running_stats(sbn_module *m) {
+  bn *b = sbn_module_impl(m);
+  bn_tensors t;
+  if (!b->track) return SBN_OK;
+  int rc = get_tensors(m, b, &t);
+  if (rc != SBN_OK) return rc;
+  sbn_tensor_fill(t.rm, 0.0f);
+  sbn_tensor_fill(t.rv, 1.0f);
+  return SBN_OK;
+}
+
+static int bn_reset_parameters(sbn_module *m) {
+  bn *b = sbn_module_impl(m);
+  bn_tensors t;
+  int rc = get_tensors(m, b, &t);
+  if (rc != SBN_OK) return rc;
+  bn_reset_running_stats(m);
+  if (b->affine) {
+    sbn_tensor_fill(t.w, 1.0f);
+    sbn_tensor_fill(t.b, 0.0f);
+  }
+  return SBN_OK;
+}
+
+const sbn_module_vtable sbn__batchnorm_vtable = {
+    .type_name = "BatchNorm",
+    .forward = bn_forward,
+    .backward = bn_backward,
+    .extra_repr = bn_extra_repr,
+    .destroy = bn_destroy,
+    .reset_parameters = bn_reset_parameters,
+    .reset_running_stats = bn_reset_running_stats,
+    .flags = SBN_MODULE_FLAT_STATE,
+};
+
+const sbn_module_vtable sbn__syncbatchnorm_vtable = {
+    .type_name = "SyncBatchNorm",
+    .forward = bn_forward,
+    .backward = bn_backward,
+    .extra_repr = bn_extra_repr,
+    .destroy = bn_destroy,
+    .reset_parameters = bn_reset_parameters,
+    .reset_running_stats = bn_reset_running_stats,
+    .flags = SBN_MODULE_FLAT_STATE,
+};
+
+/* ---- construction ------------------------------------------------------------- */
+
+SBN_API void sbn_bn_options_init(sbn_bn_options *o, size_t num_features) {
+  if (!o) return;
+  memset(o, 0, sizeof(*o));
+  o->num_features = num_features;
+  o->eps = 1e-5;
+  o->momentum = 0.9;
+  o->affine = 1;
+  o->track_running_stats = 1;
+}
+
+static int check_options(const sbn_bn_options *o) {
+  char v[40];
+  if (!o) return sbn__fail(SBN_EINVAL, "batchnorm options are NULL");
+  if (o->num_features == 0) return sbn__fail(SBN_EINVAL, "num_features must be at least 1");
+  if (!isfinite(o->eps) || o->eps < 0)
+    return sbn__fail(SBN_EINVAL, "eps %s is not a finite value >= 0",
+                     sbn__py_float(o->eps, v, sizeof(v)));
+  if (!isfinite(o->momentum) || o->momentum < 0 || o->momentum > 1)
+    return sbn__fail(SBN_EINVAL, "momentum %s is outside [0, 1]",
+                     sbn__py_float(o->momentum, v, sizeof(v)));
+  if (o->freeze && !o->track_running_stats)
+    return sbn__fail(SBN_EINVAL, "freeze needs track_running_stats (a frozen layer normalizes "
+                                 "with running statistics)");
+  if (o->flags) return sbn__fail(SBN_EINVAL, "unknown batchnorm flags 0x%x", o->flags);
+  for (size_t i = 0; i < sizeof(o->reserved) / sizeof(o->reserved[0]); i++)
+    if (o->reserved[i]) return sbn__fail(SBN_EINVAL, "batchnorm options reserved[%zu] is set", i);
+  if (o->num_features > SIZE_MAX / (8 * sizeof(double)))
+    return sbn__fail(SBN_EINVAL, "num_features %zu is too large", o->num_features);
+  return check_layer_name(o->name);
+}
+
+static int add_filled(sbn_module *m, const char *name, size_t C, float v, int param) {
+  sbn_tensor *t;
+  int rc = sbn_tensor_new(1, &C, &t);
+  if (rc != SBN_OK) return rc;
+  sbn_tensor_fill(t, v);
+  rc = param ? sbn_module_set_parameter(m, name, t) : sbn_module_set_buffer(m, name, t);
+  sbn_tensor_free(t);
+  return rc;
+}
+
+static int bn_new(const sbn_module_vtable *vt, const sbn_bn_options *o, sbn_module **out) {
+  if (!out) return sbn__fail(SBN_EINVAL, "batchnorm output pointer is NULL");
+  int rc = check_options(o);
+  if (rc != SBN_OK) return rc;
+  bn *b = calloc(1, sizeof(*b));
+  if (!b) return sbn__fail(SBN_ENOMEM, "out of memory creating a batchnorm");
+  size_t C = o->num_features;
+  b->C = C;
+  b->eps = o->eps;
+  b->momentum = o->momentum;
+  b->affine = !!o->affine;
+  b->track = !!o->track_running_stats;
+  b->freeze = !!o->freeze;
+  b->group = o->group;
+  snprintf(b->default_name, sizeof(b->default_name), "SyncBatchNorm#%lu",
+           atomic_fetch_add(&layer_counter, 1));
+  b->saved_mean = malloc(C * sizeof(double));
+  b->saved_invstd = malloc(C * sizeof(double));
+  if (o->name) b->user_name = strdup(o->name);
+  sbn_module *m = NULL;
+  if (!b->saved_mean || !b->saved_invstd || (o->name && !b->user_name)) {
+    bn_destroy(b);
+    return sbn__fail(SBN_ENOMEM, "out of memory creating a batchnorm");
+  }
+  if ((rc = sbn_module_new(vt, b, &m)) != SBN_OK) return rc; /* b destroyed */
+  /* MegEngine's attribute order, which repr does not show for tensors. */
+  if (b->affine) {
+    if (rc == SBN_OK) rc = add_filled(m, "weight", C, 1.0f, 1);
+    if (rc == SBN_OK) rc = add_filled(m, "bias", C, 0.0f, 1);
+  }
+  if (b->track) {
+    if (rc == SBN_OK) rc = add_filled(m, "running_mean", C, 0.0f, 0);
+    if (rc == SBN_OK) rc = add_filled(m, "running_var", C, 1.0f, 0);
+  }
+  if (rc != SBN_OK) {
+    sbn_module_free(m);
+    return rc;
+  }
+  *out = m;
+  return SBN_OK;
+}
+
+SBN_API int sbn_batchnorm_new(const sbn_bn_options *o, sbn_module **out) {
+  return bn_new(&sbn__batchnorm_vtable, o, out);
+}
+
+SBN_API int sbn_syncbatchnorm_new(const sbn_bn_options *o, sbn_module **out) {
+  return bn_new(&sbn__syncbatchnorm_vtable, o, out);
+}
+
+/* ---- accessors ------------------------------------------------------------------ */
+
+SBN_API int sbn_bn_kind(const sbn_module *m) {
+  if (!m || !is_bn(m)) return -1;
+  return sbn_module_vtable_of(m) == &sbn__syncbatchnorm_vtable;
+}
+
+static bn *bn_of(const sbn_module *m) {
+  if (!m || !is_bn(m)) {
+    sbn__fail(SBN_EINVAL, "module '%s' is not a BatchNorm", m ? sbn_module_type_name(m) : "(null)");
+    return NULL;
+  }
+  return sbn_module_impl(m);
+}
+
+SBN_API int sbn_bn_get_options(const sbn_module *m, sbn_bn_options *o) {
+  bn *b = bn_of(m);
+  if (!b) return SBN_EINVAL;
+  if (!o) return sbn__fail(SBN_EINVAL, "options pointer is NULL");
+  sbn_bn_options_init(o, b->C);
+  o->eps = b->eps;
+  o->momentum = b->momentum;
+  o->affine = b->affine;
+  o->track_running_stats = b->track;
+  o->freeze = b->freeze;
+  o->group = b->group;
+  o->name = identity(b);
+  return SBN_OK;
+}
+
+SBN_API int sbn_bn_set_freeze(sbn_module *m, int freeze) {
+  bn *b = bn_of(m);
+  if (!b) return SBN_EINVAL;
+  if (freeze && !b->track)
+    return sbn__fail(SBN_EINVAL, "layer '%s' does not track running stats and cannot freeze",
+                     identity(b));
+  b->freeze = !!freeze;
+  return SBN_OK;
+}
+
+SBN_API int sbn_bn_set_group(sbn_module *m, sbn_group *g) {
+  bn *b = bn_of(m);
+  if (!b) return SBN_EINVAL;
+  b->group = g;
+  return SBN_OK;
+}
+
+SBN_API int sbn_bn_set_name(sbn_module *m, const char *name) {
+  bn *b = bn_of(m);
+  if (!b) return SBN_EINVAL;
+  int rc = check_layer_name(name);
+  if (rc != SBN_OK) return rc;
+  char *copy = NULL;
+  if (name && !(copy = strdup(name))) return sbn__fail(SBN_ENOMEM, "out of memory naming a layer");
+  free(b->user_name);
+  b->user_name = copy;
+  return SBN_OK;
+}
+
+SBN_API const char *sbn_bn_layer_name(const sbn_module *m) {
+  if (!m || !is_bn(m)) return NULL;
+  return identity(sbn_module_impl(m));
+}
+
+int sbn__bn_set_path_name(sbn_module *m, const char *path) {
+  bn *b = sbn_module_impl(m);
+  char *copy = strdup(path);
+  if (!copy) return sbn__fail(SBN_ENOMEM, "out of memory naming a layer");
+  free(b->path_name);
+  b->path_name = copy;
+  return SBN_OK;
+}
+
+int sbn__bn_check_path_name(const char *path) { return check_layer_name(path); }
