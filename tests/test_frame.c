@@ -1,0 +1,295 @@
+/*
+ * test_frame.c - the frame decoder and message codec, without sockets.
+ */
+#include <check.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "frame.h"
+#include "msg.h"
+#include "sbn/status.h"
+
+/* Encodes a ping with nonce as one whole frame. */
+static uint8_t *ping_frame(uint64_t nonce, size_t *len) {
+  Sbn__Ping ping = SBN__PING__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  ping.nonce = nonce;
+  env.body_case = SBN__ENVELOPE__BODY_PING;
+  env.ping = &ping;
+  uint8_t *buf = NULL;
+  ck_assert_int_eq(sbn__msg_encode(&env, SBN_MAX_FRAME_DEFAULT, &buf, len), SBN_OK);
+  return buf;
+}
+
+/* A hello with a job name, so the body is long enough to split usefully. */
+static uint8_t *hello_frame(size_t *len) {
+  Sbn__Hello h = SBN__HELLO__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  h.protocol_version = SBN_PROTOCOL_VERSION;
+  h.job = "a-job-name-of-some-length";
+  h.rank = 3;
+  h.world_size = 8;
+  h.generation = 77;
+  env.body_case = SBN__ENVELOPE__BODY_HELLO;
+  env.hello = &h;
+  uint8_t *buf = NULL;
+  ck_assert_int_eq(sbn__msg_encode(&env, SBN_MAX_FRAME_DEFAULT, &buf, len), SBN_OK);
+  return buf;
+}
+
+static void check_hello_body(const uint8_t *body, size_t len) {
+  char err[160];
+  Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+  ck_assert_ptr_nonnull(env);
+  ck_assert_int_eq(env->body_case, SBN__ENVELOPE__BODY_HELLO);
+  ck_assert_str_eq(env->hello->job, "a-job-name-of-some-length");
+  ck_assert_uint_eq(env->hello->rank, 3);
+  ck_assert_uint_eq(env->hello->world_size, 8);
+  ck_assert_uint_eq(env->hello->generation, 77);
+  sbn__msg_free(env);
+}
+
+START_TEST(header_round_trip) {
+  uint8_t raw[SBN_FRAME_HEADER_SIZE];
+  sbn__frame_header h;
+  char err[160];
+  sbn__frame_header_write(raw, 0x01020304u);
+  ck_assert_uint_eq(raw[0], 0x53);
+  ck_assert_uint_eq(raw[3], 0x46);
+  sbn__frame_header_read(raw, &h);
+  ck_assert_uint_eq(h.magic, SBN_FRAME_MAGIC);
+  ck_assert_uint_eq(h.version, SBN_PROTOCOL_VERSION);
+  ck_assert_uint_eq(h.flags, 0);
+  ck_assert_uint_eq(h.length, 0x01020304u);
+  ck_assert_int_eq(sbn__frame_header_check(&h, 0x01020304u, err, sizeof(err)), SBN_OK);
+  ck_assert_int_eq(sbn__frame_header_check(&h, 0x01020303u, err, sizeof(err)), SBN_ETOOBIG);
+}
+END_TEST
+
+START_TEST(partial_frame) {
+  size_t len;
+  uint8_t *fr = hello_frame(&len);
+  sbn__framer f;
+  const uint8_t *body;
+  size_t blen;
+  sbn__framer_init(&f, SBN_MAX_FRAME_DEFAULT);
+  ck_assert_int_eq(sbn__framer_feed(&f, fr, 5), SBN_OK);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+  ck_assert_int_eq(sbn__framer_feed(&f, fr + 5, len - 6), SBN_OK);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+  ck_assert_uint_eq(sbn__framer_pending(&f), len - 1);
+  ck_assert_int_eq(sbn__framer_feed(&f, fr + len - 1, 1), SBN_OK);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 1);
+  ck_assert_uint_eq(blen, len - SBN_FRAME_HEADER_SIZE);
+  check_hello_body(body, blen);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+  ck_assert_uint_eq(sbn__framer_pending(&f), 0);
+  sbn__framer_release(&f);
+  free(fr);
+}
+END_TEST
+
+START_TEST(split_at_every_byte) {
+  size_t len;
+  uint8_t *fr = hello_frame(&len);
+  for (size_t cut = 0; cut <= len; cut++) {
+    sbn__framer f;
+    const uint8_t *body;
+    size_t blen;
+    sbn__framer_init(&f, SBN_MAX_FRAME_DEFAULT);
+    ck_assert_int_eq(sbn__framer_feed(&f, fr, cut), SBN_OK);
+    ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), cut == len ? 1 : 0);
+    if (cut < len) {
+      ck_assert_int_eq(sbn__framer_feed(&f, fr + cut, len - cut), SBN_OK);
+      ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 1);
+    }
+    check_hello_body(body, blen);
+    sbn__framer_release(&f);
+  }
+  /* And one byte at a time. */
+  sbn__framer f;
+  const uint8_t *body;
+  size_t blen;
+  sbn__framer_init(&f, SBN_MAX_FRAME_DEFAULT);
+  for (size_t i = 0; i < len; i++) {
+    ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+    ck_assert_int_eq(sbn__framer_feed(&f, fr + i, 1), SBN_OK);
+  }
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 1);
+  check_hello_body(body, blen);
+  sbn__framer_release(&f);
+  free(fr);
+}
+END_TEST
+
+START_TEST(several_frames_in_one_feed) {
+  enum { NFRAMES = 5 };
+  uint8_t all[1024];
+  size_t off = 0;
+  for (int i = 0; i < NFRAMES; i++) {
+    size_t len;
+    uint8_t *fr = ping_frame(1000 + (uint64_t)i, &len);
+    memcpy(all + off, fr, len);
+    off += len;
+    free(fr);
+  }
+  sbn__framer f;
+  sbn__framer_init(&f, SBN_MAX_FRAME_DEFAULT);
+  ck_assert_int_eq(sbn__framer_feed(&f, all, off), SBN_OK);
+  for (int i = 0; i < NFRAMES; i++) {
+    const uint8_t *body;
+    size_t blen;
+    char err[160];
+    ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 1);
+    Sbn__Envelope *env = sbn__msg_decode(body, blen, err, sizeof(err));
+    ck_assert_ptr_nonnull(env);
+    ck_assert_int_eq(env->body_case, SBN__ENVELOPE__BODY_PING);
+    ck_assert_uint_eq(env->ping->nonce, 1000 + (uint64_t)i);
+    sbn__msg_free(env);
+  }
+  const uint8_t *body;
+  size_t blen;
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+  sbn__framer_release(&f);
+}
+END_TEST
+
+/* Feeds a ping frame with one header byte replaced; returns next()'s status. */
+static int corrupt_header(size_t at, uint8_t value, sbn__framer *f) {
+  size_t len;
+  uint8_t *fr = ping_frame(1, &len);
+  fr[at] = value;
+  sbn__framer_init(f, SBN_MAX_FRAME_DEFAULT);
+  ck_assert_int_eq(sbn__framer_feed(f, fr, len), SBN_OK);
+  free(fr);
+  const uint8_t *body;
+  size_t blen;
+  return sbn__framer_next(f, &body, &blen);
+}
+
+START_TEST(bad_magic) {
+  sbn__framer f;
+  ck_assert_int_eq(corrupt_header(0, 'X', &f), SBN_EPROTO);
+  ck_assert_ptr_nonnull(strstr(f.errmsg, "magic"));
+  sbn__framer_release(&f);
+}
+END_TEST
+
+START_TEST(wrong_version) {
+  sbn__framer f;
+  ck_assert_int_eq(corrupt_header(5, 2, &f), SBN_EVERSION);
+  ck_assert_ptr_nonnull(strstr(f.errmsg, "version 2"));
+  sbn__framer_release(&f);
+}
+END_TEST
+
+START_TEST(nonzero_flags) {
+  sbn__framer f;
+  ck_assert_int_eq(corrupt_header(7, 1, &f), SBN_EPROTO);
+  ck_assert_ptr_nonnull(strstr(f.errmsg, "flags"));
+  sbn__framer_release(&f);
+}
+END_TEST
+
+START_TEST(oversized_rejected_at_header) {
+  enum { LIMIT = 1024 };
+  uint8_t hdr[SBN_FRAME_HEADER_SIZE];
+  sbn__framer f;
+  const uint8_t *body;
+  size_t blen;
+  sbn__framer_init(&f, LIMIT);
+  /* A frame exactly at the limit is fine... */
+  sbn__frame_header_write(hdr, LIMIT);
+  ck_assert_int_eq(sbn__framer_feed(&f, hdr, sizeof(hdr)), SBN_OK);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), 0);
+  sbn__framer_release(&f);
+  /* ...one byte more is refused from the header alone, before any body. */
+  sbn__framer_init(&f, LIMIT);
+  sbn__frame_header_write(hdr, 0xFFFFFFF0u);
+  ck_assert_int_eq(sbn__framer_feed(&f, hdr, sizeof(hdr)), SBN_OK);
+  ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), SBN_ETOOBIG);
+  ck_assert_ptr_nonnull(strstr(f.errmsg, "exceeds"));
+  /* The buffer never grew toward the announced size. */
+  ck_assert_uint_le(f.cap, 64u * 1024u);
+  sbn__framer_release(&f);
+}
+END_TEST
+
+START_TEST(errors_are_sticky) {
+  sbn__framer f;
+  ck_assert_int_eq(corrupt_header(0, 0, &f), SBN_EPROTO);
+  size_t len;
+  uint8_t *fr = ping_frame(9, &len);
+  const uint8_t *body;
+  size_t blen;
+  sbn__framer_feed(&f, fr, len);
+  for (int i = 0; i < 3; i++)
+    ck_assert_int_eq(sbn__framer_next(&f, &body, &blen), SBN_EPROTO);
+  free(fr);
+  sbn__framer_release(&f);
+}
+END_TEST
+
+START_TEST(bad_bodies) {
+  size_t len;
+  char err[160];
+  uint8_t *fr = hello_frame(&len);
+  const uint8_t *body = fr + SBN_FRAME_HEADER_SIZE;
+  size_t blen = len - SBN_FRAME_HEADER_SIZE;
+  /* Every truncation of the body either fails or decodes a prefix that
+   * lost the string's tail; a cut inside the job string must fail. */
+  err[0] = '\0';
+  ck_assert_ptr_null(sbn__msg_decode(body, blen - 3, err, sizeof(err)));
+  ck_assert_ptr_nonnull(strstr(err, "not a valid message"));
+  static const uint8_t garbage[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x07};
+  ck_assert_ptr_null(sbn__msg_decode(garbage, sizeof(garbage), err, sizeof(err)));
+  /* An envelope with no body set. */
+  err[0] = '\0';
+  ck_assert_ptr_null(sbn__msg_decode(body, 0, err, sizeof(err)));
+  ck_assert_ptr_nonnull(strstr(err, "no body"));
+  free(fr);
+}
+END_TEST
+
+START_TEST(encode_too_big) {
+  enum { LIMIT = 1024, N = 1000 };
+  static double values[N];
+  Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  c.phase = SBN__PHASE__PHASE_FORWARD;
+  c.channels = N;
+  c.n_a = N;
+  c.a = values;
+  env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
+  env.contribute = &c;
+  uint8_t *out = NULL;
+  size_t outlen = 0;
+  ck_assert_int_eq(sbn__msg_encode(&env, LIMIT, &out, &outlen), SBN_ETOOBIG);
+  ck_assert_ptr_null(out);
+  ck_assert_int_eq(sbn__msg_encode(&env, SBN_MAX_FRAME_DEFAULT, &out, &outlen), SBN_OK);
+  ck_assert_uint_gt(outlen, LIMIT);
+  free(out);
+}
+END_TEST
+
+int main(void) {
+  Suite *s = suite_create("frame");
+  TCase *tc = tcase_create("decoder");
+  tcase_add_test(tc, header_round_trip);
+  tcase_add_test(tc, partial_frame);
+  tcase_add_test(tc, split_at_every_byte);
+  tcase_add_test(tc, several_frames_in_one_feed);
+  tcase_add_test(tc, bad_magic);
+  tcase_add_test(tc, wrong_version);
+  tcase_add_test(tc, nonzero_flags);
+  tcase_add_test(tc, oversized_rejected_at_header);
+  tcase_add_test(tc, errors_are_sticky);
+  tcase_add_test(tc, bad_bodies);
+  tcase_add_test(tc, encode_too_big);
+  suite_add_tcase(s, tc);
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

@@ -1,0 +1,206 @@
+/*
+ * test_merge.c - Chan's merge and the statistics checks, against closed-form
+ * and long-double references computed here, independently of merge.c.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "merge.h"
+
+#define MAX_RANKS 8
+#define MAX_CHANNELS 4
+
+/* A small deterministic generator (xorshift64*), so runs are repeatable. */
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+static double uniform01(void) {
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return (double)((rng_state * 2685821657736338717u) >> 11) / 9007199254740992.0;
+}
+/* Roughly normal (sum of 12 uniforms), mean 0, standard deviation 1. */
+static double normalish(void) {
+  double s = 0;
+  for (int i = 0; i < 12; i++)
+    s += uniform01();
+  return s - 6.0;
+}
+
+/* Two-pass mean and M2 in long double. */
+static void two_pass(const double *x, size_t n, long double *mean, long double *m2) {
+  long double s = 0, q = 0;
+  for (size_t i = 0; i < n; i++)
+    s += x[i];
+  *mean = n ? s / (long double)n : 0;
+  for (size_t i = 0; i < n; i++)
+    q += (x[i] - *mean) * (x[i] - *mean);
+  *m2 = q;
+}
+
+/*
+ * Per-rank data sets with the given counts around `center` with std 1, one
+ * channel each shifted by c; merges the per-rank (mean, M2) in rank order
+ * and compares with the two-pass statistics of the concatenation.
+ */
+static void merge_vs_reference(const uint64_t *counts, int nranks, double center) {
+  size_t total = 0;
+  for (int r = 0; r < nranks; r++)
+    total += counts[r];
+  double *all = malloc((total ? total : 1) * MAX_CHANNELS * sizeof(double));
+  ck_assert_ptr_nonnull(all);
+  uint64_t n = 0;
+  double mean[MAX_CHANNELS] = {0}, m2[MAX_CHANNELS] = {0};
+  size_t off = 0;
+  for (int r = 0; r < nranks; r++) {
+    double rm[MAX_CHANNELS], rq[MAX_CHANNELS];
+    for (size_t c = 0; c < MAX_CHANNELS; c++) {
+      double *x = all + c * total + off;
+      for (uint64_t i = 0; i < counts[r]; i++)
+        x[i] = center + 0.5 * (double)c + normalish() + 0.25 * r;
+      long double lm, lq;
+      two_pass(x, counts[r], &lm, &lq);
+      rm[c] = (double)lm;
+      rq[c] = (double)lq;
+      if (counts[r] == 0) {
+        /* Garbage that must be ignored for an empty rank. */
+        rm[c] = 1e300;
+        rq[c] = 1e300;
+      }
+    }
+    sbn__stats_merge(&n, mean, m2, counts[r], rm, rq, MAX_CHANNELS);
+    off += counts[r];
+  }
+  ck_assert_uint_eq(n, total);
+  for (size_t c = 0; c < MAX_CHANNELS; c++) {
+    long double lm, lq;
+    two_pass(all + c * total, total, &lm, &lq);
+    if (total == 0) {
+      ck_assert(mean[c] == 0.0 && m2[c] == 0.0);
+      continue;
+    }
+    double em = fabs((double)(mean[c] - lm)) / fmax(1.0, fabs((double)lm));
+    ck_assert_msg(em <= 1e-12, "channel %zu mean %.17g vs %.17Lg (rel %.3g)", c, mean[c], lm, em);
+    if (total > 1) {
+      double ev = fabs((double)((m2[c] - lq) / lq));
+      ck_assert_msg(ev <= 1e-12, "channel %zu M2 %.17g vs %.17Lg (rel %.3g)", c, m2[c], lq, ev);
+    }
+  }
+  free(all);
+}
+
+START_TEST(closed_form_small) {
+  /* Ranks hold {1,2,3}, {}, {4,5}, {6}: the concatenation is 1..6, with
+   * mean 3.5 and M2 = 17.5 exactly. */
+  double m0 = 2.0, q0 = 2.0, m2_ = 4.5, q2 = 0.5, m3 = 6.0, q3 = 0.0, junk = NAN;
+  uint64_t n = 0;
+  double mean = 0, m2 = 0;
+  sbn__stats_merge(&n, &mean, &m2, 3, &m0, &q0, 1);
+  sbn__stats_merge(&n, &mean, &m2, 0, &junk, &junk, 1);
+  sbn__stats_merge(&n, &mean, &m2, 2, &m2_, &q2, 1);
+  sbn__stats_merge(&n, &mean, &m2, 1, &m3, &q3, 1);
+  ck_assert_uint_eq(n, 6);
+  ck_assert(fabs(mean - 3.5) <= 1e-15);
+  ck_assert(fabs(m2 - 17.5) <= 1e-14);
+}
+END_TEST
+
+START_TEST(large_mean_unit_std) {
+  uint64_t counts[] = {1000, 3, 0, 5000, 1, 777};
+  merge_vs_reference(counts, 6, 1e4);
+  merge_vs_reference(counts, 6, -1e4);
+}
+END_TEST
+
+START_TEST(counts_differ_and_zero) {
+  uint64_t a[] = {0, 0, 17, 0};
+  merge_vs_reference(a, 4, 3.0);
+  uint64_t b[] = {1, 1, 1, 1, 1, 1, 1, 1};
+  merge_vs_reference(b, 8, 0.5);
+  uint64_t c[] = {4096, 0};
+  merge_vs_reference(c, 2, -7.0);
+}
+END_TEST
+
+START_TEST(all_counts_zero) {
+  uint64_t counts[] = {0, 0, 0};
+  merge_vs_reference(counts, 3, 1.0);
+}
+END_TEST
+
+/* The same inputs in the same (rank) order give bitwise the same result. */
+START_TEST(rank_order_is_deterministic) {
+  enum { R = 5, C = 3 };
+  double mu[R][C], q[R][C];
+  uint64_t cnt[R] = {10, 0, 3, 99, 1};
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) {
+      mu[r][c] = 1e4 + normalish();
+      q[r][c] = fabs(normalish()) * (double)cnt[r];
+    }
+  double out[2][2][C];
+  uint64_t n[2];
+  for (int run = 0; run < 2; run++) {
+    n[run] = 0;
+    memset(out[run], 0, sizeof(out[run]));
+    for (int r = 0; r < R; r++)
+      sbn__stats_merge(&n[run], out[run][0], out[run][1], cnt[r], mu[r], q[r], C);
+  }
+  ck_assert_uint_eq(n[0], n[1]);
+  ck_assert(memcmp(out[0], out[1], sizeof(out[0])) == 0);
+}
+END_TEST
+
+START_TEST(sums) {
+  double acc[3] = {1, 2, 3};
+  const double b[3] = {0.5, -2, 1e16};
+  sbn__sums_add(acc, b, 3);
+  ck_assert(acc[0] == 1.5 && acc[1] == 0 && acc[2] == 1e16 + 3);
+  ck_assert_int_eq(sbn__finite_check(acc, 3), -1);
+  acc[1] = INFINITY;
+  ck_assert_int_eq(sbn__finite_check(acc, 3), 1);
+}
+END_TEST
+
+START_TEST(stats_check) {
+  const char *what = NULL;
+  double mean[3] = {0, 1, 2}, m2[3] = {0, 1, 2};
+  ck_assert_int_eq(sbn__stats_check(10, mean, m2, 3, &what), -1);
+  ck_assert_int_eq(sbn__stats_check(SBN_MAX_COUNT, mean, m2, 3, &what), -1);
+  mean[1] = NAN;
+  ck_assert_int_eq(sbn__stats_check(10, mean, m2, 3, &what), 1);
+  ck_assert_ptr_nonnull(strstr(what, "mean"));
+  mean[1] = 1;
+  m2[2] = INFINITY;
+  ck_assert_int_eq(sbn__stats_check(10, mean, m2, 3, &what), 2);
+  ck_assert_ptr_nonnull(strstr(what, "M2"));
+  m2[2] = -1e-300;
+  ck_assert_int_eq(sbn__stats_check(10, mean, m2, 3, &what), 2);
+  ck_assert_ptr_nonnull(strstr(what, "negative"));
+  m2[2] = 2;
+  ck_assert_int_eq(sbn__stats_check(SBN_MAX_COUNT + 1, mean, m2, 3, &what), 0);
+  ck_assert_ptr_nonnull(strstr(what, "count"));
+  mean[0] = -INFINITY;
+  ck_assert_int_eq(sbn__stats_check(1, mean, m2, 3, &what), 0);
+}
+END_TEST
+
+int main(void) {
+  Suite *s = suite_create("merge");
+  TCase *tc = tcase_create("chan");
+  tcase_add_test(tc, closed_form_small);
+  tcase_add_test(tc, large_mean_unit_std);
+  tcase_add_test(tc, counts_differ_and_zero);
+  tcase_add_test(tc, all_counts_zero);
+  tcase_add_test(tc, rank_order_is_deterministic);
+  tcase_add_test(tc, sums);
+  tcase_add_test(tc, stats_check);
+  suite_add_tcase(s, tc);
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
