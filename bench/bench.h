@@ -1,0 +1,153 @@
+/*
+ * bench.h - shared pieces of sbn-bench: options, clocks, statistics, JSON
+ * lines, child processes (the coordinator and the workers) and the benches.
+ *
+ * Output rule: every result is one JSON object on one line of stdout; nothing
+ * else goes to stdout.  Progress and errors go to stderr.  Children never
+ * write to stdout (they _exit() without flushing stdio).
+ */
+#ifndef SBN_BENCH_H
+#define SBN_BENCH_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* ---- options ------------------------------------------------------------ */
+
+#define BENCH_MAX_COORD_ARGS 16
+
+typedef struct bench_opts {
+  int quick;            /* few repetitions: a smoke run of seconds */
+  int reps;             /* > 0: repetitions of every measurement */
+  int verbose;          /* coordinator's stderr passes through */
+  const char *coordinator;                    /* path of sbn-coordinator */
+  const char *coord_args[BENCH_MAX_COORD_ARGS]; /* extra coordinator args */
+  int n_coord_args;
+  int groups;           /* > 0: groups for the groups bench */
+} bench_opts;
+
+extern bench_opts g_opts;
+
+/* Repetitions: --reps if given, else quick or full default. */
+int bench_reps(int full, int quick);
+
+/* ---- clocks, statistics ------------------------------------------------- */
+
+double now_s(void);  /* monotonic seconds */
+long long now_ms(void);
+
+typedef struct bench_stats {
+  double p50, p99, mean, min, max;
+  int n;
+} bench_stats;
+
+/* Sorts v in place and fills st (nearest-rank percentiles). */
+void stats_compute(double *v, int n, bench_stats *st);
+
+/* ---- JSON lines ---------------------------------------------------------- */
+
+typedef struct jline {
+  char buf[2048];
+  size_t len;
+  int n;
+} jline;
+
+void j_begin(jline *j, const char *bench);
+void j_str(jline *j, const char *key, const char *val);
+void j_int(jline *j, const char *key, long long val);
+void j_num(jline *j, const char *key, double val); /* NaN/Inf -> null */
+void j_bool(jline *j, const char *key, int val);
+void j_null(jline *j, const char *key);
+/* Closes the object, writes it as one line on stdout and flushes. */
+void j_emit(jline *j);
+
+/* Progress on stderr (prefixed "sbn-bench: "). */
+void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- shared memory and child processes ---------------------------------- */
+
+/* Anonymous MAP_SHARED memory, zeroed; NULL on failure. */
+void *shared_alloc(size_t size);
+void shared_free(void *p, size_t size);
+
+/* The control block every multi-process bench puts at the start of its
+ * shared region. */
+typedef struct bench_ctl {
+  atomic_int ready;   /* workers connected and warmed up */
+  atomic_int go;      /* set by the parent: start the timed part */
+  atomic_int done;    /* workers finished the timed part */
+  atomic_int failed;  /* first failure wins the message below */
+  char err[512];
+} bench_ctl;
+
+/* Records a worker failure (first one wins) and returns 1. */
+int ctl_fail(bench_ctl *ctl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* In a worker: waits for ctl->go, at most timeout_ms; 0 or -1. */
+int ctl_wait_go(bench_ctl *ctl, int timeout_ms);
+
+typedef int (*proc_fn)(int index, void *arg);
+
+#define PROCS_MAX 512
+
+typedef struct procs {
+  int n;
+  pid_t pid[PROCS_MAX];
+  int exited[PROCS_MAX];
+  int status[PROCS_MAX]; /* exit code, or -1 killed / timed out */
+} procs;
+
+/* Forks n children; child i runs fn(i, arg) and _exit()s with its result.
+ * Returns 0, or -1 (the children already started are killed). */
+int procs_start(procs *ps, int n, proc_fn fn, void *arg);
+/* Reaps children that have exited; returns how many are still running, and
+ * sets *bad when one exited non-zero. */
+int procs_poll(procs *ps, int *bad);
+/* Waits at most timeout_ms for all; the rest are killed.  Returns how many
+ * exited 0. */
+int procs_wait(procs *ps, int timeout_ms);
+void procs_kill(procs *ps);
+
+/* Waits (bounded) until pred(ctl) or a child fails/exits early or the
+ * deadline passes.  Returns 0 when the predicate holds, -1 otherwise. */
+int procs_wait_ctl(procs *ps, bench_ctl *ctl, int (*pred)(bench_ctl *, int), int n,
+                   int timeout_ms);
+int pred_ready(bench_ctl *ctl, int n);
+int pred_done(bench_ctl *ctl, int n);
+
+/* ---- the coordinator ----------------------------------------------------- */
+
+typedef struct coord {
+  pid_t pid;
+  int out_fd; /* read end of its stdout, kept open so it never sees EPIPE */
+  char addr[64];
+} coord;
+
+/* Starts the coordinator on 127.0.0.1:0; 0 or -1 (message on stderr). */
+int coord_start(coord *c);
+/* SIGTERM, then SIGKILL after timeout_ms.  Returns the wait status or -1. */
+int coord_stop(coord *c, int timeout_ms);
+/* The coordinator's CPU time (user + system) in microseconds from
+ * /proc/<pid>/stat (clock-tick resolution), or -1. */
+double coord_cpu_us(const coord *c);
+/* The same from /proc/<pid>/task/(*)/schedstat (nanosecond resolution), or -1. */
+double coord_sched_us(const coord *c);
+
+/* A job id unique to this run: "bench-<pid>-<name>-<counter>". */
+void unique_job(char *buf, size_t len, const char *name);
+
+/* ---- benches --------------------------------------------------------------- */
+
+/* Floor: returns p50 in us for a channel count (running it silently when
+ * the floor bench has not run yet); spin selects the busy-polling variant. */
+double floor_p50_us(int channels, int spin);
+size_t floor_payload_bytes(int channels);
+
+int bench_floor(void);
+int bench_round(coord *c);
+int bench_groups(coord *c);
+int bench_allreduce(coord *c);
+int bench_kernel(void);
+
+#endif /* SBN_BENCH_H */

@@ -1,0 +1,392 @@
+/*
+ * dist.c - the benches that go through a real sbn-coordinator: `round`
+ * (forward rounds of one group), `groups` (many jobs at once) and
+ * `allreduce` (gradient allreduce throughput).
+ *
+ * Every worker is a forked process with its own sbn_ctx.  The parent
+ * coordinates through a shared control block: workers connect and warm up,
+ * report ready, wait for "go", run the timed part and report done.  The
+ * coordinator's CPU time is read around the timed part only.
+ */
+#define _GNU_SOURCE
+#include "bench.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sbn/sbn.h"
+
+#define WORKER_ROUND_TIMEOUT_MS 30000
+#define WORKER_CONNECT_TIMEOUT_MS 20000
+#define READY_TIMEOUT_MS 60000
+#define STOP_TIMEOUT_MS 15000
+#define SPIN_US 200
+#define LAYER "bench.bn"
+
+/* ---- forward rounds: one worker ------------------------------------------- */
+
+typedef struct rw_arg {
+  const char *addr;
+  char job[96];   /* prefix; group g uses "<job>-g<g>" */
+  int groups;
+  int wpg;        /* workers per group */
+  size_t C;
+  int spin_us;
+  int warm, reps;
+  bench_ctl *ctl;
+  double *lat;     /* [reps], written by group 0 rank 0 (microseconds) */
+  double *elapsed; /* [groups], written by each group's rank 0 (seconds) */
+} rw_arg;
+
+static int connect_worker(bench_ctl *ctl, const char *addr, const char *job, int rank,
+                          int world, int spin_us, sbn_ctx **ctx) {
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = addr;
+  cfg.job = job;
+  cfg.rank = rank;
+  cfg.world_size = world;
+  cfg.connect_timeout_ms = WORKER_CONNECT_TIMEOUT_MS;
+  cfg.timeout_ms = WORKER_ROUND_TIMEOUT_MS;
+  cfg.spin_us = spin_us;
+  int rc = sbn_init(&cfg, ctx);
+  if (rc != SBN_OK)
+    return ctl_fail(ctl, "%s rank %d: sbn_init: %s (%s)", job, rank, sbn_strerror(rc),
+                    sbn_last_error());
+  return 0;
+}
+
+static int round_worker(int idx, void *argp) {
+  rw_arg *a = argp;
+  int g = idx / a->wpg, rank = idx % a->wpg;
+  char job[128];
+  snprintf(job, sizeof(job), "%s-g%d", a->job, g);
+  sbn_ctx *ctx = NULL;
+  if (connect_worker(a->ctl, a->addr, job, rank, a->wpg, a->spin_us, &ctx) != 0)
+    return 1;
+  size_t C = a->C;
+  double *v = malloc(sizeof(double) * 4 * C);
+  if (v == NULL) {
+    sbn_finalize(ctx);
+    return ctl_fail(a->ctl, "out of memory");
+  }
+  double *mean = v, *m2 = v + C, *gmean = v + 2 * C, *gm2 = v + 3 * C;
+  for (size_t c = 0; c < C; c++) {
+    mean[c] = 0.25 * (double)rank + 0.001 * (double)c;
+    m2[c] = 1000.0 + (double)c;
+  }
+  const uint64_t count = 1024;
+  uint64_t gcount = 0;
+  sbn_group *w = sbn_world(ctx);
+  int rc = sbn_barrier(w);
+  for (int i = 0; rc == SBN_OK && i < a->warm; i++)
+    rc = sbn_sync_stats(w, LAYER, C, count, mean, m2, &gcount, gmean, gm2);
+  if (rc != SBN_OK)
+    goto fail;
+  atomic_fetch_add(&a->ctl->ready, 1);
+  if (ctl_wait_go(a->ctl, READY_TIMEOUT_MS) != 0) {
+    sbn_finalize(ctx);
+    free(v);
+    return 1;
+  }
+  rc = sbn_barrier(w);
+  if (rc != SBN_OK)
+    goto fail;
+  int record = (g == 0 && rank == 0 && a->lat != NULL);
+  double start = now_s();
+  for (int i = 0; i < a->reps; i++) {
+    double t0 = now_s();
+    rc = sbn_sync_stats(w, LAYER, C, count, mean, m2, &gcount, gmean, gm2);
+    if (rc != SBN_OK)
+      goto fail;
+    if (record)
+      a->lat[i] = (now_s() - t0) * 1e6;
+  }
+  if (rank == 0)
+    a->elapsed[g] = now_s() - start;
+  if (gcount != count * (uint64_t)a->wpg) {
+    sbn_finalize(ctx);
+    free(v);
+    return ctl_fail(a->ctl, "%s: global count %llu, expected %llu", job,
+                    (unsigned long long)gcount,
+                    (unsigned long long)(count * (uint64_t)a->wpg));
+  }
+  atomic_fetch_add(&a->ctl->done, 1);
+  sbn_finalize(ctx);
+  free(v);
+  return 0;
+fail:
+  ctl_fail(a->ctl, "%s rank %d: %s (%s)", job, rank, sbn_strerror(rc), sbn_last_error());
+  sbn_finalize(ctx);
+  free(v);
+  return 1;
+}
+
+typedef struct round_result {
+  bench_stats lat;     /* group 0 rank 0, microseconds */
+  double rounds_per_s; /* all groups together */
+  double wall_s;
+  double coord_cpu_us, coord_sched_us; /* during the timed part */
+  long long rounds;    /* group rounds in the timed part */
+} round_result;
+
+static size_t align8(size_t n) { return (n + 7) & ~(size_t)7; }
+
+/* Runs groups x wpg workers; 0 or -1 (reason on stderr). */
+static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int warm,
+                      int reps, int record, round_result *out) {
+  memset(out, 0, sizeof(*out));
+  size_t off_lat = align8(sizeof(bench_ctl));
+  size_t off_el = off_lat + sizeof(double) * (size_t)(record ? reps : 0);
+  size_t size = off_el + sizeof(double) * (size_t)groups;
+  char *sh = shared_alloc(size);
+  if (sh == NULL)
+    return -1;
+  rw_arg a = {.addr = c->addr, .groups = groups, .wpg = wpg, .C = C, .spin_us = spin_us,
+              .warm = warm, .reps = reps, .ctl = (bench_ctl *)sh,
+              .lat = record ? (double *)(sh + off_lat) : NULL,
+              .elapsed = (double *)(sh + off_el)};
+  unique_job(a.job, sizeof(a.job), "round");
+  int n = groups * wpg, rc = -1;
+  procs ps;
+  if (procs_start(&ps, n, round_worker, &a) != 0)
+    goto out;
+  if (procs_wait_ctl(&ps, a.ctl, pred_ready, n, READY_TIMEOUT_MS + 10 * n) != 0)
+    goto fail;
+  double cpu0 = coord_cpu_us(c), sch0 = coord_sched_us(c);
+  double t0 = now_s();
+  atomic_store(&a.ctl->go, 1);
+  long long run_timeout = 60000 + (long long)reps * groups * wpg * 5;
+  if (procs_wait_ctl(&ps, a.ctl, pred_done, n,
+                     (int)(run_timeout > 2000000000 ? 2000000000 : run_timeout)) != 0)
+    goto fail;
+  double t1 = now_s();
+  double cpu1 = coord_cpu_us(c), sch1 = coord_sched_us(c);
+  if (procs_wait(&ps, STOP_TIMEOUT_MS) != n) {
+    note("some workers did not exit cleanly");
+    goto out;
+  }
+  out->wall_s = t1 - t0;
+  out->rounds = (long long)groups * reps;
+  if (groups == 1)
+    out->rounds_per_s = reps / a.elapsed[0];
+  else
+    out->rounds_per_s = (double)out->rounds / out->wall_s;
+  out->coord_cpu_us = (cpu0 >= 0 && cpu1 >= 0) ? cpu1 - cpu0 : NAN;
+  out->coord_sched_us = (sch0 >= 0 && sch1 >= 0) ? sch1 - sch0 : NAN;
+  if (record)
+    stats_compute(a.lat, reps, &out->lat);
+  rc = 0;
+  goto out;
+fail:
+  note("workers failed: %s", a.ctl->err[0] ? a.ctl->err : "a worker exited early");
+  procs_kill(&ps);
+out:
+  shared_free(sh, size);
+  return rc;
+}
+
+/* ---- round ----------------------------------------------------------------- */
+
+int bench_round(coord *c) {
+  static const int Ns[] = {2, 4, 8};
+  static const int Cs[] = {64, 256, 1024, 4096};
+  int reps = bench_reps(2000, 100), warm = g_opts.quick ? 20 : 200;
+  int fails = 0;
+  for (int spin = 0; spin <= 1; spin++)
+    for (int ni = 0; ni < 3; ni++) {
+      int N = Ns[ni];
+      if (spin && N > 4)
+        continue; /* 8 spinning processes on 2 cores only measure contention */
+      for (int ci = 0; ci < 4; ci++) {
+        int C = Cs[ci];
+        round_result r;
+        note("round N=%d C=%d spin=%d", N, C, spin);
+        if (run_rounds(c, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, reps, 1, &r) != 0) {
+          fails++;
+          continue;
+        }
+        double fl = floor_p50_us(C, 0);
+        jline j;
+        j_begin(&j, "round");
+        j_int(&j, "workers", N);
+        j_int(&j, "channels", C);
+        j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
+        j_bool(&j, "spin", spin);
+        j_int(&j, "spin_us", spin ? SPIN_US : 0);
+        j_int(&j, "reps", reps);
+        j_num(&j, "p50_us", r.lat.p50);
+        j_num(&j, "p99_us", r.lat.p99);
+        j_num(&j, "mean_us", r.lat.mean);
+        j_num(&j, "rounds_per_s", r.rounds_per_s);
+        j_num(&j, "floor_p50_us", fl);
+        j_num(&j, "floor_ratio", r.lat.p50 / fl);
+        if (spin) {
+          double fs = floor_p50_us(C, 1);
+          j_num(&j, "floor_spin_p50_us", fs);
+          j_num(&j, "floor_spin_ratio", r.lat.p50 / fs);
+        }
+        j_num(&j, "coord_cpu_us_per_round", r.coord_cpu_us / (double)r.rounds);
+        j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);
+        j_emit(&j);
+      }
+    }
+  return fails ? -1 : 0;
+}
+
+/* ---- groups ---------------------------------------------------------------- */
+
+int bench_groups(coord *c) {
+  static const int Cs[] = {64, 256, 1024};
+  int groups = g_opts.groups > 0 ? g_opts.groups : (g_opts.quick ? 8 : 64);
+  const int wpg = 4;
+  if (groups * wpg > PROCS_MAX) {
+    note("groups: at most %d processes", PROCS_MAX);
+    return -1;
+  }
+  int reps = bench_reps(200, 20), warm = g_opts.quick ? 5 : 20;
+  int fails = 0;
+  for (int ci = 0; ci < 3; ci++) {
+    int C = Cs[ci];
+    round_result r;
+    note("groups G=%d x %d C=%d (%d processes)", groups, wpg, C, groups * wpg);
+    if (run_rounds(c, groups, wpg, (size_t)C, 0, warm, reps, 0, &r) != 0) {
+      fails++;
+      continue;
+    }
+    jline j;
+    j_begin(&j, "groups");
+    j_int(&j, "groups", groups);
+    j_int(&j, "workers_per_group", wpg);
+    j_int(&j, "processes", groups * wpg);
+    j_str(&j, "layout", "one job per group, one process per worker");
+    j_int(&j, "channels", C);
+    j_int(&j, "rounds_per_group", reps);
+    j_num(&j, "rounds_per_s", r.rounds_per_s);
+    j_num(&j, "wall_s", r.wall_s);
+    double per = r.coord_cpu_us / (double)r.rounds;
+    j_num(&j, "coord_cpu_us_per_round", per);
+    j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);
+    j_num(&j, "coord_ns_per_member_channel",
+          r.coord_sched_us * 1000.0 / ((double)r.rounds * wpg * C));
+    j_emit(&j);
+  }
+  return fails ? -1 : 0;
+}
+
+/* ---- allreduce ---------------------------------------------------------------- */
+
+typedef struct ar_arg {
+  const char *addr;
+  char job[96];
+  int world;
+  size_t n; /* floats */
+  int warm, reps;
+  bench_ctl *ctl;
+  double *lat; /* [reps], rank 0, milliseconds */
+} ar_arg;
+
+static int allreduce_worker(int rank, void *argp) {
+  ar_arg *a = argp;
+  sbn_ctx *ctx = NULL;
+  if (connect_worker(a->ctl, a->addr, a->job, rank, a->world, 0, &ctx) != 0)
+    return 1;
+  float *buf = malloc(sizeof(float) * a->n);
+  if (buf == NULL) {
+    sbn_finalize(ctx);
+    return ctl_fail(a->ctl, "out of memory for %zu floats", a->n);
+  }
+  for (size_t i = 0; i < a->n; i++)
+    buf[i] = (float)(rank + 1) * 0.5f + (float)(i & 1023) * 1e-3f;
+  sbn_group *w = sbn_world(ctx);
+  int rc = sbn_barrier(w);
+  for (int i = 0; rc == SBN_OK && i < a->warm; i++)
+    rc = sbn_allreduce(w, buf, a->n, SBN_REDUCE_MEAN);
+  if (rc != SBN_OK)
+    goto fail;
+  atomic_fetch_add(&a->ctl->ready, 1);
+  if (ctl_wait_go(a->ctl, READY_TIMEOUT_MS) != 0) {
+    sbn_finalize(ctx);
+    free(buf);
+    return 1;
+  }
+  for (int i = 0; i < a->reps; i++) {
+    rc = sbn_barrier(w);
+    if (rc != SBN_OK)
+      goto fail;
+    double t0 = now_s();
+    rc = sbn_allreduce(w, buf, a->n, SBN_REDUCE_MEAN);
+    if (rc != SBN_OK)
+      goto fail;
+    if (rank == 0)
+      a->lat[i] = (now_s() - t0) * 1e3;
+  }
+  atomic_fetch_add(&a->ctl->done, 1);
+  sbn_finalize(ctx);
+  free(buf);
+  return 0;
+fail:
+  ctl_fail(a->ctl, "%s rank %d: %s (%s)", a->job, rank, sbn_strerror(rc), sbn_last_error());
+  sbn_finalize(ctx);
+  free(buf);
+  return 1;
+}
+
+int bench_allreduce(coord *c) {
+  static const size_t sizes[] = {1u << 20, 16u << 20, 100u << 20};
+  static const int full_reps[] = {30, 10, 5};
+  static const int Ns[] = {2, 4};
+  int fails = 0;
+  for (int ni = 0; ni < 2; ni++)
+    for (int si = 0; si < 3; si++) {
+      int N = Ns[ni];
+      size_t bytes = sizes[si];
+      int reps = bench_reps(full_reps[si], 2), warm = 1;
+      size_t off_lat = align8(sizeof(bench_ctl));
+      size_t size = off_lat + sizeof(double) * (size_t)reps;
+      char *sh = shared_alloc(size);
+      if (sh == NULL)
+        return -1;
+      ar_arg a = {.addr = c->addr, .world = N, .n = bytes / sizeof(float), .warm = warm,
+                  .reps = reps, .ctl = (bench_ctl *)sh, .lat = (double *)(sh + off_lat)};
+      unique_job(a.job, sizeof(a.job), "allreduce");
+      note("allreduce N=%d bytes=%zu", N, bytes);
+      procs ps;
+      int ok = 0;
+      if (procs_start(&ps, N, allreduce_worker, &a) == 0) {
+        long long tmo = 60000 + (long long)reps * (long long)(bytes >> 20) * N * 100;
+        if (procs_wait_ctl(&ps, a.ctl, pred_ready, N, READY_TIMEOUT_MS + (int)(tmo / 4)) ==
+                0 &&
+            (atomic_store(&a.ctl->go, 1),
+             procs_wait_ctl(&ps, a.ctl, pred_done, N, (int)tmo) == 0) &&
+            procs_wait(&ps, STOP_TIMEOUT_MS) == N)
+          ok = 1;
+        if (!ok) {
+          note("allreduce workers failed: %s",
+               a.ctl->err[0] ? a.ctl->err : "a worker exited early");
+          procs_kill(&ps);
+        }
+      }
+      if (ok) {
+        bench_stats st;
+        stats_compute(a.lat, reps, &st);
+        jline j;
+        j_begin(&j, "allreduce");
+        j_int(&j, "bytes", (long long)bytes);
+        j_int(&j, "workers", N);
+        j_str(&j, "op", "mean");
+        j_int(&j, "reps", reps);
+        j_num(&j, "p50_ms", st.p50);
+        j_num(&j, "p99_ms", st.p99);
+        j_num(&j, "min_ms", st.min);
+        j_num(&j, "gbps", (double)bytes / (st.p50 * 1e-3) / 1e9);
+        j_emit(&j);
+      } else {
+        fails++;
+      }
+      shared_free(sh, size);
+    }
+  return fails ? -1 : 0;
+}

@@ -1,0 +1,308 @@
+/*
+ * kernel.c - BatchNorm kernels through the public Module API, single thread,
+ * in GB/s of the bytes each op must touch at least, next to streaming
+ * baselines measured here on the same buffer sizes:
+ *
+ *   op             minimal traffic                     matching baseline
+ *   forward_train  read x, write y       (2 x 4 bytes)  copy: read 1, write 1
+ *   forward_eval   read x, write y       (2 x 4 bytes)  copy
+ *   backward       read x, dy, write dx  (3 x 4 bytes)  add:  read 2, write 1
+ *
+ * forward_train computes the batch statistics and normalizes (a layer in
+ * training mode); backward is timed alone after an untimed forward.  The
+ * library allocates the output tensor on every call, as a user sees it.
+ * The baselines use plain stores (no non-temporal tricks) like a kernel.
+ */
+#define _GNU_SOURCE
+#include "bench.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sbn/sbn.h"
+#include "sbn/module.h"
+#include "sbn/nn.h"
+#include "sbn/tensor.h"
+
+/* The SSE width every x86-64 has: wider GCC vectors without -mavx spill to
+ * the stack.  The library is built with the same flags. */
+typedef float v4f __attribute__((vector_size(16)));
+
+/* Defeats dead-code elimination of the read baseline. */
+static volatile float sink;
+static volatile float one_f = 1.0f;
+
+static inline v4f ld(const float *p) {
+  v4f v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+static inline void stv(float *p, v4f v) { memcpy(p, &v, sizeof(v)); }
+
+/* Sums x with 8 independent accumulators (add latency hidden). */
+static void base_read(const float *x, size_t n) {
+  v4f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 += ld(x + i);
+    a1 += ld(x + i + 4);
+    a2 += ld(x + i + 8);
+    a3 += ld(x + i + 12);
+    a4 += ld(x + i + 16);
+    a5 += ld(x + i + 20);
+    a6 += ld(x + i + 24);
+    a7 += ld(x + i + 28);
+  }
+  v4f acc = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+  float s = acc[0] + acc[1] + acc[2] + acc[3];
+  for (; i < n; i++)
+    s += x[i];
+  sink = s;
+}
+
+/* y = x * s with s = 1 (a copy the compiler cannot turn into memcpy). */
+static void base_copy(const float *x, float *y, size_t n) {
+  const float s = one_f;
+  const v4f sv = {s, s, s, s};
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    stv(y + i, ld(x + i) * sv);
+    stv(y + i + 4, ld(x + i + 4) * sv);
+    stv(y + i + 8, ld(x + i + 8) * sv);
+    stv(y + i + 12, ld(x + i + 12) * sv);
+  }
+  for (; i < n; i++)
+    y[i] = x[i] * s;
+}
+
+/* z = x + y. */
+static void base_add(const float *x, const float *y, float *z, size_t n) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    stv(z + i, ld(x + i) + ld(y + i));
+    stv(z + i + 4, ld(x + i + 4) + ld(y + i + 4));
+    stv(z + i + 8, ld(x + i + 8) + ld(y + i + 8));
+    stv(z + i + 12, ld(x + i + 12) + ld(y + i + 12));
+  }
+  for (; i < n; i++)
+    z[i] = x[i] + y[i];
+}
+
+static int kernel_reps(void) { return bench_reps(30, 5); }
+
+enum { B_READ, B_COPY, B_ADD, N_BASE };
+static const char *base_name[N_BASE] = {"read", "copy", "add"};
+static const int base_streams[N_BASE] = {1, 2, 3}; /* 4-byte streams touched */
+
+/* Median seconds of each baseline over reps on n floats. */
+static void measure_baselines(float *x, float *y, float *z, size_t n, int reps,
+                              double med_s[N_BASE]) {
+  double *t = malloc(sizeof(double) * (size_t)reps);
+  if (t == NULL) {
+    for (int b = 0; b < N_BASE; b++)
+      med_s[b] = NAN;
+    return;
+  }
+  for (int b = 0; b < N_BASE; b++) {
+    for (int r = -2; r < reps; r++) { /* two warm-up passes */
+      double t0 = now_s();
+      if (b == B_READ)
+        base_read(x, n);
+      else if (b == B_COPY)
+        base_copy(x, y, n);
+      else
+        base_add(x, y, z, n);
+      double t1 = now_s();
+      if (r >= 0)
+        t[r] = t1 - t0;
+    }
+    bench_stats st;
+    stats_compute(t, reps, &st);
+    med_s[b] = st.p50;
+  }
+  free(t);
+}
+
+static void fill(float *p, size_t n, unsigned seed) {
+  uint32_t s = seed * 2654435761u + 1;
+  for (size_t i = 0; i < n; i++) {
+    s = s * 1664525u + 1013904223u;
+    p[i] = (float)((s >> 8) & 0xffff) * (1.0f / 65536.0f) * 4.0f - 2.0f + 0.5f;
+  }
+}
+
+static void emit_kernel(const char *shape, const char *op, size_t n, int streams,
+                        double med_s, int base, const double base_s[N_BASE], int reps) {
+  double bytes = (double)n * 4.0 * streams;
+  double gbps = bytes / med_s / 1e9;
+  double bgbps = (double)n * 4.0 * base_streams[base] / base_s[base] / 1e9;
+  jline j;
+  j_begin(&j, "kernel");
+  j_str(&j, "shape", shape);
+  j_str(&j, "layout", "NCHW");
+  j_str(&j, "op", op);
+  j_int(&j, "threads", 1);
+  j_int(&j, "reps", reps);
+  j_int(&j, "bytes", (long long)bytes);
+  j_num(&j, "p50_ms", med_s * 1e3);
+  j_num(&j, "gbps", gbps);
+  j_str(&j, "baseline", base_name[base]);
+  j_num(&j, "baseline_gbps", bgbps);
+  j_num(&j, "ratio", gbps / bgbps);
+  j_emit(&j);
+}
+
+static int bench_shape(const size_t shape[4], int reps) {
+  char sh[64];
+  snprintf(sh, sizeof(sh), "(%zu,%zu,%zu,%zu)", shape[0], shape[1], shape[2], shape[3]);
+  size_t n = shape[0] * shape[1] * shape[2] * shape[3];
+  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL;
+  sbn_module *bn = NULL;
+  float *b1 = malloc(n * sizeof(float)), *b2 = malloc(n * sizeof(float));
+  double *t = malloc(sizeof(double) * (size_t)reps);
+  int rc = -1;
+  if (b1 == NULL || b2 == NULL || t == NULL)
+    goto out;
+  if (sbn_tensor_new(4, shape, &x) != SBN_OK || sbn_tensor_new(4, shape, &dy) != SBN_OK)
+    goto out;
+  fill(sbn_tensor_data(x), n, 1);
+  fill(sbn_tensor_data(dy), n, 2);
+  fill(b1, n, 3);
+  fill(b2, n, 4);
+
+  /* Baselines on the same sizes: x as the source, b1 and b2 as outputs. */
+  double base_s[N_BASE];
+  measure_baselines(sbn_tensor_data(x), b1, b2, n, reps, base_s);
+  for (int b = 0; b < N_BASE; b++) {
+    jline j;
+    j_begin(&j, "kernel");
+    j_str(&j, "shape", sh);
+    j_str(&j, "op", "baseline");
+    j_str(&j, "baseline", base_name[b]);
+    j_int(&j, "threads", 1);
+    j_int(&j, "reps", reps);
+    j_int(&j, "bytes", (long long)(n * 4 * (size_t)base_streams[b]));
+    j_num(&j, "p50_ms", base_s[b] * 1e3);
+    j_num(&j, "gbps", (double)n * 4.0 * base_streams[b] / base_s[b] / 1e9);
+    j_emit(&j);
+  }
+
+  /* What the library pays per call for a new zero-filled output tensor
+   * (allocation, zeroing, page faults): part of every op below. */
+  for (int r = -2; r < reps; r++) {
+    double t0 = now_s();
+    int a = sbn_tensor_new(4, shape, &y);
+    double t1 = now_s();
+    if (a != SBN_OK)
+      goto out;
+    sbn_tensor_free(y);
+    y = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  bench_stats s;
+  stats_compute(t, reps, &s);
+  {
+    jline j;
+    j_begin(&j, "kernel");
+    j_str(&j, "shape", sh);
+    j_str(&j, "op", "tensor_new");
+    j_int(&j, "threads", 1);
+    j_int(&j, "reps", reps);
+    j_int(&j, "bytes", (long long)(n * 4));
+    j_num(&j, "p50_ms", s.p50 * 1e3);
+    j_num(&j, "gbps", (double)n * 4.0 / s.p50 / 1e9);
+    j_emit(&j);
+  }
+
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, shape[1]);
+  int st = sbn_batchnorm_new(&o, &bn);
+  if (st != SBN_OK) {
+    note("kernel: sbn_batchnorm_new: %s", sbn_last_error());
+    goto out;
+  }
+  /* forward, training: statistics + normalize. */
+  sbn_module_train(bn, 1, 1);
+  for (int r = -2; r < reps; r++) {
+    double t0 = now_s();
+    st = sbn_module_forward(bn, x, &y);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, "forward_train", n, 2, s.p50, B_COPY, base_s, reps);
+
+  /* backward, timed alone after an untimed forward. */
+  for (int r = -2; r < reps; r++) {
+    st = sbn_module_forward(bn, x, &y);
+    if (st != SBN_OK) {
+      note("kernel: forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    double t0 = now_s();
+    st = sbn_module_backward(bn, dy, &dx);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: backward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(dx);
+    dx = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, "backward", n, 3, s.p50, B_ADD, base_s, reps);
+
+  /* forward, eval: normalize with the running statistics. */
+  sbn_module_eval(bn);
+  for (int r = -2; r < reps; r++) {
+    double t0 = now_s();
+    st = sbn_module_forward(bn, x, &y);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: eval forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, "forward_eval", n, 2, s.p50, B_COPY, base_s, reps);
+  rc = 0;
+out:
+  sbn_module_free(bn);
+  sbn_tensor_free(x);
+  sbn_tensor_free(dy);
+  free(b1);
+  free(b2);
+  free(t);
+  return rc;
+}
+
+int bench_kernel(void) {
+  static const size_t shapes[][4] = {{32, 64, 32, 32}, {8, 256, 14, 14}, {64, 32, 56, 56}};
+  int reps = kernel_reps(), fails = 0;
+  for (int i = 0; i < 3; i++) {
+    note("kernel shape (%zu,%zu,%zu,%zu)", shapes[i][0], shapes[i][1], shapes[i][2],
+         shapes[i][3]);
+    if (bench_shape(shapes[i], reps) != 0)
+      fails++;
+  }
+  return fails ? -1 : 0;
+}
