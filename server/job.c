@@ -284,9 +284,9 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
   }
   if (slot->state != SBN_RANK_NEVER) {
     reject(conn, SBN_EREJECTED,
-           "rank %u of job '%s' already %s generation %llu; restart the job with a new "
+           "rank %u of job '%s' %s earlier in generation %llu; restart the job with a new "
            "generation",
-           (unsigned)h->rank, name, slot->state == SBN_RANK_LEFT ? "left" : "was lost from",
+           (unsigned)h->rank, name, slot->state == SBN_RANK_LEFT ? "left" : "was lost",
            (unsigned long long)job->generation);
     return;
   }
@@ -318,7 +318,7 @@ void sbn__srv_job_conn_gone(sbn__srv_conn *conn) {
   job->ranks[r].state = left ? SBN_RANK_LEFT : SBN_RANK_LOST;
   conn->job = NULL;
   conn->round = NULL;
-  if (!left)
+  if (!left && !job->coord->stopping)
     SBN_LOGW("rank %u of job '%s' lost", (unsigned)r, job->name);
   /*
    * Every open round this rank belongs to can never complete: fail them now
