@@ -76,7 +76,6 @@ void shared_free(void *p, size_t size);
  * shared region. */
 typedef struct bench_ctl {
   atomic_int ready;   /* workers connected and warmed up */
-  atomic_int go;      /* set by the parent: start the timed part */
   atomic_int done;    /* workers finished the timed part */
   atomic_int failed;  /* first failure wins the message below */
   char err[512];
@@ -84,7 +83,9 @@ typedef struct bench_ctl {
 
 /* Records a worker failure (first one wins) and returns 1. */
 int ctl_fail(bench_ctl *ctl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* In a worker: waits for ctl->go, at most timeout_ms; 0 or -1. */
+/* In a worker: sleeps until the parent calls procs_go() (the "go" pipe is
+ * closed), at most timeout_ms; 0 or -1.  No busy polling: hundreds of
+ * waiting workers must not steal the CPU from those still warming up. */
 int ctl_wait_go(bench_ctl *ctl, int timeout_ms);
 
 typedef int (*proc_fn)(int index, void *arg);
@@ -96,6 +97,7 @@ typedef struct procs {
   pid_t pid[PROCS_MAX];
   int exited[PROCS_MAX];
   int status[PROCS_MAX]; /* exit code, or -1 killed / timed out */
+  int go_fd;             /* write end of the "go" pipe, -1 once closed */
 } procs;
 
 /* Forks n children; child i runs fn(i, arg) and _exit()s with its result.
@@ -108,6 +110,8 @@ int procs_poll(procs *ps, int *bad);
  * exited 0. */
 int procs_wait(procs *ps, int timeout_ms);
 void procs_kill(procs *ps);
+/* Releases every worker waiting in ctl_wait_go(). */
+void procs_go(procs *ps);
 
 /* Waits (bounded) until pred(ctl) or a child fails/exits early or the
  * deadline passes.  Returns 0 when the predicate holds, -1 otherwise. */

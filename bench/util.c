@@ -185,14 +185,25 @@ int ctl_fail(bench_ctl *ctl, const char *fmt, ...) {
   return 1;
 }
 
+/* The read end of the "go" pipe in a worker. */
+static int g_go_rd = -1;
+
 int ctl_wait_go(bench_ctl *ctl, int timeout_ms) {
   long long deadline = now_ms() + timeout_ms;
-  while (!atomic_load(&ctl->go)) {
-    if (atomic_load(&ctl->failed) || now_ms() > deadline)
+  for (;;) {
+    if (atomic_load(&ctl->failed))
       return -1;
-    usleep(100);
+    long long left = deadline - now_ms();
+    if (left <= 0 || g_go_rd < 0)
+      return -1;
+    struct pollfd p = {.fd = g_go_rd, .events = POLLIN};
+    /* Wake up now and then to notice a failure elsewhere. */
+    int r = poll(&p, 1, (int)(left < 500 ? left : 500));
+    if (r > 0)
+      return 0; /* EOF: the parent closed the write end */
+    if (r < 0 && errno != EINTR)
+      return -1;
   }
-  return 0;
 }
 
 /* ---- child processes ------------------------------------------------------ */
@@ -207,26 +218,51 @@ static void child_setup(void) {
 
 int procs_start(procs *ps, int n, proc_fn fn, void *arg) {
   memset(ps, 0, sizeof(*ps));
+  ps->go_fd = -1;
   if (n > PROCS_MAX)
     return -1;
+  int gp[2];
+  if (pipe2(gp, O_CLOEXEC) != 0)
+    return -1;
+  ps->go_fd = gp[1];
   fflush(stdout);
   fflush(stderr);
   for (int i = 0; i < n; i++) {
     pid_t pid = fork();
     if (pid < 0) {
       note("fork: %s", strerror(errno));
+      close(gp[0]);
       procs_kill(ps);
       return -1;
     }
     if (pid == 0) {
       child_setup();
+      close(gp[1]);
+      g_go_rd = gp[0];
       int rc = fn(i, arg);
       _exit(rc);
     }
     ps->pid[i] = pid;
     ps->n = i + 1;
   }
+  close(gp[0]);
   return 0;
+}
+
+void procs_go(procs *ps) {
+  if (ps->go_fd >= 0)
+    close(ps->go_fd);
+  ps->go_fd = -1;
+}
+
+/* True when some child has exited and not been reaped (one syscall, however
+ * many children). */
+static int any_child_exited(void) {
+  siginfo_t si;
+  memset(&si, 0, sizeof(si));
+  if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) != 0)
+    return errno != ECHILD && errno != EINTR;
+  return si.si_pid != 0;
 }
 
 int procs_poll(procs *ps, int *bad) {
@@ -239,6 +275,8 @@ int procs_poll(procs *ps, int *bad) {
     if (r == ps->pid[i]) {
       ps->exited[i] = 1;
       ps->status[i] = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+      if (WIFSIGNALED(st))
+        note("worker %d (pid %d) killed by signal %d", i, (int)r, WTERMSIG(st));
       if (ps->status[i] != 0 && bad)
         *bad = 1;
     } else if (r < 0 && errno != EINTR) {
@@ -254,6 +292,7 @@ int procs_poll(procs *ps, int *bad) {
 }
 
 void procs_kill(procs *ps) {
+  procs_go(ps);
   for (int i = 0; i < ps->n; i++)
     if (!ps->exited[i])
       kill(ps->pid[i], SIGKILL);
@@ -269,6 +308,7 @@ void procs_kill(procs *ps) {
 
 int procs_wait(procs *ps, int timeout_ms) {
   long long deadline = now_ms() + timeout_ms;
+  procs_go(ps);
   while (procs_poll(ps, NULL) > 0 && now_ms() < deadline)
     usleep(2000);
   if (procs_poll(ps, NULL) > 0) {
@@ -293,15 +333,18 @@ int procs_wait_ctl(procs *ps, bench_ctl *ctl, int (*pred)(bench_ctl *, int), int
       return 0;
     if (atomic_load(&ctl->failed))
       return -1;
-    int bad = 0;
-    procs_poll(ps, &bad);
-    if (bad)
-      return -1;
+    if (any_child_exited()) {
+      int bad = 0;
+      procs_poll(ps, &bad);
+      if (bad)
+        return -1;
+    }
     if (now_ms() > deadline) {
       ctl_fail(ctl, "timed out after %d ms", timeout_ms);
       return -1;
     }
-    usleep(200);
+    /* The parent shares the 2 cores with the workers: wake rarely. */
+    usleep(2000);
   }
 }
 
