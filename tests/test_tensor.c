@@ -89,7 +89,11 @@ START_TEST(test_refcount) {
   ck_assert_int_eq(sbn_tensor_refcount(t), 1);
   ck_assert_int_eq(sbn_tensor_refcount(u), 2);
   ck_assert_ptr_eq(slot, u);
+  /* Replacing a slot's tensor by itself keeps the count right. */
+  sbn_tensor_replace(&slot, sbn_tensor_ref(u));
+  ck_assert_int_eq(sbn_tensor_refcount(u), 2);
   sbn_tensor_free(slot);
+  ck_assert_int_eq(sbn_tensor_refcount(u), 1);
   sbn_tensor_free(u);
   sbn_tensor_free(t);
   sbn_tensor_free(NULL);

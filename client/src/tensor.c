@@ -106,7 +106,9 @@ SBN_API void sbn_tensor_replace(sbn_tensor **slot, sbn_tensor *value) {
   if (!slot) return;
   sbn_tensor *old = *slot;
   *slot = value;
-  if (old != value) sbn_tensor_free(old);
+  /* Even when old == value: the slot's old reference is dropped and the
+   * caller's new one takes its place. */
+  sbn_tensor_free(old);
 }
 
 SBN_API int sbn_tensor_ndim(const sbn_tensor *t) { return t ? t->ndim : 0; }
