@@ -5,11 +5,13 @@
  */
 #include <check.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "coord_proc.h"
 #include "sbn/sbn.h"
 
 /* ---- reference files ---------------------------------------------------------- */
@@ -654,6 +656,56 @@ START_TEST(test_reset) {
 }
 END_TEST
 
+/* A failed round (the other rank never comes) returns the transport's error
+ * and leaves the layer exactly as it was. */
+START_TEST(test_failed_round_changes_nothing) {
+  static const char *const args[] = {"--round-timeout", "300", NULL};
+  coord_proc coord;
+  ck_assert_int_eq(coord_start(&coord, args), 0);
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = coord.addr;
+  cfg.job = "test_batchnorm_failed_round";
+  cfg.rank = 0;
+  cfg.world_size = 2;
+  cfg.timeout_ms = 5000;
+  sbn_ctx *ctx = NULL;
+  ck_assert_msg(sbn_init(&cfg, &ctx) == SBN_OK, "%s", sbn_last_error());
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, 8);
+  o.group = sbn_world(ctx);
+  o.name = "lonely";
+  sbn_module *bn;
+  ck_assert_int_eq(sbn_syncbatchnorm_new(&o, &bn), SBN_OK);
+  sbn_tensor_fill(T(bn, "running_mean"), 0.5f);
+  sbn_state_dict before;
+  ck_assert_int_eq(sbn_module_state_dict(bn, NULL, 0, &before), SBN_OK);
+  size_t shape[3] = {3, 8, 4};
+  sbn_tensor *x = random_tensor(3, shape, 2.3), *y = NULL;
+  int rc = sbn_module_call(bn, x, &y);
+  ck_assert_int_ne(rc, SBN_OK);
+  ck_assert_ptr_null(y);
+  ck_assert_msg(strlen(sbn_last_error()) > 0, "no message for status %d", rc);
+  /* Nothing changed, and no state was saved for a backward. */
+  sbn_state_dict after;
+  ck_assert_int_eq(sbn_module_state_dict(bn, NULL, 0, &after), SBN_OK);
+  for (size_t i = 0; i < before.count; i++)
+    ck_assert_msg(bitwise_equal(before.values[i], after.values[i]), "'%s' changed",
+                  before.keys[i]);
+  ck_assert_int_eq(sbn_module_backward(bn, x, &y), SBN_ESTATE);
+  /* Eval with running stats needs no round and works. */
+  sbn_module_eval(bn);
+  y = forward(bn, x);
+  sbn_tensor_free(y);
+  sbn_state_dict_release(&before);
+  sbn_state_dict_release(&after);
+  sbn_tensor_free(x);
+  sbn_module_free(bn);
+  sbn_finalize(ctx);
+  coord_stop(&coord, SIGTERM, 5000);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("batchnorm");
   TCase *tc = tcase_create("reference");
@@ -681,6 +733,10 @@ int main(void) {
   tcase_add_test(tc, test_repr);
   tcase_add_test(tc, test_layer_names);
   tcase_add_test(tc, test_reset);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("transport");
+  tcase_set_timeout(tc, 30);
+  tcase_add_test(tc, test_failed_round_changes_nothing);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
