@@ -264,6 +264,10 @@ static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char
     }
     break;
   case SBN__PHASE__PHASE_ALLREDUCE:
+    if (m->op != SBN__REDUCE_OP__REDUCE_SUM && m->op != SBN__REDUCE_OP__REDUCE_MEAN) {
+      snprintf(msg, len, "allreduce of '%s' asks for unknown reduce op %d", layer, (int)m->op);
+      return SBN_EINVAL;
+    }
     if (m->n_fvals != m->channels) {
       snprintf(msg, len, "allreduce of '%s' has %zu values for %u elements", layer, m->n_fvals,
                (unsigned)m->channels);
@@ -356,6 +360,12 @@ static int check_agrees(const sbn__srv_round *r, uint32_t ref_rank, uint32_t ran
     snprintf(msg, len, "rank %u sent %u channels for layer '%s', rank %u sent %u",
              (unsigned)rank, (unsigned)m->channels, m->layer, (unsigned)ref_rank,
              (unsigned)ref->channels);
+    return SBN_EMISMATCH;
+  }
+  if (m->phase == SBN__PHASE__PHASE_ALLREDUCE && m->op != ref->op) {
+    snprintf(msg, len, "rank %u asks for the %s of '%s', rank %u for the %s", (unsigned)rank,
+             m->op == SBN__REDUCE_OP__REDUCE_MEAN ? "mean" : "sum", m->layer, (unsigned)ref_rank,
+             ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? "mean" : "sum");
     return SBN_EMISMATCH;
   }
   if (m->phase == SBN__PHASE__PHASE_BROADCAST && m->root != ref->root) {
@@ -529,8 +539,10 @@ static void round_complete(sbn__srv_round *r) {
         acc[j] += (double)c->fvals[j];
       count += c->count;
     }
+    /* The mean divides the double sum, so it too is rounded only once. */
+    double scale = ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? (double)r->n : 1.0;
     for (size_t j = 0; j < C; j++)
-      first->fvals[j] = (float)acc[j];
+      first->fvals[j] = (float)(acc[j] / scale);
     res.count = count;
     res.n_fvals = C;
     res.fvals = first->fvals;

@@ -299,6 +299,7 @@ typedef struct contrib {
   const char *blob;
   size_t bloblen;
   uint32_t root;
+  int op;
 } contrib;
 
 static void send_contrib(peer *p, const contrib *c) {
@@ -319,6 +320,7 @@ static void send_contrib(peer *p, const contrib *c) {
   m.blob.data = (uint8_t *)c->blob;
   m.blob.len = c->bloblen;
   m.root = c->root;
+  m.op = (Sbn__ReduceOp)c->op;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &m;
   send_env(p, &env);
@@ -687,15 +689,41 @@ START_TEST(allreduce_broadcast_barrier) {
     }
     sbn__msg_free(e);
   }
+  /* The mean divides the double sum by the group size before rounding. */
+  for (int r = 0; r < 3; r++) {
+    contrib c = {.seq = 3, .phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "grads",
+                 .channels = 3, .count = 3, .fvals = v[r], .n_f = 3,
+                 .op = SBN__REDUCE_OP__REDUCE_MEAN};
+    send_contrib(p[r], &c);
+  }
+  for (int r = 0; r < 3; r++) {
+    Sbn__Envelope *e = expect_result(p[r], 3, NULL, NULL);
+    for (int i = 0; i < 3; i++) {
+      float want = (float)((((double)v[0][i] + (double)v[1][i]) + (double)v[2][i]) / 3.0);
+      ck_assert(e->result->fvals[i] == want);
+    }
+    sbn__msg_free(e);
+  }
+  /* Members that disagree on the operation. */
+  for (int r = 0; r < 3; r++) {
+    contrib c = {.seq = 4, .phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "grads",
+                 .channels = 3, .count = 3, .fvals = v[r], .n_f = 3,
+                 .op = r == 1 ? SBN__REDUCE_OP__REDUCE_MEAN : SBN__REDUCE_OP__REDUCE_SUM};
+    send_contrib(p[r], &c);
+    usleep(20000);
+  }
+  for (int r = 0; r < 2; r++)
+    sbn__msg_free(expect_error(p[r], SBN_EMISMATCH, "rank 1 asks for the mean", IO_TIMEOUT_MS));
+  sbn__msg_free(expect_error(p[2], SBN_EMISMATCH, "rank 1 asks for the mean", IO_TIMEOUT_MS));
   /* Broadcast from group rank 1. */
   static const char payload[] = "weights-v1";
   for (int r = 0; r < 3; r++) {
-    contrib c = {.seq = 1, .phase = SBN__PHASE__PHASE_BROADCAST, .layer = "init", .root = 1,
+    contrib c = {.seq = 5, .phase = SBN__PHASE__PHASE_BROADCAST, .layer = "init", .root = 1,
                  .blob = r == 1 ? payload : NULL, .bloblen = r == 1 ? sizeof(payload) : 0};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 3; r++) {
-    Sbn__Envelope *e = expect_result(p[r], 1, NULL, NULL);
+    Sbn__Envelope *e = expect_result(p[r], 5, NULL, NULL);
     ck_assert_uint_eq(e->result->blob.len, sizeof(payload));
     ck_assert(memcmp(e->result->blob.data, payload, sizeof(payload)) == 0);
     sbn__msg_free(e);
@@ -713,13 +741,13 @@ START_TEST(allreduce_broadcast_barrier) {
     sbn__msg_free(e);
   }
   /* Barrier: empty result once all arrive, not before. */
-  contrib bar = {.seq = 2, .phase = SBN__PHASE__PHASE_BARRIER, .layer = "sync"};
+  contrib bar = {.seq = 6, .phase = SBN__PHASE__PHASE_BARRIER, .layer = "sync"};
   send_contrib(p[0], &bar);
   send_contrib(p[1], &bar);
   expect_quiet(p[0]);
   send_contrib(p[2], &bar);
   for (int r = 0; r < 3; r++) {
-    Sbn__Envelope *e = expect_result(p[r], 2, NULL, NULL);
+    Sbn__Envelope *e = expect_result(p[r], 6, NULL, NULL);
     ck_assert_int_eq(e->result->phase, SBN__PHASE__PHASE_BARRIER);
     ck_assert_uint_eq(e->result->n_a + e->result->n_fvals + e->result->blob.len, 0);
     sbn__msg_free(e);
