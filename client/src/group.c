@@ -28,9 +28,13 @@ SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n, sbn_group **
     return sbn__fail(SBN_ESTATE, "sbn_new_group called before sbn_init");
   if (ranks == NULL || n == 0)
     return sbn__fail(SBN_EINVAL, "a group needs at least one rank");
+  for (size_t i = 0; i < n; i++)
+    if (ranks[i] < 0 || ranks[i] >= ctx->world_size)
+      return sbn__fail(SBN_EINVAL, "rank %d is not in the world 0..%d", ranks[i],
+                       ctx->world_size - 1);
   if (n > (size_t)ctx->world_size)
-    return sbn__fail(SBN_EINVAL, "a group of %zu ranks is larger than the world (%d)",
-                     n, ctx->world_size);
+    return sbn__fail(SBN_EINVAL, "a group of %zu ranks repeats some: the world has %d", n,
+                     ctx->world_size);
   uint32_t *m = malloc(n * sizeof(*m));
   sbn_group *g = calloc(1, sizeof(*g));
   if (m == NULL || g == NULL) {
@@ -38,15 +42,8 @@ SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n, sbn_group **
     free(g);
     return sbn__fail(SBN_ENOMEM, "out of memory creating a group");
   }
-  for (size_t i = 0; i < n; i++) {
-    if (ranks[i] < 0 || ranks[i] >= ctx->world_size) {
-      free(m);
-      free(g);
-      return sbn__fail(SBN_EINVAL, "rank %d is not in the world 0..%d", ranks[i],
-                       ctx->world_size - 1);
-    }
+  for (size_t i = 0; i < n; i++)
     m[i] = (uint32_t)ranks[i];
-  }
   qsort(m, n, sizeof(*m), cmp_u32);
   g->my_index = -1;
   for (size_t i = 0; i < n; i++) {
