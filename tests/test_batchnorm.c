@@ -618,9 +618,19 @@ START_TEST(test_layer_names) {
   sbn_module *layers[3] = {a, b, c}, *seq, *root;
   ck_assert_int_eq(sbn_sequential_new(layers, 3, &seq), SBN_OK);
   ck_assert_int_eq(sbn_sequential_new(&seq, 1, &root), SBN_OK);
-  ck_assert_int_eq(sbn_module_name_layers(root), SBN_OK);
+  ck_assert_int_eq(sbn_module_name_layers(root, "net"), SBN_OK);
+  ck_assert_str_eq(sbn_bn_layer_name(a), "net.0.0");
+  ck_assert_int_eq(sbn_module_name_layers(root, NULL), SBN_OK);
   ck_assert_str_eq(sbn_bn_layer_name(a), "0.0");
   ck_assert_str_eq(sbn_bn_layer_name(b), "0.1");
+  /* A root layer is named only with a prefix. */
+  ck_assert_int_eq(sbn_module_name_layers(a, NULL), SBN_OK);
+  ck_assert_str_eq(sbn_bn_layer_name(a), "0.0");
+  ck_assert_int_eq(sbn_module_name_layers(a, "solo"), SBN_OK);
+  ck_assert_str_eq(sbn_bn_layer_name(a), "solo");
+  ck_assert_int_eq(sbn_module_name_layers(root, "bad prefix"), SBN_EINVAL);
+  ck_assert_str_eq(sbn_bn_layer_name(a), "solo"); /* nothing renamed */
+  ck_assert_int_eq(sbn_module_name_layers(root, NULL), SBN_OK);
   ck_assert_str_eq(sbn_bn_layer_name(c), "stem.bn"); /* the user's name wins */
   char *text;
   size_t len;

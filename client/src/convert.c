@@ -38,13 +38,15 @@ SBN_API int sbn_revert_sync_batchnorm(sbn_module *root, size_t *converted) {
   return convert(root, 0, NULL, converted);
 }
 
-SBN_API int sbn_module_name_layers(sbn_module *root) {
+SBN_API int sbn_module_name_layers(sbn_module *root, const char *prefix) {
   sbn_named_list l = {0};
-  int rc = sbn_module_named_modules(root, NULL, &l);
+  int rc = sbn_module_named_modules(root, prefix, &l);
+  /* Entry 0 is root, keyed "" without a prefix: it keeps its name then. */
+  size_t first = prefix && prefix[0] ? 0 : 1;
   /* Check every path first so that a failure renames nothing. */
-  for (size_t i = 1; rc == SBN_OK && i < l.count; i++)
+  for (size_t i = first; rc == SBN_OK && i < l.count; i++)
     if (sbn_bn_kind(l.items[i]) >= 0) rc = sbn__bn_check_path_name(l.names[i]);
-  for (size_t i = 1; rc == SBN_OK && i < l.count; i++)
+  for (size_t i = first; rc == SBN_OK && i < l.count; i++)
     if (sbn_bn_kind(l.items[i]) >= 0) rc = sbn__bn_set_path_name(l.items[i], l.names[i]);
   sbn_named_list_release(&l);
   return rc;

@@ -109,12 +109,14 @@ SBN_API const char *sbn_bn_layer_name(const sbn_module *m);
 /* ---- layer identities and model check ------------------------------------ */
 
 /*
- * Gives every BatchNorm / SyncBatchNorm below root (not root itself) its
- * dotted path from root as identity, unless it has a user-given name.  A
- * layer reachable twice keeps the first path.  SBN_EINVAL when a path is
- * longer than SBN_LAYER_MAX-1 bytes (no layer is renamed then).
+ * Gives every BatchNorm / SyncBatchNorm in root's tree its dotted path from
+ * root as identity ("prefix." + path with a prefix, as named_modules keys),
+ * unless it has a user-given name.  root itself is named only when a prefix
+ * is given (it gets the prefix).  A layer reachable twice keeps the first
+ * path.  SBN_EINVAL when a path is longer than SBN_LAYER_MAX-1 bytes or has
+ * a space (no layer is renamed then).
  */
-SBN_API int sbn_module_name_layers(sbn_module *root);
+SBN_API int sbn_module_name_layers(sbn_module *root, const char *prefix);
 
 /*
  * Compares root's SyncBatchNorm layers across the members of g before
