@@ -105,7 +105,9 @@ static void conn_on_shutdown(uv_shutdown_t *req, int status) {
 }
 
 /* The peer did not take what it was sent in time: drop it. */
-static void conn_on_flush_timeout(uv_timer_t *t) { conn_close_handles(t->data); }
+static void conn_on_flush_timeout(uv_timer_t *t) {
+  conn_close_handles(t->data);
+}
 
 void sbn__srv_conn_close(sbn__srv_conn *conn, int flush, const char *fmt, ...) {
   if (conn->closing)
@@ -391,9 +393,8 @@ void sbn__srv_conn_accept(sbn__coord *c) {
   conn->id = ++c->next_conn_id;
   conn->tcp.data = conn;
   conn->timer.data = conn;
-  sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame
-                                  ? SBN_SRV_HELLO_MAX_FRAME
-                                  : c->cfg.max_frame);
+  sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame ? SBN_SRV_HELLO_MAX_FRAME
+                                                                         : c->cfg.max_frame);
   uv_tcp_init(c->loop, &conn->tcp);
   uv_timer_init(c->loop, &conn->timer);
   conn->handles_open = 2;

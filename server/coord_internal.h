@@ -69,10 +69,10 @@ struct sbn__coord {
   uv_loop_t *loop;
   sbn__coord_config cfg;
   uv_tcp_t listener;
-  int listening;     /* the listener handle was initialized */
-  int stopping;      /* sbn__coord_stop() ran */
+  int listening;        /* the listener handle was initialized */
+  int stopping;         /* sbn__coord_stop() ran */
   sbn__srv_conn *conns; /* every connection not yet closed, a list */
-  sbn__srv_map jobs; /* job id -> sbn__srv_job */
+  sbn__srv_map jobs;    /* job id -> sbn__srv_job */
   uint64_t next_conn_id;
   uint64_t next_session;
   /* Reused by allreduce for its double accumulator; grows, never shrinks. */
@@ -114,10 +114,10 @@ struct sbn__srv_job {
   char name[SBN_SRV_JOB_MAX];
   uint64_t generation;
   uint32_t world;
-  uint32_t nconns;     /* attached connections; the job dies at 0 */
-  uint32_t n_waiting;  /* connections with an open contribution */
-  sbn__srv_rank *ranks; /* [world] */
-  sbn__srv_map groups; /* members -> sbn__srv_group */
+  uint32_t nconns;        /* attached connections; the job dies at 0 */
+  uint32_t n_waiting;     /* connections with an open contribution */
+  sbn__srv_rank *ranks;   /* [world] */
+  sbn__srv_map groups;    /* members -> sbn__srv_group */
   sbn__srv_round *rounds; /* open rounds, a list */
 };
 
@@ -128,8 +128,8 @@ struct sbn__srv_job {
 struct sbn__srv_group {
   sbn__srv_map_node node; /* in job->groups; the key is `members` bytes */
   sbn__srv_job *job;
-  uint32_t n;             /* member count */
-  int is_world;           /* members[] is empty: member i is rank i */
+  uint32_t n;   /* member count */
+  int is_world; /* members[] is empty: member i is rank i */
   /*
    * Open rounds of this group.  Each holds at least one contribution and a
    * connection holds at most one, so this list is never longer than the
@@ -152,12 +152,12 @@ struct sbn__srv_round {
   sbn__srv_round *job_prev, *job_next; /* in job->rounds */
   sbn__srv_round *grp_next;            /* in group->rounds */
   uint64_t seq;
-  uint32_t n;     /* group size */
-  uint32_t nhave; /* contributions so far */
-  uint32_t ref;   /* group index of the first contributor, the reference */
-  int dead;       /* failed or completed; only the close callback remains */
-  uint32_t *arrived;            /* [n] group indices in arrival order */
-  Sbn__Envelope *contrib[];     /* [n] by group index, NULL until it arrives */
+  uint32_t n;               /* group size */
+  uint32_t nhave;           /* contributions so far */
+  uint32_t ref;             /* group index of the first contributor, the reference */
+  int dead;                 /* failed or completed; only the close callback remains */
+  uint32_t *arrived;        /* [n] group indices in arrival order */
+  Sbn__Envelope *contrib[]; /* [n] by group index, NULL until it arrives */
 };
 
 /* coordinator.c */

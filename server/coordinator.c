@@ -29,8 +29,8 @@ void sbn__coord_config_init(sbn__coord_config *cfg) {
 int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **out) {
   *out = NULL;
   if (cfg->max_frame < SBN_MAX_FRAME_FLOOR || cfg->max_frame > SBN_MAX_FRAME_CEILING) {
-    SBN_LOGE("max frame %u is outside [%u, %u]", (unsigned)cfg->max_frame,
-             SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING);
+    SBN_LOGE("max frame %u is outside [%u, %u]", (unsigned)cfg->max_frame, SBN_MAX_FRAME_FLOOR,
+             SBN_MAX_FRAME_CEILING);
     return SBN_EINVAL;
   }
   if (cfg->round_timeout_ms == 0 || cfg->hello_timeout_ms == 0) {
@@ -130,8 +130,8 @@ int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
     uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof(ip));
     snprintf(addr, addrlen, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
   }
-  SBN_LOGI("listening on %s (round timeout %u ms, hello timeout %u ms, max frame %u bytes)",
-           addr, (unsigned)c->cfg.round_timeout_ms, (unsigned)c->cfg.hello_timeout_ms,
+  SBN_LOGI("listening on %s (round timeout %u ms, hello timeout %u ms, max frame %u bytes)", addr,
+           (unsigned)c->cfg.round_timeout_ms, (unsigned)c->cfg.hello_timeout_ms,
            (unsigned)c->cfg.max_frame);
   return SBN_OK;
 }
@@ -147,8 +147,8 @@ void sbn__coord_stop(sbn__coord *c) {
    * Idle workers learn of the shutdown from a connection-level error (no
    * phase), workers waiting in a round from that round's error.
    */
-  sbn__srv_wbuf *idle = sbn__srv_error_encode(SBN_ESHUTDOWN, "the coordinator is shutting down",
-                                              NULL, 0, 0, 0, "");
+  sbn__srv_wbuf *idle =
+      sbn__srv_error_encode(SBN_ESHUTDOWN, "the coordinator is shutting down", NULL, 0, 0, 0, "");
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     if (conn->welcomed && conn->round == NULL)
       sbn__srv_conn_send(conn, idle);

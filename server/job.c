@@ -103,7 +103,9 @@ static void job_free_cb(sbn__srv_map_node *n, void *arg) {
   job_free((sbn__srv_job *)n);
 }
 
-void sbn__srv_job_free_all(sbn__coord *c) { sbn__srv_map_each(&c->jobs, job_free_cb, NULL); }
+void sbn__srv_job_free_all(sbn__coord *c) {
+  sbn__srv_map_each(&c->jobs, job_free_cb, NULL);
+}
 
 static void job_shutdown_cb(sbn__srv_map_node *n, void *arg) {
   sbn__srv_job *job = (sbn__srv_job *)n;
@@ -112,7 +114,9 @@ static void job_shutdown_cb(sbn__srv_map_node *n, void *arg) {
     sbn__srv_round_fail(job->rounds, SBN_ESHUTDOWN, NULL, 0, "the coordinator is shutting down");
 }
 
-void sbn__srv_jobs_shutdown(sbn__coord *c) { sbn__srv_map_each(&c->jobs, job_shutdown_cb, NULL); }
+void sbn__srv_jobs_shutdown(sbn__coord *c) {
+  sbn__srv_map_each(&c->jobs, job_shutdown_cb, NULL);
+}
 
 static sbn__srv_job *job_new(sbn__coord *c, const char *name, uint32_t world, uint64_t gen) {
   sbn__srv_job *job = calloc(1, sizeof(*job));
@@ -265,8 +269,9 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
       return;
     }
   } else if (job != NULL && h->world_size != job->world) {
-    reject(conn, SBN_EMISMATCH, "rank %u says world size %u for job '%s', the job has world size %u",
-           (unsigned)h->rank, (unsigned)h->world_size, name, (unsigned)job->world);
+    reject(conn, SBN_EMISMATCH,
+           "rank %u says world size %u for job '%s', the job has world size %u", (unsigned)h->rank,
+           (unsigned)h->world_size, name, (unsigned)job->world);
     return;
   }
   if (job == NULL) {
@@ -327,8 +332,8 @@ void sbn__srv_job_conn_gone(sbn__srv_conn *conn) {
    */
   sbn__srv_round *rd;
   while ((rd = round_with_rank(job, r)) != NULL)
-    sbn__srv_round_fail(rd, SBN_EPEERLOST, &r, 1, "rank %u of job '%s' %s", (unsigned)r,
-                        job->name, left ? "left" : "disconnected");
+    sbn__srv_round_fail(rd, SBN_EPEERLOST, &r, 1, "rank %u of job '%s' %s", (unsigned)r, job->name,
+                        left ? "left" : "disconnected");
   if (--job->nconns == 0)
     job_free(job);
 }

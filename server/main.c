@@ -80,8 +80,8 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
       return 0;
     }
     int takes_value = strcmp(flag, "--listen") == 0 || strcmp(flag, "--round-timeout") == 0 ||
-                      strcmp(flag, "--hello-timeout") == 0 ||
-                      strcmp(flag, "--max-frame") == 0 || strcmp(flag, "--log-level") == 0;
+                      strcmp(flag, "--hello-timeout") == 0 || strcmp(flag, "--max-frame") == 0 ||
+                      strcmp(flag, "--log-level") == 0;
     if (!takes_value)
       return bad_flag("unknown option '%s'%s", arg, "");
     if (value == NULL) {
@@ -108,8 +108,7 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
       cfg->hello_timeout_ms = (uint32_t)v;
     } else if (strcmp(flag, "--max-frame") == 0) {
       if (sbn__parse_u64(value, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING, &v) != 0) {
-        fprintf(stderr,
-                "sbn-coordinator: --max-frame: '%s' is not a byte count from %u to %u\n",
+        fprintf(stderr, "sbn-coordinator: --max-frame: '%s' is not a byte count from %u to %u\n",
                 value, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING);
         return EXIT_USAGE;
       }

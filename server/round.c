@@ -30,15 +30,16 @@
 
 /* Life cycle */
 
-static void round_on_close(uv_handle_t *h) { free(h->data); }
+static void round_on_close(uv_handle_t *h) {
+  free(h->data);
+}
 
 static void round_on_timeout(uv_timer_t *t);
 
 static sbn__srv_round *round_new(sbn__srv_group *g, uint64_t seq) {
   sbn__srv_job *job = g->job;
   size_t n = g->n;
-  sbn__srv_round *r =
-      calloc(1, sizeof(*r) + n * sizeof(Sbn__Envelope *) + n * sizeof(uint32_t));
+  sbn__srv_round *r = calloc(1, sizeof(*r) + n * sizeof(Sbn__Envelope *) + n * sizeof(uint32_t));
   if (r == NULL)
     return NULL;
   r->arrived = (uint32_t *)(r->contrib + n);
@@ -145,8 +146,8 @@ static void round_fail_msg(sbn__srv_round *r, int code, const uint32_t *ranks, s
   char gname[128];
   sbn__srv_group_describe(g, gname, sizeof(gname));
   SBN_LOGW("round failed: job '%s' %s seq %llu layer '%s' (%s): %s: %s", job->name, gname,
-           (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase),
-           sbn_strerror(code), msg);
+           (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase), sbn_strerror(code),
+           msg);
   sbn__srv_wbuf *wb =
       sbn__srv_error_encode(code, msg, ranks, nranks, r->seq, ref->phase, ref->layer);
   group_tomb_set(g, r->seq, code, msg, ranks, nranks);
@@ -193,8 +194,7 @@ static void round_on_timeout(uv_timer_t *t) {
                       "round seq %llu of layer '%s' (%s) timed out after %u ms waiting for "
                       "rank%s %s",
                       (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase),
-                      (unsigned)g->job->coord->cfg.round_timeout_ms, nmiss == 1 ? "" : "s",
-                      list);
+                      (unsigned)g->job->coord->cfg.round_timeout_ms, nmiss == 1 ? "" : "s", list);
   free(miss);
 }
 
@@ -210,8 +210,7 @@ static int phase_needs_channels(int phase) {
  * phase needs.  Returns SBN_OK or a status with a message in msg; such a
  * request concerns its sender only.
  */
-static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char *msg,
-                       size_t len) {
+static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char *msg, size_t len) {
   const sbn__srv_job *job = conn->job;
   const char *layer = m->layer ? m->layer : "";
   int found = m->n_members == 0;
@@ -244,13 +243,13 @@ static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char
     return SBN_EINVAL;
   }
   if (m->channels > SBN_MAX_CHANNELS) {
-    snprintf(msg, len, "%u channels for layer '%s' exceed the limit of %u",
-             (unsigned)m->channels, layer, SBN_MAX_CHANNELS);
+    snprintf(msg, len, "%u channels for layer '%s' exceed the limit of %u", (unsigned)m->channels,
+             layer, SBN_MAX_CHANNELS);
     return SBN_EINVAL;
   }
   if (m->channels == 0 && phase_needs_channels(m->phase)) {
-    snprintf(msg, len, "%s contribution for layer '%s' has 0 channels",
-             sbn__phase_name(m->phase), layer);
+    snprintf(msg, len, "%s contribution for layer '%s' has 0 channels", sbn__phase_name(m->phase),
+             layer);
     return SBN_EINVAL;
   }
   size_t gsize = m->n_members ? m->n_members : job->world;
@@ -276,8 +275,8 @@ static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char
     break;
   case SBN__PHASE__PHASE_BROADCAST: {
     if (m->root >= gsize) {
-      snprintf(msg, len, "broadcast root %u of '%s' is outside the group of %zu",
-               (unsigned)m->root, layer, gsize);
+      snprintf(msg, len, "broadcast root %u of '%s' is outside the group of %zu", (unsigned)m->root,
+               layer, gsize);
       return SBN_EINVAL;
     }
     uint32_t root_rank = m->n_members ? m->members[m->root] : m->root;
@@ -294,8 +293,7 @@ static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char
       return SBN_EINVAL;
     }
     break;
-  default:
-    break;
+  default: break;
   }
   return SBN_OK;
 }
@@ -326,14 +324,13 @@ static int check_values(const sbn__srv_conn *conn, const Sbn__Contribute *m, cha
         what = "value is not finite";
       }
     break;
-  default:
-    break;
+  default: break;
   }
   if (bad < 0)
     return SBN_OK;
   snprintf(msg, len, "rank %u sent bad values for layer '%s' (seq %llu, %s), channel %ld: %s",
-           (unsigned)conn->rank, m->layer, (unsigned long long)m->seq,
-           sbn__phase_name(m->phase), bad, what);
+           (unsigned)conn->rank, m->layer, (unsigned long long)m->seq, sbn__phase_name(m->phase),
+           bad, what);
   return SBN_EBADSTATS;
 }
 
@@ -345,7 +342,8 @@ static int check_agrees(const sbn__srv_round *r, uint32_t ref_rank, uint32_t ran
                         const Sbn__Contribute *m, char *msg, size_t len) {
   const Sbn__Contribute *ref = round_ref(r);
   if (m->phase != ref->phase) {
-    snprintf(msg, len, "rank %u is in the %s phase of layer '%s' (seq %llu), rank %u in the %s phase",
+    snprintf(msg, len,
+             "rank %u is in the %s phase of layer '%s' (seq %llu), rank %u in the %s phase",
              (unsigned)rank, sbn__phase_name(m->phase), m->layer, (unsigned long long)m->seq,
              (unsigned)ref_rank, sbn__phase_name(ref->phase));
     return SBN_EMISMATCH;
@@ -357,9 +355,8 @@ static int check_agrees(const sbn__srv_round *r, uint32_t ref_rank, uint32_t ran
     return SBN_EMISMATCH;
   }
   if (m->channels != ref->channels) {
-    snprintf(msg, len, "rank %u sent %u channels for layer '%s', rank %u sent %u",
-             (unsigned)rank, (unsigned)m->channels, m->layer, (unsigned)ref_rank,
-             (unsigned)ref->channels);
+    snprintf(msg, len, "rank %u sent %u channels for layer '%s', rank %u sent %u", (unsigned)rank,
+             (unsigned)m->channels, m->layer, (unsigned)ref_rank, (unsigned)ref->channels);
     return SBN_EMISMATCH;
   }
   if (m->phase == SBN__PHASE__PHASE_ALLREDUCE && m->op != ref->op) {
@@ -370,8 +367,7 @@ static int check_agrees(const sbn__srv_round *r, uint32_t ref_rank, uint32_t ran
   }
   if (m->phase == SBN__PHASE__PHASE_BROADCAST && m->root != ref->root) {
     snprintf(msg, len, "rank %u names root %u for the broadcast of '%s', rank %u names root %u",
-             (unsigned)rank, (unsigned)m->root, m->layer, (unsigned)ref_rank,
-             (unsigned)ref->root);
+             (unsigned)rank, (unsigned)m->root, m->layer, (unsigned)ref_rank, (unsigned)ref->root);
     return SBN_EMISMATCH;
   }
   return SBN_OK;
@@ -469,8 +465,8 @@ static void model_diff(const ProtobufCBinaryData *a, uint32_t ra, const Protobuf
       snprintf(msg, len, "rank %u has no layer %zu, rank %u has '%.*s'", (unsigned)rb, k,
                (unsigned)ra, (int)(la < SBN_SRV_LINE_QUOTE ? la : SBN_SRV_LINE_QUOTE), pa);
     } else if (pa == NULL) {
-      snprintf(msg, len, "rank %u layer %zu is '%.*s', rank %u has no layer %zu", (unsigned)rb,
-               k, (int)(lb < SBN_SRV_LINE_QUOTE ? lb : SBN_SRV_LINE_QUOTE), pb, (unsigned)ra, k);
+      snprintf(msg, len, "rank %u layer %zu is '%.*s', rank %u has no layer %zu", (unsigned)rb, k,
+               (int)(lb < SBN_SRV_LINE_QUOTE ? lb : SBN_SRV_LINE_QUOTE), pb, (unsigned)ra, k);
     } else {
       snprintf(msg, len, "rank %u layer %zu is '%.*s', rank %u has '%.*s'", (unsigned)rb, k,
                (int)(lb < SBN_SRV_LINE_QUOTE ? lb : SBN_SRV_LINE_QUOTE), pb, (unsigned)ra,
@@ -548,9 +544,7 @@ static void round_complete(sbn__srv_round *r) {
     res.fvals = first->fvals;
     break;
   }
-  case SBN__PHASE__PHASE_BROADCAST:
-    res.blob = r->contrib[ref->root]->contribute->blob;
-    break;
+  case SBN__PHASE__PHASE_BROADCAST: res.blob = r->contrib[ref->root]->contribute->blob; break;
   case SBN__PHASE__PHASE_MODEL_CHECK:
     for (uint32_t i = 1; i < r->n; i++) {
       const ProtobufCBinaryData *a = &first->blob, *b = &r->contrib[i]->contribute->blob;
@@ -564,8 +558,7 @@ static void round_complete(sbn__srv_round *r) {
       return;
     }
     break;
-  default:
-    break; /* barrier: an empty result is the answer */
+  default: break; /* barrier: an empty result is the answer */
   }
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
   env.body_case = SBN__ENVELOPE__BODY_RESULT;
@@ -580,8 +573,8 @@ static void round_complete(sbn__srv_round *r) {
   if (sbn__log_get_level() >= SBN_LOG_DEBUG) {
     char gname[128];
     sbn__srv_group_describe(g, gname, sizeof(gname));
-    SBN_LOGD("round complete: job '%s' %s seq %llu layer '%s' (%s, %zu channels)", job->name,
-             gname, (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase), C);
+    SBN_LOGD("round complete: job '%s' %s seq %llu layer '%s' (%s, %zu channels)", job->name, gname,
+             (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase), C);
   }
   round_detach(r);
   for (uint32_t i = 0; i < r->n; i++) {

@@ -277,8 +277,8 @@ static Sbn__Envelope *expect_error(peer *p, int code, const char *needle, int ti
   ck_assert_msg(e->error->code == code, "rank %u: error %d (%s), wanted %d", (unsigned)p->rank,
                 e->error->code, e->error->message, code);
   if (needle)
-    ck_assert_msg(strstr(e->error->message, needle), "rank %u: '%s' lacks '%s'",
-                  (unsigned)p->rank, e->error->message, needle);
+    ck_assert_msg(strstr(e->error->message, needle), "rank %u: '%s' lacks '%s'", (unsigned)p->rank,
+                  e->error->message, needle);
   return e;
 }
 
@@ -328,8 +328,14 @@ static void send_contrib(peer *p, const contrib *c) {
 
 static void send_forward(peer *p, uint64_t seq, const char *layer, uint32_t C, uint64_t count,
                          const double *mean, const double *m2) {
-  contrib c = {.seq = seq, .phase = SBN__PHASE__PHASE_FORWARD, .layer = layer, .channels = C,
-               .count = count, .a = mean, .b = m2, .n_ab = C};
+  contrib c = {.seq = seq,
+               .phase = SBN__PHASE__PHASE_FORWARD,
+               .layer = layer,
+               .channels = C,
+               .count = count,
+               .a = mean,
+               .b = m2,
+               .n_ab = C};
   send_contrib(p, &c);
 }
 
@@ -437,8 +443,7 @@ START_TEST(hello_rejects) {
                 "world size 4");
   peer_close(p);
   p = peer_open();
-  expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 0, 0, 0), SBN_EINVAL, "world size 0",
-                NULL);
+  expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 0, 0, 0), SBN_EINVAL, "world size 0", NULL);
   peer_close(p);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "", 0, 1, 0), SBN_EINVAL, "empty", NULL);
@@ -621,8 +626,16 @@ START_TEST(forward_subgroup_and_many_rounds) {
   static const uint32_t grp[] = {0, 2};
   for (uint64_t seq = 0; seq < 50; seq++) {
     double m0 = (double)seq, m2v = 1.0 + (double)seq, q = 2.0;
-    contrib c0 = {.members = grp, .n_members = 2, .seq = seq, .phase = SBN__PHASE__PHASE_FORWARD,
-                  .layer = "bn", .channels = 1, .count = 2, .a = &m0, .b = &q, .n_ab = 1};
+    contrib c0 = {.members = grp,
+                  .n_members = 2,
+                  .seq = seq,
+                  .phase = SBN__PHASE__PHASE_FORWARD,
+                  .layer = "bn",
+                  .channels = 1,
+                  .count = 2,
+                  .a = &m0,
+                  .b = &q,
+                  .n_ab = 1};
     contrib c2 = c0;
     c2.a = &m2v;
     send_contrib(p[2], &c2);
@@ -649,8 +662,13 @@ START_TEST(backward_sums) {
   peer *p[2] = {join("bw", 0, 2), join("bw", 1, 2)};
   double a[2][3] = {{1.5, -2, 1e16}, {0.25, 4, 1}}, b[2][3] = {{3, 3, 3}, {-1, 0.5, 7}};
   for (int r = 1; r >= 0; r--) {
-    contrib c = {.seq = 0, .phase = SBN__PHASE__PHASE_BACKWARD, .layer = "bn", .channels = 3,
-                 .a = a[r], .b = b[r], .n_ab = 3};
+    contrib c = {.seq = 0,
+                 .phase = SBN__PHASE__PHASE_BACKWARD,
+                 .layer = "bn",
+                 .channels = 3,
+                 .a = a[r],
+                 .b = b[r],
+                 .n_ab = 3};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 2; r++) {
@@ -676,8 +694,13 @@ START_TEST(allreduce_broadcast_barrier) {
   /* Allreduce: summed in double in rank order, rounded once. */
   float v[3][3] = {{0.1f, 1e8f, 1.0f}, {0.2f, 1.0f, -1.0f}, {0.3f, 1.0f, 3.5f}};
   for (int r = 2; r >= 0; r--) {
-    contrib c = {.seq = 0, .phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "grads",
-                 .channels = 3, .count = 3, .fvals = v[r], .n_f = 3};
+    contrib c = {.seq = 0,
+                 .phase = SBN__PHASE__PHASE_ALLREDUCE,
+                 .layer = "grads",
+                 .channels = 3,
+                 .count = 3,
+                 .fvals = v[r],
+                 .n_f = 3};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 3; r++) {
@@ -691,8 +714,13 @@ START_TEST(allreduce_broadcast_barrier) {
   }
   /* The mean divides the double sum by the group size before rounding. */
   for (int r = 0; r < 3; r++) {
-    contrib c = {.seq = 3, .phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "grads",
-                 .channels = 3, .count = 3, .fvals = v[r], .n_f = 3,
+    contrib c = {.seq = 3,
+                 .phase = SBN__PHASE__PHASE_ALLREDUCE,
+                 .layer = "grads",
+                 .channels = 3,
+                 .count = 3,
+                 .fvals = v[r],
+                 .n_f = 3,
                  .op = SBN__REDUCE_OP__REDUCE_MEAN};
     send_contrib(p[r], &c);
   }
@@ -706,8 +734,13 @@ START_TEST(allreduce_broadcast_barrier) {
   }
   /* Members that disagree on the operation. */
   for (int r = 0; r < 3; r++) {
-    contrib c = {.seq = 4, .phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "grads",
-                 .channels = 3, .count = 3, .fvals = v[r], .n_f = 3,
+    contrib c = {.seq = 4,
+                 .phase = SBN__PHASE__PHASE_ALLREDUCE,
+                 .layer = "grads",
+                 .channels = 3,
+                 .count = 3,
+                 .fvals = v[r],
+                 .n_f = 3,
                  .op = r == 1 ? SBN__REDUCE_OP__REDUCE_MEAN : SBN__REDUCE_OP__REDUCE_SUM};
     send_contrib(p[r], &c);
     usleep(20000);
@@ -718,8 +751,12 @@ START_TEST(allreduce_broadcast_barrier) {
   /* Broadcast from group rank 1. */
   static const char payload[] = "weights-v1";
   for (int r = 0; r < 3; r++) {
-    contrib c = {.seq = 5, .phase = SBN__PHASE__PHASE_BROADCAST, .layer = "init", .root = 1,
-                 .blob = r == 1 ? payload : NULL, .bloblen = r == 1 ? sizeof(payload) : 0};
+    contrib c = {.seq = 5,
+                 .phase = SBN__PHASE__PHASE_BROADCAST,
+                 .layer = "init",
+                 .root = 1,
+                 .blob = r == 1 ? payload : NULL,
+                 .bloblen = r == 1 ? sizeof(payload) : 0};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 3; r++) {
@@ -731,8 +768,14 @@ START_TEST(allreduce_broadcast_barrier) {
   /* Broadcast in a subgroup {0, 2}: group rank 1 is world rank 2. */
   static const uint32_t grp[] = {0, 2};
   for (int k = 1; k >= 0; k--) {
-    contrib c = {.members = grp, .n_members = 2, .seq = 0, .phase = SBN__PHASE__PHASE_BROADCAST,
-                 .layer = "sub", .root = 1, .blob = k == 1 ? "x" : NULL, .bloblen = k == 1};
+    contrib c = {.members = grp,
+                 .n_members = 2,
+                 .seq = 0,
+                 .phase = SBN__PHASE__PHASE_BROADCAST,
+                 .layer = "sub",
+                 .root = 1,
+                 .blob = k == 1 ? "x" : NULL,
+                 .bloblen = k == 1};
     send_contrib(p[grp[k]], &c);
   }
   for (int k = 0; k < 2; k++) {
@@ -765,23 +808,29 @@ START_TEST(model_check) {
   static const char same[] = "bn0 32 1e-05 0.1\nbn1 64 1e-05 0.1\nbn2 16 1e-05 0.1\n";
   static const char other[] = "bn0 32 1e-05 0.1\nbn1 128 1e-05 0.1\nbn2 16 1e-05 0.1\n";
   for (int r = 0; r < 3; r++) {
-    contrib c = {.seq = 0, .phase = SBN__PHASE__PHASE_MODEL_CHECK, .layer = "model",
-                 .blob = same, .bloblen = strlen(same)};
+    contrib c = {.seq = 0,
+                 .phase = SBN__PHASE__PHASE_MODEL_CHECK,
+                 .layer = "model",
+                 .blob = same,
+                 .bloblen = strlen(same)};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 3; r++)
     sbn__msg_free(expect_result(p[r], 0, NULL, NULL));
   for (int r = 0; r < 3; r++) {
     const char *b = r == 2 ? other : same;
-    contrib c = {.seq = 1, .phase = SBN__PHASE__PHASE_MODEL_CHECK, .layer = "model", .blob = b,
+    contrib c = {.seq = 1,
+                 .phase = SBN__PHASE__PHASE_MODEL_CHECK,
+                 .layer = "model",
+                 .blob = b,
                  .bloblen = strlen(b)};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 3; r++) {
-    Sbn__Envelope *e =
-        expect_error(p[r], SBN_EMISMATCH, "rank 2 layer 1 is 'bn1 128 1e-05 0.1', rank 0 has "
-                                          "'bn1 64 1e-05 0.1'",
-                     IO_TIMEOUT_MS);
+    Sbn__Envelope *e = expect_error(p[r], SBN_EMISMATCH,
+                                    "rank 2 layer 1 is 'bn1 128 1e-05 0.1', rank 0 has "
+                                    "'bn1 64 1e-05 0.1'",
+                                    IO_TIMEOUT_MS);
     ck_assert_uint_eq(e->error->seq, 1);
     ck_assert_uint_eq(e->error->n_ranks, 2);
     ck_assert_uint_eq(e->error->ranks[0], 0);
@@ -807,9 +856,9 @@ START_TEST(mismatched_channels) {
   usleep(20000);
   send_forward(p[2], 0, "bn2", 8, 1, v, q);
   for (int r = 0; r < 3; r++) {
-    Sbn__Envelope *e = expect_error(p[r], SBN_EMISMATCH,
-                                    "rank 2 sent 8 channels for layer 'bn2', rank 0 sent 4",
-                                    IO_TIMEOUT_MS);
+    Sbn__Envelope *e =
+        expect_error(p[r], SBN_EMISMATCH, "rank 2 sent 8 channels for layer 'bn2', rank 0 sent 4",
+                     IO_TIMEOUT_MS);
     ck_assert_uint_eq(e->error->n_ranks, 2);
     ck_assert_uint_eq(e->error->ranks[0], 0);
     ck_assert_uint_eq(e->error->ranks[1], 2);
@@ -822,8 +871,9 @@ START_TEST(mismatched_channels) {
   usleep(20000);
   send_forward(p[1], 1, "bn3", 4, 1, v, q);
   for (int r = 0; r < 2; r++)
-    sbn__msg_free(expect_error(p[r], SBN_EMISMATCH, "rank 1 is at layer 'bn3' (seq 1, forward), "
-                                                    "rank 0 at layer 'bn2'",
+    sbn__msg_free(expect_error(p[r], SBN_EMISMATCH,
+                               "rank 1 is at layer 'bn3' (seq 1, forward), "
+                               "rank 0 at layer 'bn2'",
                                IO_TIMEOUT_MS));
   for (int r = 0; r < 3; r++)
     peer_close(p[r]);
@@ -869,13 +919,19 @@ START_TEST(bad_stats_and_shapes) {
   send_forward(p[1], 0, "bn", 2, 3, nan_mean, q);
   for (int r = 0; r < 2; r++) {
     Sbn__Envelope *e = expect_error(p[r], SBN_EBADSTATS, "rank 1", IO_TIMEOUT_MS);
-    ck_assert_msg(strstr(e->error->message, "channel 1") && strstr(e->error->message, "'bn'"),
-                  "%s", e->error->message);
+    ck_assert_msg(strstr(e->error->message, "channel 1") && strstr(e->error->message, "'bn'"), "%s",
+                  e->error->message);
     sbn__msg_free(e);
   }
   /* Shape errors concern the sender only, and its connection stays open. */
-  contrib c = {.seq = 1, .phase = SBN__PHASE__PHASE_FORWARD, .layer = "bn", .channels = 2,
-               .count = 1, .a = good, .b = q, .n_ab = 1};
+  contrib c = {.seq = 1,
+               .phase = SBN__PHASE__PHASE_FORWARD,
+               .layer = "bn",
+               .channels = 2,
+               .count = 1,
+               .a = good,
+               .b = q,
+               .n_ab = 1};
   send_contrib(p[0], &c);
   sbn__msg_free(expect_error(p[0], SBN_EINVAL, "2 channels", IO_TIMEOUT_MS));
   static const uint32_t unsorted[] = {1, 0};
@@ -955,8 +1011,16 @@ START_TEST(peer_lost_mid_round) {
   sbn__msg_free(expect_error(p[0], SBN_EPEERLOST, "rank 2", 500));
   static const uint32_t grp[] = {0, 1};
   for (int r = 0; r < 2; r++) {
-    contrib c = {.members = grp, .n_members = 2, .seq = 0, .phase = SBN__PHASE__PHASE_FORWARD,
-                 .layer = "bn", .channels = 1, .count = 1, .a = &v, .b = &q, .n_ab = 1};
+    contrib c = {.members = grp,
+                 .n_members = 2,
+                 .seq = 0,
+                 .phase = SBN__PHASE__PHASE_FORWARD,
+                 .layer = "bn",
+                 .channels = 1,
+                 .count = 1,
+                 .a = &v,
+                 .b = &q,
+                 .n_ab = 1};
     send_contrib(p[r], &c);
   }
   for (int r = 0; r < 2; r++) {
@@ -1162,13 +1226,11 @@ static int run_cli(const char *const *args, char *out, size_t outlen) {
 
 START_TEST(cli_flags) {
   char out[4096];
-  static const char *const bad[][3] = {{"--bogus", NULL, NULL},
-                                       {"--max-frame", "12", NULL},
-                                       {"--round-timeout", "soon", NULL},
-                                       {"--hello-timeout", "0", NULL},
-                                       {"--log-level", "loud", NULL},
-                                       {"--listen", "1.2.3.4:99999", NULL},
-                                       {"--listen", NULL, NULL}};
+  static const char *const bad[][3] = {
+      {"--bogus", NULL, NULL},           {"--max-frame", "12", NULL},
+      {"--round-timeout", "soon", NULL}, {"--hello-timeout", "0", NULL},
+      {"--log-level", "loud", NULL},     {"--listen", "1.2.3.4:99999", NULL},
+      {"--listen", NULL, NULL}};
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
     int st = run_cli(bad[i], out, sizeof(out));
     ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 2, "%s: status %d", bad[i][0],
