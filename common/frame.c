@@ -119,7 +119,7 @@ void sbn__framer_commit(sbn__framer *f, size_t n) { f->len += n; }
 int sbn__framer_feed(sbn__framer *f, const void *data, size_t n) {
   const uint8_t *p = data;
   while (n > 0) {
-    uint8_t *space;
+    uint8_t *space = NULL;
     long room = sbn__framer_space(f, n, &space);
     if (room < 0)
       return (int)room;

@@ -294,3 +294,28 @@ void mlp_point(uint64_t i, size_t classes, uint64_t seed, float x[MLP_FEATURES],
   x[1] = (float)(r * sin(angle) + ny - 2.0);
   *label = c;
 }
+
+/* ---- the classifier ------------------------------------------------------- */
+
+int mlp_build(size_t in, size_t hidden, size_t classes, sbn_group *group, uint64_t seed,
+              sbn_module **model) {
+  sbn_module *layers[7] = {0};
+  sbn_bn_options o;
+  int rc;
+  *model = NULL;
+  sbn_bn_options_init(&o, hidden);
+  o.group = group;
+  if ((rc = mlp_linear_new(in, hidden, seed * 3 + 1, &layers[0])) != SBN_OK ||
+      (rc = sbn_syncbatchnorm_new(&o, &layers[1])) != SBN_OK ||
+      (rc = mlp_relu_new(&layers[2])) != SBN_OK ||
+      (rc = mlp_linear_new(hidden, hidden, seed * 3 + 2, &layers[3])) != SBN_OK ||
+      (rc = sbn_syncbatchnorm_new(&o, &layers[4])) != SBN_OK ||
+      (rc = mlp_relu_new(&layers[5])) != SBN_OK ||
+      (rc = mlp_linear_new(hidden, classes, seed * 3 + 3, &layers[6])) != SBN_OK)
+    goto done;
+  rc = sbn_sequential_new(layers, 7, model);
+done:
+  for (int i = 0; i < 7; i++)
+    sbn_module_free(layers[i]); /* the Sequential holds its own references */
+  return rc;
+}

@@ -51,9 +51,9 @@ static int usage(const char *argv0) {
 }
 
 static int parse(int argc, char **argv, options *o) {
-  *o = (options){.epochs = 30, .batch = 32, .points = 12000, .tests = 3000, .hidden = 64,
+  *o = (options){.epochs = 20, .batch = 32, .points = 12000, .tests = 3000, .hidden = 64,
                  .classes = 3, .lr = 0.1, .momentum = 0.9, .weight_decay = 1e-4,
-                 .target = 0.95, .seed = 2024};
+                 .target = 0.97, .seed = 2024};
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     char *end = NULL;
@@ -177,6 +177,8 @@ int main(int argc, char **argv) {
   float acc = 0;
   for (int epoch = 1; epoch <= o.epochs; epoch++) {
     sbn_module_train(model, 1, 1);
+    /* Cosine learning-rate decay over the run. */
+    opt.lr = o.lr * 0.5 * (1 + cos(M_PI * (epoch - 1) / o.epochs));
     /* Shuffle the local shard (Fisher-Yates with a seeded xorshift). */
     for (size_t i = shard - 1; i > 0; i--) {
       rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;

@@ -12,6 +12,7 @@
 #include "sbn/tensor.h"
 #include "sbn/module.h"
 #include "sbn/nn.h"
+#include "sbn/parallel.h"
 
 #ifdef __cplusplus
 extern "C" {
