@@ -168,11 +168,31 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
 /* ---- kernels ------------------------------------------------------------------ */
 
 /*
+ * The kernels use GCC/Clang vector extensions: 4 floats at a time (two
+ * pairs of doubles for the sums) without depending on the optimization
+ * level.  The element-wise kernels do exactly the scalar operations, so a
+ * value's result does not depend on its position; the sums have a fixed
+ * order, so every run gives the same bits.
+ */
+typedef float v4f __attribute__((vector_size(16))); /* 4 floats: SSE2/NEON width */
+typedef double v2d __attribute__((vector_size(16)));
+#define VL 4
+
+static inline v4f load4(const float *p) {
+  v4f v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void store4(float *p, v4f v) { memcpy(p, &v, sizeof(v)); }
+static inline v2d lo2(v4f v) { return (v2d){v[0], v[1]}; }
+static inline v2d hi2(v4f v) { return (v2d){v[2], v[3]}; }
+static inline double hsum2(v2d v) { return v[0] + v[1]; }
+
+/*
  * Per-channel count, mean and M2 in one read.  Sums of d = x - K in double,
  * K being the channel's first value: with K a sample of the channel the
  * textbook cancellation of Σx² - (Σx)²/n cannot happen, and
- * M2 = Σd² - (Σd)²/n is accurate to double precision.  Four partial sums
- * keep the inner loop free of a serial dependency.
+ * M2 = Σd² - (Σd)²/n is accurate to double precision.
  */
 static void local_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2) {
   size_t count = N * S;
@@ -183,24 +203,26 @@ static void local_stats(const float *x, size_t N, size_t C, size_t S, double *me
   if (count == 0) return;
   for (size_t c = 0; c < C; c++) {
     const float k = x[c * S];
+    const v2d kv = {k, k};
     double s = 0, q = 0;
     for (size_t n = 0; n < N; n++) {
       const float *p = x + (n * C + c) * S;
-      double s0 = 0, s1 = 0, s2 = 0, s3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+      v2d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
       size_t i = 0;
-      for (; i + 4 <= S; i += 4) {
-        double d0 = (double)p[i] - k, d1 = (double)p[i + 1] - k;
-        double d2 = (double)p[i + 2] - k, d3 = (double)p[i + 3] - k;
-        s0 += d0, s1 += d1, s2 += d2, s3 += d3;
-        q0 += d0 * d0, q1 += d1 * d1, q2 += d2 * d2, q3 += d3 * d3;
+      for (; i + VL <= S; i += VL) {
+        v4f v = load4(p + i);
+        v2d d0 = lo2(v) - kv, d1 = hi2(v) - kv;
+        s0 += d0, s1 += d1;
+        q0 += d0 * d0, q1 += d1 * d1;
       }
+      double st = hsum2(s0 + s1), qt = hsum2(q0 + q1);
       for (; i < S; i++) {
         double d = (double)p[i] - k;
-        s0 += d;
-        q0 += d * d;
+        st += d;
+        qt += d * d;
       }
-      s += (s0 + s1) + (s2 + s3);
-      q += (q0 + q1) + (q2 + q3);
+      s += st;
+      q += qt;
     }
     mean[c] = (double)k + s / (double)count;
     double v = q - s * s / (double)count;
@@ -222,7 +244,11 @@ static void normalize(const float *x, float *y, size_t N, size_t C, size_t S, co
       float *q = y + (n * C + c) * S;
       const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
       const float a = (float)scale[c], b = (float)shift[c];
-      for (size_t i = 0; i < S; i++) q[i] = ((p[i] - hi) - lo) * a + b;
+      const v4f hv = {hi, hi, hi, hi}, lv = {lo, lo, lo, lo};
+      const v4f av = {a, a, a, a}, bv = {b, b, b, b};
+      size_t i = 0;
+      for (; i + VL <= S; i += VL) store4(q + i, ((load4(p + i) - hv) - lv) * av + bv);
+      for (; i < S; i++) q[i] = ((p[i] - hi) - lo) * a + b;
     }
 }
 
@@ -234,19 +260,22 @@ static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
       const double mu = mean[c];
-      double a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+      const v2d mv = {mu, mu};
+      v2d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
       size_t i = 0;
-      for (; i + 2 <= S; i += 2) {
-        a0 += g[i], a1 += g[i + 1];
-        b0 += (double)g[i] * ((double)p[i] - mu);
-        b1 += (double)g[i + 1] * ((double)p[i + 1] - mu);
+      for (; i + VL <= S; i += VL) {
+        v4f xv = load4(p + i), gv = load4(g + i);
+        v2d g0 = lo2(gv), g1 = hi2(gv);
+        a0 += g0, a1 += g1;
+        b0 += g0 * (lo2(xv) - mv), b1 += g1 * (hi2(xv) - mv);
       }
+      double at = hsum2(a0 + a1), bt = hsum2(b0 + b1);
       for (; i < S; i++) {
-        a0 += g[i];
-        b0 += (double)g[i] * ((double)p[i] - mu);
+        at += g[i];
+        bt += (double)g[i] * ((double)p[i] - mu);
       }
-      sdy[c] += a0 + a1;
-      sdyx[c] += b0 + b1;
+      sdy[c] += at;
+      sdyx[c] += bt;
     }
 }
 
@@ -259,7 +288,13 @@ static void grad_input(const float *x, const float *dy, float *dx, size_t N, siz
       float *o = dx + (n * C + c) * S;
       const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
       const float kf = (float)k[c], cf = (float)c1[c], qf = (float)q[c];
-      for (size_t i = 0; i < S; i++) o[i] = kf * (g[i] - cf) - ((p[i] - hi) - lo) * qf;
+      const v4f hv = {hi, hi, hi, hi}, lv = {lo, lo, lo, lo};
+      const v4f kv = {kf, kf, kf, kf}, cv = {cf, cf, cf, cf};
+      const v4f qv = {qf, qf, qf, qf};
+      size_t i = 0;
+      for (; i + VL <= S; i += VL)
+        store4(o + i, kv * (load4(g + i) - cv) - ((load4(p + i) - hv) - lv) * qv);
+      for (; i < S; i++) o[i] = kf * (g[i] - cf) - ((p[i] - hi) - lo) * qf;
     }
 }
 
