@@ -970,7 +970,7 @@ END_TEST
 START_TEST(deadlock_detected) {
   start_coord(NULL);
   peer *p[2] = {join("dl", 0, 2), join("dl", 1, 2)};
-  double v = 1, q = 0;
+  double v = 1, q = 0, q0 = 0;
   send_forward(p[0], 1, "bn2", 1, 1, &v, &q);
   usleep(20000);
   send_forward(p[1], 0, "bn1", 1, 1, &v, &q);
@@ -980,6 +980,32 @@ START_TEST(deadlock_detected) {
     ck_assert_uint_eq(e->error->n_ranks, 2);
     sbn__msg_free(e);
     peer_close(p[r]);
+  }
+  /* Rank 1 enters group {0,1} while 0 and 2 wait for it in WORLD. */
+  peer *w[3];
+  for (uint32_t r = 0; r < 3; r++)
+    w[r] = join("dl3", r, 3);
+  send_forward(w[0], 0, "world.bn", 1, 1, &v, &q0);
+  send_forward(w[2], 0, "world.bn", 1, 1, &v, &q0);
+  usleep(20000);
+  static const uint32_t pair[] = {0, 1};
+  contrib c = {.members = pair,
+               .n_members = 2,
+               .seq = 0,
+               .phase = SBN__PHASE__PHASE_FORWARD,
+               .layer = "pair.bn",
+               .channels = 1,
+               .count = 1,
+               .a = &v,
+               .b = &q0,
+               .n_ab = 1};
+  send_contrib(w[1], &c);
+  for (int r = 0; r < 3; r++) {
+    Sbn__Envelope *e = expect_error(w[r], SBN_EMISMATCH, "neither round can complete", 1000);
+    ck_assert_msg(strstr(e->error->message, "group 0,1") && strstr(e->error->message, "world"),
+                  "%s", e->error->message);
+    sbn__msg_free(e);
+    peer_close(w[r]);
   }
   stop_ok();
 }
