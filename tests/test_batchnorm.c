@@ -12,76 +12,10 @@
 #include <string.h>
 
 #include "coord_proc.h"
+#include "refdata.h"
 #include "sbn/sbn.h"
 
 /* ---- reference files ---------------------------------------------------------- */
-
-typedef struct ref_array {
-  char name[64];
-  int ndim;
-  size_t shape[SBN_MAX_DIMS];
-  size_t numel;
-  float *data;
-} ref_array;
-
-typedef struct ref_file {
-  size_t n;
-  ref_array *a;
-} ref_file;
-
-static uint32_t rd_u32(FILE *f) {
-  unsigned char b[4];
-  ck_assert_uint_eq(fread(b, 1, 4, f), 4);
-  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-}
-
-static ref_file ref_load(const char *file) {
-  char path[512];
-  snprintf(path, sizeof(path), "%s/%s", SBN_TEST_DATA_DIR, file);
-  FILE *f = fopen(path, "rb");
-  ck_assert_msg(f != NULL, "cannot open %s (run tests/data/gen_reference.py)", path);
-  char magic[8];
-  ck_assert_uint_eq(fread(magic, 1, 8, f), 8);
-  ck_assert(memcmp(magic, "SBNREF1\0", 8) == 0);
-  ref_file r;
-  r.n = rd_u32(f);
-  ck_assert_uint_le(r.n, 64);
-  r.a = calloc(r.n, sizeof(*r.a));
-  for (size_t i = 0; i < r.n; i++) {
-    ref_array *a = &r.a[i];
-    uint32_t len = rd_u32(f);
-    ck_assert_uint_lt(len, sizeof(a->name));
-    ck_assert_uint_eq(fread(a->name, 1, len, f), len);
-    a->ndim = (int)rd_u32(f);
-    ck_assert(a->ndim >= 1 && a->ndim <= SBN_MAX_DIMS);
-    a->numel = 1;
-    for (int d = 0; d < a->ndim; d++) a->numel *= a->shape[d] = rd_u32(f);
-    a->data = malloc(a->numel * sizeof(float) + 1);
-    /* The files are little endian, like every machine this runs on. */
-    ck_assert_uint_eq(fread(a->data, sizeof(float), a->numel, f), a->numel);
-  }
-  fclose(f);
-  return r;
-}
-
-static void ref_free(ref_file *r) {
-  for (size_t i = 0; i < r->n; i++) free(r->a[i].data);
-  free(r->a);
-}
-
-static const ref_array *ref_get(const ref_file *r, const char *name) {
-  for (size_t i = 0; i < r->n; i++)
-    if (strcmp(r->a[i].name, name) == 0) return &r->a[i];
-  ck_abort_msg("reference array '%s' missing", name);
-  return NULL;
-}
-
-static sbn_tensor *ref_tensor(const ref_file *r, const char *name) {
-  const ref_array *a = ref_get(r, name);
-  sbn_tensor *t;
-  ck_assert_int_eq(sbn_tensor_from_data(a->ndim, a->shape, a->data, &t), SBN_OK);
-  return t;
-}
 
 /* |got - ref| <= 5e-6 + 5e-6*|ref| elementwise (the spec's tolerance). */
 static void assert_close(const float *got, const float *ref, size_t n, const char *what) {
