@@ -367,6 +367,62 @@ START_TEST(test_rank_outside_group) {
 }
 END_TEST
 
+/* Ranks whose models differ are told before training, with the first
+ * difference named; identical models pass. */
+static int model_check_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  fail_shared *sh = sp;
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = a->addr;
+  cfg.job = a->job;
+  cfg.rank = rank;
+  cfg.world_size = 3;
+  sbn_ctx *ctx;
+  if (sbn_init(&cfg, &ctx) != SBN_OK)
+    return 1;
+  sbn_module *layers[3] = {0}, *model = NULL;
+  for (int i = 0; i < 3; i++) {
+    sbn_bn_options o;
+    /* Rank 2 builds its second layer with 32 channels instead of 16. */
+    sbn_bn_options_init(&o, rank == 2 && i == 1 ? 32 : 16);
+    o.group = sbn_world(ctx);
+    if (sbn_syncbatchnorm_new(&o, &layers[i]) != SBN_OK)
+      return 1;
+  }
+  if (sbn_sequential_new(layers, 3, &model) != SBN_OK ||
+      sbn_module_name_layers(model, NULL) != SBN_OK)
+    return 1;
+  /* First the first layer alone (identical everywhere), then the model. */
+  int rc0 = sbn_check_model(sbn_world(ctx), layers[0]);
+  sh->rc[rank] = sbn_check_model(sbn_world(ctx), model);
+  snprintf(sh->msg[rank], 300, "%s", sbn_last_error());
+  for (int i = 0; i < 3; i++)
+    sbn_module_free(layers[i]);
+  sbn_module_free(model);
+  sbn_finalize(ctx);
+  return rc0 == SBN_OK ? 0 : 1;
+}
+
+START_TEST(test_model_check_names_difference) {
+  ck_assert_int_eq(coord_start(&coord, NULL), 0);
+  arg a = {coord.addr, unique_job(), NULL, NULL};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 3, model_check_worker, &a, sizeof(fail_shared)), 0);
+  ck_assert_int_eq(workers_wait(&ws, 20000), 3);
+  fail_shared *sh = ws.shared;
+  for (int r = 0; r < 3; r++) {
+    ck_assert_msg(sh->rc[r] == SBN_EMISMATCH, "rank %d: %d %s", r, sh->rc[r], sh->msg[r]);
+    /* names the rank, the layer (its dotted path "1") and both channel counts */
+    ck_assert_msg(strstr(sh->msg[r], "rank 2") && strstr(sh->msg[r], "32") &&
+                      strstr(sh->msg[r], "16"),
+                  "rank %d: '%s'", r, sh->msg[r]);
+  }
+  workers_release(&ws);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("syncbn_dist");
   TCase *tc = tcase_create("slices");
@@ -379,6 +435,7 @@ int main(void) {
   tcase_add_test(tf, test_coordinator_gone_mid_forward);
   tcase_add_test(tf, test_bad_group_use);
   tcase_add_test(tf, test_rank_outside_group);
+  tcase_add_test(tf, test_model_check_names_difference);
   suite_add_tcase(s, tf);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
