@@ -68,14 +68,8 @@ static int check_buf(shared *sh, int rank, int world, const float *buf, size_t n
 }
 
 static sbn_ctx *connect_rank(const arg *a, int rank, shared *sh) {
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = a->world;
   sbn_ctx *ctx = NULL;
-  if (sbn_init(&cfg, &ctx) != SBN_OK)
+  if (worker_connect(a->addr, a->job, rank, a->world, &ctx) != SBN_OK)
     FAIL(sh, rank, "init: %s", sbn_last_error());
   return ctx;
 }
@@ -236,9 +230,5 @@ int main(void) {
   tcase_add_test(tc, test_poisoned_allreduce);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
+  return run_suite(s);
 }

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "sbn/sbn.h"
+#include "workers.h"
 
 static void clear_env(void) {
   static const char *const vars[] = {
@@ -153,9 +154,5 @@ int main(void) {
   tcase_add_test(tc, test_bad_values_change_nothing);
   tcase_add_test(tc, test_limits_at_edge);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
+  return run_suite(s);
 }

@@ -99,14 +99,8 @@ static int close_rel(double got, long double ref, long double scale) {
 static int rounds_worker(int rank, void *argp, void *sharedp) {
   run_arg *arg = argp;
   shared_results *sh = sharedp;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = arg->addr;
-  cfg.job = arg->job;
-  cfg.rank = rank;
-  cfg.world_size = arg->world;
   sbn_ctx *ctx;
-  if (sbn_init(&cfg, &ctx) != SBN_OK) {
+  if (worker_connect(arg->addr, arg->job, rank, arg->world, &ctx) != SBN_OK) {
     snprintf(sh->first_failure[rank], 256, "init: %s", sbn_last_error());
     return 1;
   }
@@ -490,9 +484,5 @@ static Suite *rounds_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(rounds_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
+  return run_suite(rounds_suite());
 }

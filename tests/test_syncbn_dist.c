@@ -120,13 +120,7 @@ static int worker(int rank, void *ap, void *sp) {
   sbn_group *g = NULL;
   sbn_module *bn = NULL;
   sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL, *want = NULL;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = dc->world;
-  TRY(sbn_init(&cfg, &ctx), "init");
+  TRY(worker_connect(a->addr, a->job, rank, dc->world, &ctx), "init");
   g = sbn_world(ctx);
   if (dc->two_groups) {
     int members[2] = {rank % 2, rank % 2 + 2};
@@ -239,14 +233,8 @@ typedef struct fail_shared {
 static int gone_worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   fail_shared *sh = sp;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = 2;
   sbn_ctx *ctx;
-  if (sbn_init(&cfg, &ctx) != SBN_OK)
+  if (worker_connect(a->addr, a->job, rank, 2, &ctx) != SBN_OK)
     return 1;
   if (rank == 1) {
     sh->ready[rank] = 1;
@@ -334,14 +322,8 @@ END_TEST
 static int notmember_worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   fail_shared *sh = sp;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = 3;
   sbn_ctx *ctx;
-  if (sbn_init(&cfg, &ctx) != SBN_OK)
+  if (worker_connect(a->addr, a->job, rank, 3, &ctx) != SBN_OK)
     return 1;
   int others[] = {(rank + 1) % 3, (rank + 2) % 3};
   sbn_group *g = NULL;
@@ -372,14 +354,8 @@ END_TEST
 static int model_check_worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   fail_shared *sh = sp;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = 3;
   sbn_ctx *ctx;
-  if (sbn_init(&cfg, &ctx) != SBN_OK)
+  if (worker_connect(a->addr, a->job, rank, 3, &ctx) != SBN_OK)
     return 1;
   sbn_module *layers[3] = {0}, *model = NULL;
   for (int i = 0; i < 3; i++) {
@@ -437,9 +413,5 @@ int main(void) {
   tcase_add_test(tf, test_rank_outside_group);
   tcase_add_test(tf, test_model_check_names_difference);
   suite_add_tcase(s, tf);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
+  return run_suite(s);
 }

@@ -84,14 +84,8 @@ static size_t dump(sbn_module *model, float *out) {
 static int worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   shared *sh = sp;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = a->world;
   sbn_ctx *ctx;
-  int rc = sbn_init(&cfg, &ctx);
+  int rc = worker_connect(a->addr, a->job, rank, a->world, &ctx);
   if (rc != SBN_OK) {
     snprintf(sh->msg[rank], 256, "init: %s", sbn_last_error());
     return 1;
@@ -176,9 +170,5 @@ int main(void) {
   tcase_set_timeout(tc, 120);
   tcase_add_loop_test(tc, test_n_workers_equal_one_big_batch, 0, 2);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? 0 : 1;
+  return run_suite(s);
 }

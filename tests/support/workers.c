@@ -9,6 +9,9 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "sbn/sbn.h"
+
+#include <check.h>
 
 int workers_start(worker_set *ws, int n, worker_fn fn, void *arg, size_t shared_size) {
   memset(ws, 0, sizeof(*ws));
@@ -61,4 +64,22 @@ const char *unique_job(void) {
   static int counter;
   snprintf(buf, sizeof(buf), "test-%d-%d", (int)getpid(), ++counter);
   return buf;
+}
+
+int worker_connect(const char *addr, const char *job, int rank, int world, sbn_ctx **ctx) {
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = addr;
+  cfg.job = job;
+  cfg.rank = rank;
+  cfg.world_size = world;
+  return sbn_init(&cfg, ctx);
+}
+
+int run_suite(Suite *s) {
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? 0 : 1;
 }

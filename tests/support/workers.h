@@ -34,4 +34,16 @@ void workers_release(worker_set *ws);
 /* A per-test unique job id ("test-<pid>-<counter>"). */
 const char *unique_job(void);
 
+struct sbn_ctx;
+/*
+ * sbn_init() for a worker of a test: coordinator addr, job, rank, world,
+ * everything else default.  Returns the status; *ctx is NULL on failure.
+ */
+int worker_connect(const char *addr, const char *job, int rank, int world,
+                   struct sbn_ctx **ctx);
+
+struct Suite;
+/* Runs a Check suite (fork mode) and returns 0 when every test passed. */
+int run_suite(struct Suite *s);
+
 #endif
