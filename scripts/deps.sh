@@ -1,5 +1,5 @@
 # Sourced by the scripts: installs the Debian packages sbn needs, once.
-SBN_DEBIAN_PACKAGES="build-essential cmake pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler check"
+SBN_DEBIAN_PACKAGES="build-essential cmake pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler check libssl-dev"
 
 sbn_install_deps() {
   local missing=()

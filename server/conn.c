@@ -7,10 +7,14 @@
  * connection.  Writes go out with uv_try_write() first and fall back to a
  * queued uv_write() for what the socket did not take.
  *
- * Deliberately left for later issues: a bound on each connection's write
- * queue (a worker that stops reading keeps its results queued until it is
- * lost), and authentication of workers at hello.
+ * Bounds: the framer holds at most one frame (cfg.max_frame, or
+ * SBN_SRV_HELLO_MAX_FRAME before the welcome) plus one read; the write queue
+ * at most cfg.max_queued bytes plus one frame, past which the worker (which
+ * does not read its replies) is disconnected.  A welcomed connection holding
+ * part of a frame is closed after cfg.frame_timeout_ms without a byte.
  */
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,11 +26,16 @@
 
 /* How much one read may ask the framer for. */
 #define SBN_SRV_READ_CHUNK (64u * 1024u)
+/* Keepalive probes after the idle time: a dead peer is found within
+ * keepalive + 6 x 10 s. */
+#define SBN_SRV_KEEPALIVE_INTERVAL_S 10
+#define SBN_SRV_KEEPALIVE_PROBES 6
 
 /* A queued write of (the tail of) a shared buffer. */
 typedef struct sbn__srv_write {
   uv_write_t req;
   sbn__srv_wbuf *wb;
+  size_t len; /* bytes of wb this write carries, counted in conn->queued */
 } sbn__srv_write;
 
 static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env);
@@ -88,7 +97,9 @@ static void conn_on_close(uv_handle_t *h) {
     c->conns = conn->next;
   if (conn->next != NULL)
     conn->next->prev = conn->prev;
+  c->nconns--;
   sbn__framer_release(&conn->rx);
+  sbn__msg_free(conn->hello_env);
   free(conn);
 }
 
@@ -166,6 +177,7 @@ static void conn_break(sbn__srv_conn *conn, const char *why, int err) {
 static void conn_on_write(uv_write_t *req, int status) {
   sbn__srv_write *w = (sbn__srv_write *)req;
   sbn__srv_conn *conn = req->data;
+  conn->queued -= w->len;
   sbn__srv_wbuf_unref(w->wb);
   free(w);
   if (status < 0 && status != UV_ECANCELED)
@@ -189,6 +201,20 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
     return;
   }
   size_t off = n > 0 ? (size_t)n : 0;
+  uint64_t limit = conn->coord->cfg.max_queued;
+  if (conn->queued > 0 && conn->queued + (wb->len - off) > limit) {
+    /*
+     * The worker does not read what it is sent.  One frame may always be
+     * queued, whatever its size, so a large reply never fails on its own.
+     */
+    char why[160];
+    snprintf(why, sizeof(why),
+             "write queue of %llu bytes would exceed the limit of %llu bytes "
+             "(the peer does not read its replies)",
+             (unsigned long long)(conn->queued + (wb->len - off)), (unsigned long long)limit);
+    conn_break(conn, why, 0);
+    return;
+  }
   sbn__srv_write *w = malloc(sizeof(*w));
   if (w == NULL) {
     /* Part of a frame may be out already: the stream cannot be saved. */
@@ -196,11 +222,14 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
     return;
   }
   w->wb = wb;
+  w->len = wb->len - off;
   w->req.data = conn;
   wb->refs++;
+  conn->queued += w->len;
   buf = uv_buf_init((char *)wb->data + off, (unsigned)(wb->len - off));
   int rc = uv_write(&w->req, (uv_stream_t *)&conn->tcp, &buf, 1, conn_on_write);
   if (rc != 0) {
+    conn->queued -= w->len;
     sbn__srv_wbuf_unref(wb);
     free(w);
     conn_break(conn, "write failed", rc);
@@ -256,6 +285,16 @@ static void conn_drain(sbn__srv_conn *conn) {
   }
 }
 
+static void conn_on_stalled(uv_timer_t *t) {
+  sbn__srv_conn *conn = t->data;
+  unsigned ms = conn->coord->cfg.frame_timeout_ms;
+  size_t held = sbn__framer_pending(&conn->rx);
+  sbn__srv_conn_error(conn, SBN_ETIMEDOUT, NULL, 0, 0, 0, "",
+                      "%zu bytes of an unfinished frame and nothing more within %u ms", held, ms);
+  sbn__srv_conn_close(conn, 1, "stalled in the middle of a frame (%zu bytes held for %u ms)", held,
+                      ms);
+}
+
 static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   sbn__srv_conn *conn = s->data;
   (void)buf;
@@ -275,13 +314,25 @@ static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   sbn__framer_commit(&conn->rx, (size_t)nread);
   conn_drain(conn);
+  /*
+   * Before the welcome the hello timeout bounds everything.  After it, a
+   * peer that stops in the middle of a frame is stalled or half-open: the
+   * timer restarts with every read while part of a frame is held.
+   */
+  if (conn->welcomed && !conn->closing && !conn->broken) {
+    if (sbn__framer_pending(&conn->rx) > 0)
+      uv_timer_start(&conn->timer, conn_on_stalled, conn->coord->cfg.frame_timeout_ms, 0);
+    else
+      uv_timer_stop(&conn->timer);
+  }
 }
 
 static void conn_on_hello_timeout(uv_timer_t *t) {
   sbn__srv_conn *conn = t->data;
   unsigned ms = conn->coord->cfg.hello_timeout_ms;
-  sbn__srv_conn_error(conn, SBN_ETIMEDOUT, NULL, 0, 0, 0, "", "no hello within %u ms", ms);
-  sbn__srv_conn_close(conn, 1, "no hello within %u ms", ms);
+  const char *what = conn->hello_env != NULL ? "no proof" : "no hello";
+  sbn__srv_conn_error(conn, SBN_ETIMEDOUT, NULL, 0, 0, 0, "", "%s within %u ms", what, ms);
+  sbn__srv_conn_close(conn, 1, "%s within %u ms", what, ms);
 }
 
 /* Dispatch */
@@ -297,6 +348,8 @@ static const char *body_name(int body_case) {
   case SBN__ENVELOPE__BODY_PING: return "ping";
   case SBN__ENVELOPE__BODY_PONG: return "pong";
   case SBN__ENVELOPE__BODY_GOODBYE: return "goodbye";
+  case SBN__ENVELOPE__BODY_CHALLENGE: return "challenge";
+  case SBN__ENVELOPE__BODY_PROOF: return "proof";
   default: return "unknown";
   }
 }
@@ -305,16 +358,17 @@ static const char *body_name(int body_case) {
 static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env) {
   int kind = env->body_case;
   if (kind == SBN__ENVELOPE__BODY_HELLO) {
-    if (conn->welcomed || conn->job != NULL) {
+    if (conn->welcomed || conn->job != NULL || conn->hello_env != NULL) {
       sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "second hello on a connection");
       sbn__srv_conn_close(conn, 1, "second hello");
+      sbn__msg_free(env);
     } else {
-      uv_timer_stop(&conn->timer);
-      sbn__srv_job_hello(conn, env->hello);
-      if (conn->welcomed)
-        conn->rx.max_frame = conn->coord->cfg.max_frame;
+      sbn__srv_hello(conn, env); /* takes env */
     }
-    sbn__msg_free(env);
+    return;
+  }
+  if (kind == SBN__ENVELOPE__BODY_PROOF && !conn->welcomed) {
+    sbn__srv_proof(conn, env); /* takes env */
     return;
   }
   if (!conn->welcomed) {
@@ -382,6 +436,28 @@ static void format_peer(uv_tcp_t *tcp, char *out, size_t len) {
   }
 }
 
+/*
+ * TCP keepalive: the kernel probes an idle connection after idle_s seconds,
+ * then every SBN_SRV_KEEPALIVE_INTERVAL_S, and reports it dead after
+ * SBN_SRV_KEEPALIVE_PROBES unanswered probes.  A live worker's kernel
+ * answers the probes even while the worker computes for minutes (or is
+ * stopped), so only vanished hosts and broken paths are dropped.
+ */
+static void conn_keepalive(sbn__srv_conn *conn, unsigned idle_s) {
+  int rc = uv_tcp_keepalive(&conn->tcp, 1, idle_s);
+#if defined(TCP_KEEPINTVL) && defined(TCP_KEEPCNT)
+  uv_os_fd_t fd;
+  if (rc == 0 && uv_fileno((uv_handle_t *)&conn->tcp, &fd) == 0) {
+    int intvl = SBN_SRV_KEEPALIVE_INTERVAL_S, cnt = SBN_SRV_KEEPALIVE_PROBES;
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+  }
+#endif
+  if (rc != 0)
+    SBN_LOGW("conn %llu %s: TCP keepalive failed: %s", (unsigned long long)conn->id, conn->peer,
+             uv_strerror(rc));
+}
+
 void sbn__srv_conn_accept(sbn__coord *c) {
   sbn__srv_conn *conn = calloc(1, sizeof(*conn));
   if (conn == NULL) {
@@ -391,6 +467,7 @@ void sbn__srv_conn_accept(sbn__coord *c) {
   }
   conn->coord = c;
   conn->id = ++c->next_conn_id;
+  c->nconns++;
   conn->tcp.data = conn;
   conn->timer.data = conn;
   sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame ? SBN_SRV_HELLO_MAX_FRAME
@@ -415,7 +492,17 @@ void sbn__srv_conn_accept(sbn__coord *c) {
   if (rc != 0)
     SBN_LOGW("conn %llu %s: TCP_NODELAY failed: %s", (unsigned long long)conn->id, conn->peer,
              uv_strerror(rc));
+  if (c->cfg.keepalive_s > 0)
+    conn_keepalive(conn, c->cfg.keepalive_s);
   SBN_LOGI("conn %llu accepted from %s", (unsigned long long)conn->id, conn->peer);
+  if (c->nconns > c->cfg.max_conns) {
+    /* Accepted all the same, so the refusal is an answer and not a hang. */
+    sbn__srv_conn_error(conn, SBN_ELIMIT, NULL, 0, 0, 0, "",
+                        "the coordinator has reached its limit of %u connections",
+                        (unsigned)c->cfg.max_conns);
+    sbn__srv_conn_close(conn, 1, "over the limit of %u connections", (unsigned)c->cfg.max_conns);
+    return;
+  }
   uv_timer_start(&conn->timer, conn_on_hello_timeout, c->cfg.hello_timeout_ms, 0);
   rc = uv_read_start((uv_stream_t *)&conn->tcp, conn_on_alloc, conn_on_read);
   if (rc != 0)

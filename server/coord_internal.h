@@ -28,12 +28,6 @@
 #define SBN_SRV_WORLD_MAX 65536u
 #define SBN_SRV_LAYER_MAX 256
 /*
- * The largest channel count a contribution may announce.  The frame limit
- * binds long before this one (a forward round of 2^24 channels is 256 MiB of
- * doubles), it only keeps arithmetic on C far away from overflow.
- */
-#define SBN_MAX_CHANNELS (1u << 24)
-/*
  * Until a connection has been welcomed its frames may be at most this big: a
  * hello is a few hundred bytes, and a stranger should not make us buffer
  * megabytes.
@@ -75,6 +69,9 @@ struct sbn__coord {
   sbn__srv_map jobs;    /* job id -> sbn__srv_job */
   uint64_t next_conn_id;
   uint64_t next_session;
+  int auth;         /* workers must prove they know cfg.secret */
+  uint32_t nconns;  /* connections accepted and not yet freed (cfg.max_conns) */
+  uint32_t njobs;   /* jobs alive (cfg.max_jobs) */
   /* Reused by allreduce for its double accumulator; grows, never shrinks. */
   double *scratch;
   size_t scratch_len;
@@ -82,7 +79,12 @@ struct sbn__coord {
 
 struct sbn__srv_conn {
   uv_tcp_t tcp;
-  uv_timer_t timer; /* hello timeout, then the flush deadline when closing */
+  /*
+   * The hello timeout (through authentication) until welcomed, then the
+   * stalled-frame timeout while part of a frame is held, and the flush
+   * deadline when closing.
+   */
+  uv_timer_t timer;
   uv_shutdown_t shutdown_req;
   sbn__coord *coord;
   sbn__srv_conn *prev, *next; /* in coord->conns */
@@ -92,9 +94,18 @@ struct sbn__srv_conn {
   int handles_open; /* close callbacks still to come; free at 0 */
   int closing;      /* no reads, no writes, teardown done */
   int broken;       /* a write failed; closes on the next loop iteration */
-  char broken_why[128];
+  char broken_why[192];
   int welcomed;
   int said_goodbye;
+  uint64_t queued; /* bytes handed to uv_write() and not yet written */
+  /*
+   * Authentication (with a secret): the hello waits here while the
+   * challenge is out; the nonces are both sides' of this connection.
+   */
+  Sbn__Envelope *hello_env;
+  uint8_t nonce_w[SBN_AUTH_NONCE_SIZE];
+  uint8_t nonce_c[SBN_AUTH_NONCE_SIZE];
+  int authed; /* the worker proved it holds the secret */
   /* Set once welcomed, cleared when the job lets go of the connection. */
   sbn__srv_job *job;
   uint32_t rank;
@@ -116,6 +127,8 @@ struct sbn__srv_job {
   uint32_t world;
   uint32_t nconns;        /* attached connections; the job dies at 0 */
   uint32_t n_waiting;     /* connections with an open contribution */
+  uint32_t ngroups;       /* groups created (cfg.max_groups) */
+  uint32_t nrounds;       /* open rounds (cfg.max_rounds) */
   sbn__srv_rank *ranks;   /* [world] */
   sbn__srv_map groups;    /* members -> sbn__srv_group */
   sbn__srv_round *rounds; /* open rounds, a list */
@@ -123,7 +136,7 @@ struct sbn__srv_job {
 
 /*
  * A group: WORLD or a sorted subset of the job's ranks.  Groups live as long
- * as their job (a later issue may bound how many a job may create).
+ * as their job; a job may create at most cfg.max_groups of them.
  */
 struct sbn__srv_group {
   sbn__srv_map_node node; /* in job->groups; the key is `members` bytes */
@@ -186,12 +199,25 @@ void sbn__srv_wbuf_unref(sbn__srv_wbuf *wb);
 sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *ranks,
                                      size_t nranks, uint64_t seq, int phase, const char *layer);
 
+/* handshake.c */
+/* A hello arrived on a connection not yet welcomed; takes env. */
+void sbn__srv_hello(sbn__srv_conn *conn, Sbn__Envelope *env);
+/* A Proof arrived; takes env. */
+void sbn__srv_proof(sbn__srv_conn *conn, Sbn__Envelope *env);
+
 /* job.c */
 void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h);
+/* Sends a Reject with code and message, logs it, closes conn (flushed). */
+void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 /* The connection is going away: its rank becomes lost (or left). */
 void sbn__srv_job_conn_gone(sbn__srv_conn *conn);
-/* Finds or creates the group of members (empty = WORLD); NULL if out of memory. */
-sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, size_t n);
+/*
+ * Finds or creates the group of members (empty = WORLD); NULL with *rc set
+ * to SBN_ENOMEM, or SBN_ELIMIT when the job has cfg.max_groups groups.
+ */
+sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, size_t n,
+                                   int *rc);
 /* The group index of world rank r, or -1 if r is not a member. */
 long sbn__srv_group_index(const sbn__srv_group *g, uint32_t r);
 uint32_t sbn__srv_group_rank(const sbn__srv_group *g, uint32_t i);

@@ -24,6 +24,14 @@ void sbn__coord_config_init(sbn__coord_config *cfg) {
   cfg->round_timeout_ms = SBN_COORD_ROUND_TIMEOUT_DEFAULT_MS;
   cfg->hello_timeout_ms = SBN_COORD_HELLO_TIMEOUT_DEFAULT_MS;
   cfg->max_frame = SBN_MAX_FRAME_DEFAULT;
+  cfg->frame_timeout_ms = SBN_COORD_FRAME_TIMEOUT_DEFAULT_MS;
+  cfg->keepalive_s = SBN_COORD_KEEPALIVE_DEFAULT_S;
+  cfg->max_conns = SBN_COORD_MAX_CONNS_DEFAULT;
+  cfg->max_jobs = SBN_COORD_MAX_JOBS_DEFAULT;
+  cfg->max_groups = SBN_COORD_MAX_GROUPS_DEFAULT;
+  cfg->max_channels = SBN_MAX_CHANNELS;
+  cfg->max_rounds = SBN_COORD_MAX_ROUNDS_DEFAULT;
+  cfg->max_queued = SBN_COORD_MAX_QUEUED_DEFAULT;
 }
 
 int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **out) {
@@ -33,7 +41,19 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
              SBN_MAX_FRAME_CEILING);
     return SBN_EINVAL;
   }
-  if (cfg->round_timeout_ms == 0 || cfg->hello_timeout_ms == 0) {
+  if (cfg->max_conns == 0 || cfg->max_jobs == 0 || cfg->max_groups == 0 ||
+      cfg->max_rounds == 0 || cfg->max_channels == 0 || cfg->max_channels > SBN_MAX_CHANNELS ||
+      cfg->max_queued < SBN_COORD_MAX_QUEUED_FLOOR) {
+    SBN_LOGE("a limit is out of range (connections, jobs, groups, rounds at least 1; "
+             "channels 1 to %u; queued bytes at least %llu)",
+             SBN_MAX_CHANNELS, (unsigned long long)SBN_COORD_MAX_QUEUED_FLOOR);
+    return SBN_EINVAL;
+  }
+  if (cfg->secret.len != 0 && cfg->secret.len < SBN_SECRET_MIN) {
+    SBN_LOGE("the shared secret has fewer than %u bytes", SBN_SECRET_MIN);
+    return SBN_EINVAL;
+  }
+  if (cfg->round_timeout_ms == 0 || cfg->hello_timeout_ms == 0 || cfg->frame_timeout_ms == 0) {
     SBN_LOGE("timeouts must be at least 1 ms");
     return SBN_EINVAL;
   }
@@ -46,6 +66,7 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
     return SBN_ENOMEM;
   c->loop = loop;
   c->cfg = *cfg;
+  c->auth = cfg->secret.len > 0;
   /* The seed only has to differ between runs; see map.c. */
   uint64_t seed = uv_hrtime() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL);
   sbn__srv_map_init(&c->jobs, seed);
@@ -102,12 +123,35 @@ static int coord_resolve(const sbn__coord_config *cfg, uv_loop_t *loop,
   return 0;
 }
 
+/* 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104: reachable from this host only. */
+static int is_loopback(const struct sockaddr_storage *ss) {
+  if (ss->ss_family == AF_INET)
+    return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+  if (ss->ss_family == AF_INET6) {
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+  }
+  return 0;
+}
+
 int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
   struct sockaddr_storage ss;
   int rc = coord_resolve(&c->cfg, c->loop, &ss);
   if (rc != 0) {
     SBN_LOGE("cannot resolve '%s': %s", c->cfg.host, uv_strerror(rc));
     return SBN_EIO;
+  }
+  if (!c->auth && !is_loopback(&ss)) {
+    if (!c->cfg.insecure) {
+      SBN_LOGE("refusing to listen on non-loopback address '%s' without a shared secret: "
+               "give --secret-file PATH (or --insecure to accept any peer that can reach "
+               "this port)",
+               c->cfg.host);
+      return SBN_EAUTH;
+    }
+    SBN_LOGW("INSECURE: listening on '%s' without a shared secret; anyone who can reach "
+             "this port can join any job, replace its generation and read its statistics",
+             c->cfg.host);
   }
   uv_tcp_init(c->loop, &c->listener);
   c->listener.data = c;
@@ -133,6 +177,18 @@ int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
   SBN_LOGI("listening on %s (round timeout %u ms, hello timeout %u ms, max frame %u bytes)", addr,
            (unsigned)c->cfg.round_timeout_ms, (unsigned)c->cfg.hello_timeout_ms,
            (unsigned)c->cfg.max_frame);
+  SBN_LOGI("limits: %u connections, %u jobs, %u groups and %u open rounds per job, "
+           "%u channels, %llu queued bytes per connection; frame timeout %u ms, "
+           "keepalive %u s",
+           (unsigned)c->cfg.max_conns, (unsigned)c->cfg.max_jobs, (unsigned)c->cfg.max_groups,
+           (unsigned)c->cfg.max_rounds, (unsigned)c->cfg.max_channels,
+           (unsigned long long)c->cfg.max_queued, (unsigned)c->cfg.frame_timeout_ms,
+           (unsigned)c->cfg.keepalive_s);
+  if (c->auth)
+    SBN_LOGI("authentication: workers must prove they hold the shared secret (%zu bytes)",
+             c->cfg.secret.len);
+  else
+    SBN_LOGW("authentication: off (no --secret-file); any local process can join a job");
   return SBN_OK;
 }
 
@@ -164,5 +220,6 @@ void sbn__coord_free(sbn__coord *c) {
   sbn__srv_job_free_all(c);
   sbn__srv_map_release(&c->jobs);
   free(c->scratch);
+  sbn__secret_wipe(&c->cfg.secret);
   free(c);
 }

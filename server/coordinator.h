@@ -22,18 +22,58 @@
 
 #include <uv.h>
 
+#include "auth.h"
 #include "util.h"
+
+/*
+ * The largest channel count a contribution may announce (--max-channels may
+ * lower it).  The frame limit binds long before this one (a forward round of
+ * 2^24 channels is 256 MiB of doubles), it only keeps arithmetic on C far
+ * away from overflow.
+ */
+#define SBN_MAX_CHANNELS (1u << 24)
 
 /* Defaults of the CLI flags, documented in docs/coordinator.md. */
 #define SBN_COORD_ROUND_TIMEOUT_DEFAULT_MS 60000u
 #define SBN_COORD_HELLO_TIMEOUT_DEFAULT_MS 10000u
+#define SBN_COORD_FRAME_TIMEOUT_DEFAULT_MS 60000u
+#define SBN_COORD_KEEPALIVE_DEFAULT_S 60u
+#define SBN_COORD_MAX_CONNS_DEFAULT 4096u
+#define SBN_COORD_MAX_JOBS_DEFAULT 1024u
+#define SBN_COORD_MAX_GROUPS_DEFAULT 1024u
+#define SBN_COORD_MAX_ROUNDS_DEFAULT 4096u
+#define SBN_COORD_MAX_QUEUED_DEFAULT (64ull * 1024u * 1024u)
+/* The smallest write-queue bound that still holds a few replies. */
+#define SBN_COORD_MAX_QUEUED_FLOOR 4096ull
+#define SBN_COORD_MAX_QUEUED_CEILING (16ull * 1024u * 1024u * 1024u)
+/* The upper end of the count limits' ranges. */
+#define SBN_COORD_COUNT_LIMIT_MAX 1000000u
 
 typedef struct sbn__coord_config {
   char host[SBN_HOST_MAX + 1]; /* address to bind, numeric or a name */
   int port;                    /* 0 binds an ephemeral port */
   uint32_t round_timeout_ms;   /* a round not complete by then fails */
-  uint32_t hello_timeout_ms;   /* a connection silent that long is closed */
-  uint32_t max_frame;          /* largest frame body accepted from a worker */
+  uint32_t hello_timeout_ms;   /* a connection not welcomed by then is closed */
+  /* A welcomed connection that holds part of a frame and sends nothing more
+   * for this long is closed (a stalled or half-open sender). */
+  uint32_t frame_timeout_ms;
+  /* TCP keepalive idle time in seconds (0 = off): finds dead peers whose
+   * host vanished without a FIN or RST.  See docs/security.md. */
+  uint32_t keepalive_s;
+  uint32_t max_frame;    /* largest frame body accepted from a worker */
+  uint32_t max_conns;    /* open connections, welcomed or not */
+  uint32_t max_jobs;     /* jobs alive at once */
+  uint32_t max_groups;   /* groups a job may create (WORLD included) */
+  uint32_t max_channels; /* channels (elements) in one contribution */
+  uint32_t max_rounds;   /* open rounds per job */
+  uint64_t max_queued;   /* bytes of replies queued for one connection */
+  /*
+   * With secret.len > 0 every worker must prove it knows the secret at
+   * hello.  Without one the coordinator only listens on a loopback address
+   * unless insecure is set.
+   */
+  sbn__secret secret;
+  int insecure;
 } sbn__coord_config;
 
 typedef struct sbn__coord sbn__coord;
@@ -50,7 +90,9 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
 /*
  * Binds and listens.  On success writes the address actually bound
  * ("127.0.0.1:40123", the real port when cfg->port was 0) into addr.
- * Returns SBN_OK or SBN_EIO with the reason logged; on failure the caller
+ * Returns SBN_OK, SBN_EIO with the reason logged, or SBN_EAUTH when the
+ * address is not a loopback one and there is neither a secret nor
+ * cfg->insecure (nothing is created then); on other failures the caller
  * must still run the loop once so the listener handle closes, then free.
  */
 int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen);

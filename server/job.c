@@ -50,13 +50,18 @@ void sbn__srv_group_describe(const sbn__srv_group *g, char *buf, size_t len) {
   snprintf(buf, len, "group %s", ranks);
 }
 
-sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, size_t n) {
+sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, size_t n,
+                                   int *rc) {
   /* An explicit list of every rank is WORLD too: both spellings meet. */
   int is_world = n == 0 || n == job->world;
   size_t klen = is_world ? 0 : n * sizeof(uint32_t);
   sbn__srv_map_node *node = sbn__srv_map_get(&job->groups, members, klen);
   if (node != NULL)
     return (sbn__srv_group *)node;
+  *rc = SBN_ELIMIT;
+  if (job->ngroups >= job->coord->cfg.max_groups)
+    return NULL;
+  *rc = SBN_ENOMEM;
   sbn__srv_group *g = calloc(1, sizeof(*g) + klen);
   if (g == NULL)
     return NULL;
@@ -69,6 +74,7 @@ sbn__srv_group *sbn__srv_group_get(sbn__srv_job *job, const uint32_t *members, s
     free(g);
     return NULL;
   }
+  job->ngroups++;
   return g;
 }
 
@@ -77,6 +83,7 @@ static void group_free_cb(sbn__srv_map_node *n, void *arg) {
   sbn__srv_group *g = (sbn__srv_group *)n;
   sbn__srv_map_del(&job->groups, n);
   sbn__srv_group_tomb_release(g);
+  job->ngroups--;
   free(g);
 }
 
@@ -93,6 +100,7 @@ static void job_free(sbn__srv_job *job) {
   job_reset_state(job);
   sbn__srv_map_release(&job->groups);
   sbn__srv_map_del(&job->coord->jobs, &job->node);
+  job->coord->njobs--;
   SBN_LOGI("job '%s' ended (generation %llu)", job->name, (unsigned long long)job->generation);
   free(job->ranks);
   free(job);
@@ -137,6 +145,7 @@ static sbn__srv_job *job_new(sbn__coord *c, const char *name, uint32_t world, ui
     free(job);
     return NULL;
   }
+  c->njobs++;
   SBN_LOGI("job '%s' created (world size %u, generation %llu)", job->name, (unsigned)world,
            (unsigned long long)gen);
   return job;
@@ -179,10 +188,7 @@ static int job_restart(sbn__srv_job *job, uint64_t gen, uint32_t world) {
 
 /* Hello */
 
-static void reject(sbn__srv_conn *conn, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
+void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   char msg[512];
   va_list ap;
   va_start(ap, fmt);
@@ -203,10 +209,21 @@ static void reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   sbn__srv_conn_close(conn, 1, "hello rejected");
 }
 
-static void welcome(sbn__srv_conn *conn) {
+static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
   sbn__coord *c = conn->coord;
   Sbn__Welcome w = SBN__WELCOME__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  uint8_t proof[SBN_AUTH_MAC_SIZE];
+  if (conn->authed) {
+    /* The same transcript as the worker's proof, the other direction. */
+    if (sbn__auth_proof(&c->cfg.secret, SBN_AUTH_COORDINATOR, conn->nonce_w, conn->nonce_c,
+                        h->job, h->rank, h->world_size, h->generation, proof) != SBN_OK) {
+      sbn__srv_reject(conn, SBN_EAUTH, "the coordinator cannot compute its proof");
+      return;
+    }
+    w.proof.data = proof;
+    w.proof.len = SBN_AUTH_MAC_SIZE;
+  }
   w.protocol_version = SBN_PROTOCOL_VERSION;
   w.server_version = (char *)SBN_VERSION_STRING;
   w.max_frame = c->cfg.max_frame;
@@ -218,9 +235,12 @@ static void welcome(sbn__srv_conn *conn) {
   sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
-  SBN_LOGI("conn %llu %s: hello accepted: job '%s' rank %u world %u generation %llu "
+  /* A welcomed worker may send frames up to the configured limit. */
+  conn->rx.max_frame = c->cfg.max_frame;
+  SBN_LOGI("conn %llu %s: hello accepted%s: job '%s' rank %u world %u generation %llu "
            "session %llu",
-           (unsigned long long)conn->id, conn->peer, conn->job->name, (unsigned)conn->rank,
+           (unsigned long long)conn->id, conn->peer, conn->authed ? " (authenticated)" : "",
+           conn->job->name, (unsigned)conn->rank,
            (unsigned)conn->job->world, (unsigned long long)conn->generation,
            (unsigned long long)w.session);
 }
@@ -230,65 +250,71 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
   const char *name = h->job ? h->job : "";
   size_t nlen = strlen(name);
   if (c->stopping) {
-    reject(conn, SBN_ESHUTDOWN, "the coordinator is shutting down");
+    sbn__srv_reject(conn, SBN_ESHUTDOWN, "the coordinator is shutting down");
     return;
   }
   if (h->protocol_version != SBN_PROTOCOL_VERSION) {
-    reject(conn, SBN_EVERSION, "hello speaks protocol version %u, this coordinator speaks %u",
+    sbn__srv_reject(conn, SBN_EVERSION, "hello speaks protocol version %u, this coordinator speaks %u",
            (unsigned)h->protocol_version, SBN_PROTOCOL_VERSION);
     return;
   }
   if (nlen == 0) {
-    reject(conn, SBN_EINVAL, "job id is empty");
+    sbn__srv_reject(conn, SBN_EINVAL, "job id is empty");
     return;
   }
   if (nlen >= SBN_SRV_JOB_MAX) {
-    reject(conn, SBN_EINVAL, "job id of %zu bytes is longer than %d bytes", nlen,
+    sbn__srv_reject(conn, SBN_EINVAL, "job id of %zu bytes is longer than %d bytes", nlen,
            SBN_SRV_JOB_MAX - 1);
     return;
   }
   if (h->world_size < 1 || h->world_size > SBN_SRV_WORLD_MAX) {
-    reject(conn, SBN_EINVAL, "world size %u of job '%s' is outside [1, %u]",
+    sbn__srv_reject(conn, SBN_EINVAL, "world size %u of job '%s' is outside [1, %u]",
            (unsigned)h->world_size, name, SBN_SRV_WORLD_MAX);
     return;
   }
   if (h->rank >= h->world_size) {
-    reject(conn, SBN_EINVAL, "rank %u is outside world size %u of job '%s'", (unsigned)h->rank,
+    sbn__srv_reject(conn, SBN_EINVAL, "rank %u is outside world size %u of job '%s'", (unsigned)h->rank,
            (unsigned)h->world_size, name);
     return;
   }
   sbn__srv_job *job = (sbn__srv_job *)sbn__srv_map_get(&c->jobs, name, nlen);
   if (job != NULL && h->generation < job->generation) {
-    reject(conn, SBN_EREJECTED, "stale generation %llu for job '%s', the job is at generation %llu",
+    sbn__srv_reject(conn, SBN_EREJECTED, "stale generation %llu for job '%s', the job is at generation %llu",
            (unsigned long long)h->generation, name, (unsigned long long)job->generation);
     return;
   }
   if (job != NULL && h->generation > job->generation) {
     if (job_restart(job, h->generation, h->world_size) != SBN_OK) {
-      reject(conn, SBN_ENOMEM, "out of memory restarting job '%s'", name);
+      sbn__srv_reject(conn, SBN_ENOMEM, "out of memory restarting job '%s'", name);
       return;
     }
   } else if (job != NULL && h->world_size != job->world) {
-    reject(conn, SBN_EMISMATCH,
+    sbn__srv_reject(conn, SBN_EMISMATCH,
            "rank %u says world size %u for job '%s', the job has world size %u", (unsigned)h->rank,
            (unsigned)h->world_size, name, (unsigned)job->world);
+    return;
+  }
+  if (job == NULL && c->njobs >= c->cfg.max_jobs) {
+    sbn__srv_reject(conn, SBN_ELIMIT,
+                    "the coordinator serves %u jobs, its limit; job '%s' cannot start",
+                    (unsigned)c->njobs, name);
     return;
   }
   if (job == NULL) {
     job = job_new(c, name, h->world_size, h->generation);
     if (job == NULL) {
-      reject(conn, SBN_ENOMEM, "out of memory creating job '%s'", name);
+      sbn__srv_reject(conn, SBN_ENOMEM, "out of memory creating job '%s'", name);
       return;
     }
   }
   sbn__srv_rank *slot = &job->ranks[h->rank];
   if (slot->state == SBN_RANK_CONNECTED) {
-    reject(conn, SBN_EDUPLICATE, "rank %u of job '%s' is already connected", (unsigned)h->rank,
+    sbn__srv_reject(conn, SBN_EDUPLICATE, "rank %u of job '%s' is already connected", (unsigned)h->rank,
            name);
     return;
   }
   if (slot->state != SBN_RANK_NEVER) {
-    reject(conn, SBN_EREJECTED,
+    sbn__srv_reject(conn, SBN_EREJECTED,
            "rank %u of job '%s' %s earlier in generation %llu; restart the job with a new "
            "generation",
            (unsigned)h->rank, name, slot->state == SBN_RANK_LEFT ? "left" : "was lost",
@@ -302,7 +328,7 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
   conn->rank = h->rank;
   conn->generation = job->generation;
   conn->welcomed = 1;
-  welcome(conn);
+  welcome(conn, h);
 }
 
 /* Losing a rank */

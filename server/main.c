@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include <uv.h>
 
@@ -21,6 +22,8 @@
 /* Exit status for a bad command line, as getopt-based tools use. */
 #define EXIT_USAGE 2
 #define ADDR_MAX 300
+/* Descriptors beside the connections: listener, loop, signals, logs. */
+#define SBN_SRV_SPARE_FDS 64
 
 typedef struct app {
   uv_loop_t loop;
@@ -35,15 +38,31 @@ static void usage(FILE *out) {
           "Merges SyncBatchNorm statistics of the workers of a training job.\n"
           "\n"
           "  --listen HOST:PORT    address to listen on (default %s:%d; port 0 picks one)\n"
+          "  --secret-file PATH    require workers to prove they hold the secret in PATH\n"
+          "                        (mode 0600, at least %u bytes; see docs/security.md)\n"
+          "  --insecure            allow a non-loopback --listen without a secret\n"
           "  --round-timeout MS    fail a round not complete within MS (default %u)\n"
-          "  --hello-timeout MS    close a connection without hello within MS (default %u)\n"
+          "  --hello-timeout MS    close a connection not welcomed within MS (default %u)\n"
+          "  --frame-timeout MS    close a worker stalled mid-frame for MS (default %u)\n"
+          "  --keepalive SEC       TCP keepalive idle time, 0 = off (default %u)\n"
           "  --max-frame BYTES     largest frame accepted, %u..%u (default %u)\n"
+          "  --max-conns N         open connections (default %u)\n"
+          "  --max-jobs N          jobs at once (default %u)\n"
+          "  --max-groups N        groups per job, WORLD included (default %u)\n"
+          "  --max-channels N      channels or elements per contribution, 1..%u (default %u)\n"
+          "  --max-rounds N        open rounds per job (default %u)\n"
+          "  --max-queued BYTES    replies queued for a worker that does not read, at\n"
+          "                        least %llu (default %llu)\n"
           "  --log-level LEVEL     error, warn, info or debug (default info)\n"
           "  --help                show this help\n"
           "  --version             show the version\n",
-          SBN_DEFAULT_HOST, SBN_DEFAULT_PORT, SBN_COORD_ROUND_TIMEOUT_DEFAULT_MS,
-          SBN_COORD_HELLO_TIMEOUT_DEFAULT_MS, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING,
-          SBN_MAX_FRAME_DEFAULT);
+          SBN_DEFAULT_HOST, SBN_DEFAULT_PORT, SBN_SECRET_MIN, SBN_COORD_ROUND_TIMEOUT_DEFAULT_MS,
+          SBN_COORD_HELLO_TIMEOUT_DEFAULT_MS, SBN_COORD_FRAME_TIMEOUT_DEFAULT_MS,
+          SBN_COORD_KEEPALIVE_DEFAULT_S, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING,
+          SBN_MAX_FRAME_DEFAULT, SBN_COORD_MAX_CONNS_DEFAULT, SBN_COORD_MAX_JOBS_DEFAULT,
+          SBN_COORD_MAX_GROUPS_DEFAULT, SBN_MAX_CHANNELS, SBN_MAX_CHANNELS,
+          SBN_COORD_MAX_ROUNDS_DEFAULT, (unsigned long long)SBN_COORD_MAX_QUEUED_FLOOR,
+          (unsigned long long)SBN_COORD_MAX_QUEUED_DEFAULT);
 }
 
 static int bad_flag(const char *fmt, const char *flag, const char *value) {
@@ -53,12 +72,37 @@ static int bad_flag(const char *fmt, const char *flag, const char *value) {
   return EXIT_USAGE;
 }
 
+/* A numeric flag: its range, and where the value goes (u32 or u64). */
+typedef struct num_flag {
+  const char *name;
+  uint64_t min, max;
+  const char *unit;
+  uint32_t *u32;
+  uint64_t *u64;
+} num_flag;
+
 /*
  * Parses argv into cfg.  Returns -1 to go on, or an exit status (0 after
  * --help/--version, EXIT_USAGE for a bad flag).  Flags take their value as
  * the next argument or after '='.
  */
 static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
+  const num_flag nums[] = {
+      {"--round-timeout", 1, UINT32_MAX, "a number of milliseconds", &cfg->round_timeout_ms, NULL},
+      {"--hello-timeout", 1, UINT32_MAX, "a number of milliseconds", &cfg->hello_timeout_ms, NULL},
+      {"--frame-timeout", 1, UINT32_MAX, "a number of milliseconds", &cfg->frame_timeout_ms, NULL},
+      {"--keepalive", 0, 86400, "a number of seconds", &cfg->keepalive_s, NULL},
+      {"--max-frame", SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING, "a byte count", &cfg->max_frame,
+       NULL},
+      {"--max-conns", 1, SBN_COORD_COUNT_LIMIT_MAX, "a count", &cfg->max_conns, NULL},
+      {"--max-jobs", 1, SBN_COORD_COUNT_LIMIT_MAX, "a count", &cfg->max_jobs, NULL},
+      {"--max-groups", 1, SBN_COORD_COUNT_LIMIT_MAX, "a count", &cfg->max_groups, NULL},
+      {"--max-channels", 1, SBN_MAX_CHANNELS, "a count", &cfg->max_channels, NULL},
+      {"--max-rounds", 1, SBN_COORD_COUNT_LIMIT_MAX, "a count", &cfg->max_rounds, NULL},
+      {"--max-queued", SBN_COORD_MAX_QUEUED_FLOOR, SBN_COORD_MAX_QUEUED_CEILING, "a byte count",
+       NULL, &cfg->max_queued},
+  };
+  const size_t nnums = sizeof(nums) / sizeof(nums[0]);
   for (int i = 1; i < argc; i++) {
     const char *arg = argv[i];
     char flag[64];
@@ -79,9 +123,16 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
       printf("sbn-coordinator %s (protocol %u)\n", SBN_VERSION_STRING, SBN_PROTOCOL_VERSION);
       return 0;
     }
-    int takes_value = strcmp(flag, "--listen") == 0 || strcmp(flag, "--round-timeout") == 0 ||
-                      strcmp(flag, "--hello-timeout") == 0 || strcmp(flag, "--max-frame") == 0 ||
-                      strcmp(flag, "--log-level") == 0;
+    if (strcmp(flag, "--insecure") == 0 && value == NULL) {
+      cfg->insecure = 1;
+      continue;
+    }
+    const num_flag *nf = NULL;
+    for (size_t k = 0; k < nnums; k++)
+      if (strcmp(flag, nums[k].name) == 0)
+        nf = &nums[k];
+    int takes_value = nf != NULL || strcmp(flag, "--listen") == 0 ||
+                      strcmp(flag, "--log-level") == 0 || strcmp(flag, "--secret-file") == 0;
     if (!takes_value)
       return bad_flag("unknown option '%s'%s", arg, "");
     if (value == NULL) {
@@ -89,30 +140,30 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
         return bad_flag("option '%s' needs a value%s", flag, "");
       value = argv[++i];
     }
-    uint64_t v;
-    if (strcmp(flag, "--listen") == 0) {
+    if (nf != NULL) {
+      uint64_t v;
+      if (sbn__parse_u64(value, nf->min, nf->max, &v) != 0) {
+        fprintf(stderr, "sbn-coordinator: %s: '%s' is not %s from %llu to %llu\n", flag, value,
+                nf->unit, (unsigned long long)nf->min, (unsigned long long)nf->max);
+        return EXIT_USAGE;
+      }
+      if (nf->u32 != NULL)
+        *nf->u32 = (uint32_t)v;
+      else
+        *nf->u64 = v;
+    } else if (strcmp(flag, "--listen") == 0) {
       char err[256];
       if (sbn__parse_hostport(value, cfg->host, &cfg->port, err, sizeof(err)) != 0) {
         fprintf(stderr, "sbn-coordinator: --listen: %s\n", err);
         return EXIT_USAGE;
       }
-    } else if (strcmp(flag, "--round-timeout") == 0) {
-      if (sbn__parse_u64(value, 1, UINT32_MAX, &v) != 0)
-        return bad_flag("%s: '%s' is not a number of milliseconds from 1 to 4294967295", flag,
-                        value);
-      cfg->round_timeout_ms = (uint32_t)v;
-    } else if (strcmp(flag, "--hello-timeout") == 0) {
-      if (sbn__parse_u64(value, 1, UINT32_MAX, &v) != 0)
-        return bad_flag("%s: '%s' is not a number of milliseconds from 1 to 4294967295", flag,
-                        value);
-      cfg->hello_timeout_ms = (uint32_t)v;
-    } else if (strcmp(flag, "--max-frame") == 0) {
-      if (sbn__parse_u64(value, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING, &v) != 0) {
-        fprintf(stderr, "sbn-coordinator: --max-frame: '%s' is not a byte count from %u to %u\n",
-                value, SBN_MAX_FRAME_FLOOR, SBN_MAX_FRAME_CEILING);
+    } else if (strcmp(flag, "--secret-file") == 0) {
+      char err[512];
+      /* The path is named in messages, the content never. */
+      if (sbn__secret_load(value, &cfg->secret, err, sizeof(err)) != 0) {
+        fprintf(stderr, "sbn-coordinator: --secret-file: %s\n", err);
         return EXIT_USAGE;
       }
-      cfg->max_frame = (uint32_t)v;
     } else {
       int level = sbn__log_parse_level(value);
       if (level < 0)
@@ -121,6 +172,25 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
     }
   }
   return -1;
+}
+
+/*
+ * Every connection is a descriptor: raise the soft limit towards what
+ * --max-conns needs, and say so when the hard limit is in the way.
+ */
+static void raise_fd_limit(uint32_t max_conns) {
+  struct rlimit rl;
+  rlim_t want = (rlim_t)max_conns + SBN_SRV_SPARE_FDS;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+    return;
+  rlim_t old = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+    rl.rlim_cur = old;
+  if (rl.rlim_cur < want)
+    SBN_LOGW("open files are limited to %llu, fewer than --max-conns %u needs; accepts beyond "
+             "that fail",
+             (unsigned long long)rl.rlim_cur, (unsigned)max_conns);
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -140,6 +210,7 @@ int main(int argc, char **argv) {
     return rc;
   /* A peer that vanishes must cost a write error, not the process. */
   signal(SIGPIPE, SIG_IGN);
+  raise_fd_limit(cfg.max_conns);
 
   app a;
   memset(&a, 0, sizeof(a));
@@ -147,7 +218,9 @@ int main(int argc, char **argv) {
     SBN_LOGE("cannot create the event loop");
     return EXIT_FAILURE;
   }
-  if (sbn__coord_new(&a.loop, &cfg, &a.coord) != 0) {
+  rc = sbn__coord_new(&a.loop, &cfg, &a.coord);
+  sbn__secret_wipe(&cfg.secret); /* the coordinator holds its own copy */
+  if (rc != 0) {
     uv_loop_close(&a.loop);
     return EXIT_FAILURE;
   }

@@ -55,6 +55,7 @@ static sbn__srv_round *round_new(sbn__srv_group *g, uint64_t seq) {
   job->rounds = r;
   r->grp_next = g->rounds;
   g->rounds = r;
+  job->nrounds++;
   return r;
 }
 
@@ -80,6 +81,7 @@ static void round_detach(sbn__srv_round *r) {
       c->round = NULL;
   }
   job->n_waiting -= r->nhave;
+  job->nrounds--;
 }
 
 /* Frees the contributions now and the round once its timer has closed. */
@@ -242,10 +244,10 @@ static int check_shape(const sbn__srv_conn *conn, const Sbn__Contribute *m, char
              SBN_SRV_LAYER_MAX - 1);
     return SBN_EINVAL;
   }
-  if (m->channels > SBN_MAX_CHANNELS) {
-    snprintf(msg, len, "%u channels for layer '%s' exceed the limit of %u", (unsigned)m->channels,
-             layer, SBN_MAX_CHANNELS);
-    return SBN_EINVAL;
+  if (m->channels > job->coord->cfg.max_channels) {
+    snprintf(msg, len, "%u channels for layer '%s' exceed the coordinator's limit of %u",
+             (unsigned)m->channels, layer, (unsigned)job->coord->cfg.max_channels);
+    return SBN_ELIMIT;
   }
   if (m->channels == 0 && phase_needs_channels(m->phase)) {
     snprintf(msg, len, "%s contribution for layer '%s' has 0 channels", sbn__phase_name(m->phase),
@@ -307,6 +309,16 @@ static int check_values(const sbn__srv_conn *conn, const Sbn__Contribute *m, cha
                         size_t len) {
   const char *what = NULL;
   long bad = -1;
+  if ((m->phase == SBN__PHASE__PHASE_FORWARD || m->phase == SBN__PHASE__PHASE_ALLREDUCE) &&
+      m->count > SBN_MAX_COUNT) {
+    /* A count that went negative in a signed type arrives as a huge one. */
+    snprintf(msg, len,
+             "rank %u sent bad values for layer '%s' (seq %llu, %s): count %llu (%lld as a "
+             "signed number) is negative or larger than 2^53",
+             (unsigned)conn->rank, m->layer, (unsigned long long)m->seq,
+             sbn__phase_name(m->phase), (unsigned long long)m->count, (long long)m->count);
+    return SBN_EBADSTATS;
+  }
   switch (m->phase) {
   case SBN__PHASE__PHASE_FORWARD:
     bad = sbn__stats_check(m->count, m->a, m->b, m->channels, &what);
@@ -477,6 +489,25 @@ static void model_diff(const ProtobufCBinaryData *a, uint32_t ra, const Protobuf
 }
 
 /*
+ * Finite inputs can still overflow when merged (means of +-1e308, sums of
+ * large values): such a result fails the round rather than reach anyone.
+ * Returns 1 when every value is finite, else fails r and returns 0.
+ */
+static int result_finite(sbn__srv_round *r, const double *a, const double *b, size_t C) {
+  const Sbn__Contribute *ref = round_ref(r);
+  long bad = sbn__finite_check(a, C);
+  if (bad < 0)
+    bad = sbn__finite_check(b, C);
+  if (bad < 0)
+    return 1;
+  sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,
+                      "the merged %s values of layer '%s' (seq %llu) overflow double at "
+                      "channel %ld",
+                      sbn__phase_name(ref->phase), ref->layer, (unsigned long long)r->seq, bad);
+  return 0;
+}
+
+/*
  * Every member has contributed: merge in group rank order, reply, free.
  * The accumulations run in place in the lowest rank's unpacked arrays, which
  * are freed right after the reply is encoded.
@@ -497,8 +528,19 @@ static void round_complete(sbn__srv_round *r) {
     uint64_t n = first->count;
     for (uint32_t i = 1; i < r->n; i++) {
       const Sbn__Contribute *c = r->contrib[i]->contribute;
+      if (c->count > SBN_MAX_COUNT - n) {
+        uint32_t who = sbn__srv_group_rank(g, i);
+        sbn__srv_round_fail(r, SBN_EBADSTATS, &who, 1,
+                            "the global count of layer '%s' (seq %llu, forward) exceeds 2^53 "
+                            "with rank %u's count of %llu",
+                            ref->layer, (unsigned long long)r->seq, (unsigned)who,
+                            (unsigned long long)c->count);
+        return;
+      }
       sbn__stats_merge(&n, first->a, first->b, c->count, c->a, c->b, C);
     }
+    if (!result_finite(r, first->a, first->b, C))
+      return;
     if (n == 0) {
       /* Nobody had data: report zeros rather than rank 0's ignored values. */
       memset(first->a, 0, C * sizeof(double));
@@ -516,6 +558,8 @@ static void round_complete(sbn__srv_round *r) {
       sbn__sums_add(first->a, c->a, C);
       sbn__sums_add(first->b, c->b, C);
     }
+    if (!result_finite(r, first->a, first->b, C))
+      return;
     res.n_a = res.n_b = C;
     res.a = first->a;
     res.b = first->b;
@@ -537,8 +581,17 @@ static void round_complete(sbn__srv_round *r) {
     }
     /* The mean divides the double sum, so it too is rounded only once. */
     double scale = ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? (double)r->n : 1.0;
-    for (size_t j = 0; j < C; j++)
+    for (size_t j = 0; j < C; j++) {
       first->fvals[j] = (float)(acc[j] / scale);
+      if (!isfinite(first->fvals[j])) {
+        sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,
+                            "the %s of element %zu of '%s' (seq %llu, allreduce) overflows "
+                            "float32 (%g)",
+                            scale == 1.0 ? "sum" : "mean", j, ref->layer,
+                            (unsigned long long)r->seq, acc[j] / scale);
+        return;
+      }
+    }
     res.count = count;
     res.n_fvals = C;
     res.fvals = first->fvals;
@@ -615,7 +668,14 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
     sbn__srv_conn_error(conn, rc, &conn->rank, 1, m->seq, m->phase, layer, "%s", msg);
     goto out;
   }
-  sbn__srv_group *g = sbn__srv_group_get(job, m->members, m->n_members);
+  sbn__srv_group *g = sbn__srv_group_get(job, m->members, m->n_members, &rc);
+  if (g == NULL && rc == SBN_ELIMIT) {
+    sbn__srv_conn_error(conn, SBN_ELIMIT, &conn->rank, 1, m->seq, m->phase, layer,
+                        "job '%s' has created %u groups, the coordinator's limit; layer '%s' "
+                        "cannot use a new one",
+                        job->name, (unsigned)job->ngroups, layer);
+    goto out;
+  }
   if (g == NULL) {
     sbn__srv_conn_error(conn, SBN_ENOMEM, NULL, 0, m->seq, m->phase, layer,
                         "out of memory filing a contribution");
@@ -646,6 +706,13 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
                             st == SBN_RANK_LEFT ? "left" : "disconnected");
         goto out;
       }
+    }
+    if (job->nrounds >= job->coord->cfg.max_rounds) {
+      sbn__srv_conn_error(conn, SBN_ELIMIT, &conn->rank, 1, m->seq, m->phase, layer,
+                          "job '%s' has %u open rounds, the coordinator's limit; seq %llu of "
+                          "layer '%s' cannot open another",
+                          job->name, (unsigned)job->nrounds, (unsigned long long)m->seq, layer);
+      goto out;
     }
     r = round_new(g, m->seq);
     if (r == NULL) {

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "internal.h"
 #include "util.h"
 
@@ -38,49 +39,131 @@ static int check_config(const sbn_config *cfg) {
   return SBN_OK;
 }
 
-/* Sends hello and waits for welcome or reject. */
-static int handshake(sbn_ctx *ctx, uint64_t deadline_ms) {
+/* Turns a Reject, an Error or an unexpected message at hello into a status. */
+static int hello_refused(sbn_ctx *ctx, const Sbn__Envelope *reply) {
+  if (reply->body_case == SBN__ENVELOPE__BODY_REJECT) {
+    int code = reply->reject->code < 0 ? reply->reject->code : SBN_EREJECTED;
+    return sbn__fail(code, "coordinator rejected rank %d of job '%s': %s", ctx->rank, ctx->job,
+                     reply->reject->message);
+  }
+  if (reply->body_case == SBN__ENVELOPE__BODY_ERROR)
+    return sbn__fail(reply->error->code < 0 ? reply->error->code : SBN_EPROTO,
+                     "coordinator refused hello: %s", reply->error->message);
+  return sbn__fail(SBN_EPROTO, "coordinator answered hello with message type %d",
+                   (int)reply->body_case);
+}
+
+/* Receives the answer to hello or proof, with a clear message on timeout. */
+static int hello_recv(sbn_ctx *ctx, Sbn__Envelope **reply, uint64_t deadline_ms) {
+  int rc = sbn__conn_recv(&ctx->conn, reply, deadline_ms);
+  if (rc == SBN_ETIMEDOUT)
+    return sbn__fail(rc, "coordinator did not answer hello in time");
+  return rc;
+}
+
+/*
+ * Answers the coordinator's challenge with this worker's proof (see
+ * common/auth.h) and waits for what follows it.
+ */
+static int answer_challenge(sbn_ctx *ctx, const sbn__secret *secret, const uint8_t *nonce_w,
+                            uint8_t *nonce_c, Sbn__Envelope **reply, uint64_t deadline_ms) {
+  const Sbn__Challenge *ch = (*reply)->challenge;
+  if (secret == NULL) {
+    sbn__msg_free(*reply);
+    *reply = NULL;
+    return sbn__fail(SBN_EAUTH,
+                     "coordinator requires a shared secret and rank %d of job '%s' has none: "
+                     "set SBN_SECRET_FILE or sbn_config.secret_file to the coordinator's "
+                     "secret file",
+                     ctx->rank, ctx->job);
+  }
+  if (ch->nonce.len != SBN_AUTH_NONCE_SIZE) {
+    sbn__msg_free(*reply);
+    *reply = NULL;
+    return sbn__fail(SBN_EPROTO, "coordinator's challenge has a nonce of %zu bytes, not %u",
+                     ch->nonce.len, SBN_AUTH_NONCE_SIZE);
+  }
+  memcpy(nonce_c, ch->nonce.data, SBN_AUTH_NONCE_SIZE);
+  sbn__msg_free(*reply);
+  *reply = NULL;
+  uint8_t mac[SBN_AUTH_MAC_SIZE];
+  if (sbn__auth_proof(secret, SBN_AUTH_WORKER, nonce_w, nonce_c, ctx->job, (uint32_t)ctx->rank,
+                      (uint32_t)ctx->world_size, ctx->generation, mac) != SBN_OK)
+    return sbn__fail(SBN_EAUTH, "cannot compute the proof for the coordinator");
+  Sbn__Proof proof = SBN__PROOF__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  proof.proof.data = mac;
+  proof.proof.len = sizeof(mac);
+  env.body_case = SBN__ENVELOPE__BODY_PROOF;
+  env.proof = &proof;
+  int rc = sbn__conn_send(&ctx->conn, &env, deadline_ms);
+  if (rc != SBN_OK)
+    return rc;
+  return hello_recv(ctx, reply, deadline_ms);
+}
+
+/*
+ * Sends hello and waits for welcome or reject.  With a secret the hello
+ * carries this worker's nonce, the coordinator must challenge it, and its
+ * welcome must carry the coordinator's proof: a coordinator that does not
+ * know the secret is refused, as it refuses workers that do not.
+ */
+static int handshake(sbn_ctx *ctx, const sbn__secret *secret, uint64_t deadline_ms) {
   Sbn__Hello hello = SBN__HELLO__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  uint8_t nonce_w[SBN_AUTH_NONCE_SIZE], nonce_c[SBN_AUTH_NONCE_SIZE];
   hello.protocol_version = SBN_PROTOCOL_VERSION;
   hello.job = ctx->job;
   hello.rank = (uint32_t)ctx->rank;
   hello.world_size = (uint32_t)ctx->world_size;
   hello.generation = ctx->generation;
   hello.client_version = (char *)SBN_VERSION_STRING;
+  if (secret != NULL) {
+    if (sbn__auth_nonce(nonce_w) != SBN_OK)
+      return sbn__fail(SBN_EAUTH, "no random numbers for the authentication nonce");
+    hello.nonce.data = nonce_w;
+    hello.nonce.len = SBN_AUTH_NONCE_SIZE;
+  }
   env.body_case = SBN__ENVELOPE__BODY_HELLO;
   env.hello = &hello;
   int rc = sbn__conn_send(&ctx->conn, &env, deadline_ms);
   if (rc != SBN_OK)
     return rc;
   Sbn__Envelope *reply;
-  rc = sbn__conn_recv(&ctx->conn, &reply, deadline_ms);
-  if (rc == SBN_ETIMEDOUT)
-    return sbn__fail(rc, "coordinator did not answer hello in time");
+  rc = hello_recv(ctx, &reply, deadline_ms);
   if (rc != SBN_OK)
     return rc;
-  if (reply->body_case == SBN__ENVELOPE__BODY_WELCOME) {
-    Sbn__Welcome *w = reply->welcome;
-    ctx->conn.max_frame = w->max_frame ? w->max_frame : SBN_MAX_FRAME_DEFAULT;
-    ctx->round_timeout_ms = w->round_timeout_ms;
-    if (ctx->timeout_ms == 0)
-      ctx->timeout_ms = (int)(w->round_timeout_ms + SBN_ROUND_MARGIN_MS);
+  int challenged = 0;
+  if (reply->body_case == SBN__ENVELOPE__BODY_CHALLENGE) {
+    challenged = 1;
+    rc = answer_challenge(ctx, secret, nonce_w, nonce_c, &reply, deadline_ms);
+    if (rc != SBN_OK)
+      return rc;
+  }
+  if (reply->body_case != SBN__ENVELOPE__BODY_WELCOME) {
+    rc = hello_refused(ctx, reply);
     sbn__msg_free(reply);
-    return SBN_OK;
+    return rc;
   }
-  if (reply->body_case == SBN__ENVELOPE__BODY_REJECT) {
-    int code = reply->reject->code < 0 ? reply->reject->code : SBN_EREJECTED;
-    rc = sbn__fail(code, "coordinator rejected rank %d of job '%s': %s", ctx->rank,
-                   ctx->job, reply->reject->message);
-  } else if (reply->body_case == SBN__ENVELOPE__BODY_ERROR) {
-    rc = sbn__fail(reply->error->code < 0 ? reply->error->code : SBN_EPROTO,
-                   "coordinator refused hello: %s", reply->error->message);
-  } else {
-    rc = sbn__fail(SBN_EPROTO, "coordinator answered hello with message type %d",
-                   (int)reply->body_case);
+  Sbn__Welcome *w = reply->welcome;
+  if (secret != NULL &&
+      (!challenged ||
+       !sbn__auth_check(secret, SBN_AUTH_COORDINATOR, nonce_w, nonce_c, ctx->job,
+                        (uint32_t)ctx->rank, (uint32_t)ctx->world_size, ctx->generation,
+                        w->proof.data, w->proof.len))) {
+    sbn__msg_free(reply);
+    return sbn__fail(SBN_EAUTH,
+                     challenged ? "coordinator's proof is wrong: it does not hold this worker's "
+                                  "secret; refusing it"
+                                : "coordinator did not authenticate itself (it runs without "
+                                  "--secret-file?); refusing it since this worker has a secret");
   }
+  ctx->conn.max_frame = w->max_frame ? w->max_frame : SBN_MAX_FRAME_DEFAULT;
+  ctx->round_timeout_ms = w->round_timeout_ms;
+  if (ctx->timeout_ms == 0)
+    ctx->timeout_ms = (int)(w->round_timeout_ms + SBN_ROUND_MARGIN_MS);
   sbn__msg_free(reply);
-  return rc;
+  return SBN_OK;
 }
 
 SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out) {
@@ -131,10 +214,21 @@ SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out) {
   world->my_index = cfg->rank;
   ctx->world = world;
   if (distributed) {
+    /* The secret lives on the stack for the handshake only, then is wiped. */
+    sbn__secret secret;
+    secret.len = 0;
+    if (cfg->secret_file != NULL) {
+      char err[512];
+      rc = sbn__secret_load(cfg->secret_file, &secret, err, sizeof(err));
+      if (rc != SBN_OK)
+        rc = sbn__fail(rc, "%s", err);
+    }
     uint64_t deadline = sbn__now_ms() + (uint64_t)cfg->connect_timeout_ms;
-    rc = sbn__conn_open(&ctx->conn, host, port, deadline);
     if (rc == SBN_OK)
-      rc = handshake(ctx, deadline + SBN_ROUND_MARGIN_MS);
+      rc = sbn__conn_open(&ctx->conn, host, port, deadline);
+    if (rc == SBN_OK)
+      rc = handshake(ctx, secret.len > 0 ? &secret : NULL, deadline + SBN_ROUND_MARGIN_MS);
+    sbn__secret_wipe(&secret);
     if (rc != SBN_OK) {
       sbn__conn_close(&ctx->conn);
       free(members);

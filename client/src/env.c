@@ -12,6 +12,9 @@
 /* Strings handed out through sbn_config live here until the next call. */
 static _Thread_local char env_coordinator[SBN_HOST_MAX + 16];
 static _Thread_local char env_job[SBN_JOB_MAX];
+/* Longer paths than this are refused rather than truncated. */
+#define SBN_SECRET_PATH_MAX 4096
+static _Thread_local char env_secret_file[SBN_SECRET_PATH_MAX];
 
 /* The first of names that is set and non-empty, or NULL; *which names it. */
 static const char *first_env(const char *const *names, const char **which) {
@@ -86,6 +89,13 @@ SBN_API int sbn_config_from_env(sbn_config *cfg) {
     snprintf(env_coordinator, sizeof(env_coordinator), strchr(v, ':') ? "[%s]:%d" : "%s:%d",
              v, port);
     next.coordinator = env_coordinator;
+  }
+  if ((v = getenv("SBN_SECRET_FILE")) != NULL && v[0] != '\0') {
+    if (strlen(v) >= sizeof(env_secret_file))
+      return sbn__fail(SBN_EINVAL, "environment variable SBN_SECRET_FILE is longer than %d bytes",
+                       SBN_SECRET_PATH_MAX - 1);
+    snprintf(env_secret_file, sizeof(env_secret_file), "%s", v);
+    next.secret_file = env_secret_file;
   }
   if ((v = first_env(job_names, &which)) != NULL) {
     if (strlen(v) >= SBN_JOB_MAX)

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +28,18 @@ int coord_start(coord_proc *cp, const char *const *extra_args) {
   const char *argv[COORD_MAX_ARGS];
   int argc = 0;
   memset(cp, 0, sizeof(*cp));
+  /*
+   * SBN_TEST_COORD_WRAPPER runs the coordinator under a tool, e.g.
+   * "valgrind --leak-check=full --error-exitcode=99" (scripts/valgrind.sh).
+   */
+  char wrap[1024];
+  const char *w = getenv("SBN_TEST_COORD_WRAPPER");
+  if (w != NULL && w[0] != '\0') {
+    snprintf(wrap, sizeof(wrap), "%s", w);
+    for (char *save = NULL, *t = strtok_r(wrap, " ", &save); t && argc < COORD_MAX_ARGS / 2;
+         t = strtok_r(NULL, " ", &save))
+      argv[argc++] = t;
+  }
   argv[argc++] = SBN_COORDINATOR_BIN;
   argv[argc++] = "--listen";
   argv[argc++] = "127.0.0.1:0";
@@ -42,20 +55,24 @@ int coord_start(coord_proc *cp, const char *const *extra_args) {
     return -1;
   }
   if (pid == 0) {
+    /* A test that dies (a failed assertion) takes its coordinator along. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(pfd[1], STDOUT_FILENO);
     if (getenv("SBN_TEST_QUIET")) {
       int dn = open("/dev/null", O_WRONLY);
       if (dn >= 0)
         dup2(dn, STDERR_FILENO);
     }
-    execv(argv[0], (char *const *)argv);
+    execvp(argv[0], (char *const *)argv);
     _exit(127);
   }
   close(pfd[1]);
   cp->pid = pid;
   char buf[256];
   size_t len = 0;
-  long long deadline = test_now_ms() + COORD_START_TIMEOUT_MS;
+  /* Under a wrapper (valgrind) start-up is slower. */
+  long long deadline =
+      test_now_ms() + (w != NULL && w[0] != '\0' ? 6 * COORD_START_TIMEOUT_MS : COORD_START_TIMEOUT_MS);
   while (len < sizeof(buf) - 1) {
     long long left = deadline - test_now_ms();
     if (left <= 0)

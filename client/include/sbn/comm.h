@@ -46,6 +46,14 @@ typedef struct sbn_config {
   /* Poll the socket without sleeping this long before blocking on a reply
    * (trades CPU for latency); default 0 = off. */
   int spin_us;
+  /* Path of the file holding the secret shared with the coordinator
+   * (started with --secret-file); NULL = none.  The file must not be
+   * accessible by group or others (chmod 600) and hold at least 16 bytes;
+   * one trailing newline is ignored.  With a secret, sbn_init() proves it
+   * knows the secret and checks that the coordinator knows it too, and fails
+   * with SBN_EAUTH otherwise; a coordinator that requires a secret refuses a
+   * worker without one with SBN_EAUTH.  (Added in 0.1; kept last for ABI.) */
+  const char *secret_file;
 } sbn_config;
 
 /* Fills cfg with the defaults above (no coordinator, rank 0, world size 1). */
@@ -59,6 +67,7 @@ SBN_API void sbn_config_init(sbn_config *cfg);
  *   job          SBN_JOB, SLURM_JOB_ID
  *   timeouts     SBN_TIMEOUT_MS, SBN_CONNECT_TIMEOUT_MS, SBN_SPIN_US
  *   generation   SBN_GENERATION (restart counter)
+ *   secret file  SBN_SECRET_FILE (the path, never the secret itself)
  * Fields with no variable keep their value.  The strings stay owned by the
  * environment/this library (valid until the next call).  Returns SBN_EINVAL
  * naming the variable when one is malformed (cfg is then unchanged).
