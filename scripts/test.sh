@@ -24,4 +24,14 @@ if [ -z "${SBN_TEST_FAST:-}" ]; then
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan -DSBN_SANITIZE=ON
 fi
+if [ -z "${SBN_TEST_FAST:-}" ]; then
+  # A short libFuzzer run (15 s + 10 s) with ASan + UBSan; the long runs are
+  # on request (tests/fuzz/run.sh 600 300), their figures in docs/security.md.
+  if command -v clang >/dev/null 2>&1; then
+    echo "== fuzzing (brief)"
+    tests/fuzz/run.sh 15 10
+  else
+    echo "== fuzzing skipped: clang is not installed"
+  fi
+fi
 echo "== all tests passed"

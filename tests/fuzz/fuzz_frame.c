@@ -1,0 +1,91 @@
+/*
+ * fuzz_frame.c - libFuzzer target for the pure decoding path: the frame
+ * decoder fed in pieces of input-chosen sizes, the Envelope decoder on
+ * every whole frame, a re-encode of what decoded, and the statistics checks
+ * on decoded contributions.
+ *
+ * Input: byte 0 chooses the piece size pattern and the frame limit, the
+ * rest is the byte stream.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "frame.h"
+#include "merge.h"
+#include "msg.h"
+#include "sbn/status.h"
+
+static const uint32_t limits[] = {SBN_MAX_FRAME_FLOOR, 4096, 65536, SBN_MAX_FRAME_DEFAULT};
+
+static void check_envelope(const uint8_t *body, size_t len) {
+  char err[160];
+  Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+  if (env == NULL)
+    return;
+  /* What decodes re-encodes, and the re-encoding decodes to the same case. */
+  uint8_t *out;
+  size_t olen;
+  if (sbn__msg_encode(env, SBN_MAX_FRAME_CEILING, &out, &olen) == SBN_OK) {
+    Sbn__Envelope *again =
+        sbn__msg_decode(out + SBN_FRAME_HEADER_SIZE, olen - SBN_FRAME_HEADER_SIZE, err, sizeof(err));
+    if (again == NULL || again->body_case != env->body_case)
+      abort();
+    sbn__msg_free(again);
+    free(out);
+  }
+  if (env->body_case == SBN__ENVELOPE__BODY_CONTRIBUTE) {
+    const Sbn__Contribute *m = env->contribute;
+    const char *what;
+    size_t C = m->n_a < m->n_b ? m->n_a : m->n_b;
+    (void)sbn__stats_check(m->count, m->a, m->b, C, &what);
+    (void)sbn__finite_check(m->a, m->n_a);
+    (void)sbn__phase_name(m->phase);
+  }
+  sbn__msg_free(env);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  if (size < 1)
+    return 0;
+  uint8_t mode = data[0];
+  data++;
+  size--;
+  sbn__framer f;
+  sbn__framer_init(&f, limits[mode & 3]);
+  size_t piece = 1 + (size_t)(mode >> 2) * 7; /* 1 .. 442 bytes at a time */
+  size_t off = 0;
+  while (off < size) {
+    size_t n = size - off < piece ? size - off : piece;
+    if (mode & 0x80) {
+      if (sbn__framer_feed(&f, data + off, n) != SBN_OK)
+        break;
+    } else {
+      uint8_t *space;
+      long room = sbn__framer_space(&f, n, &space);
+      if (room <= 0)
+        break;
+      if ((size_t)room < n)
+        n = (size_t)room;
+      memcpy(space, data + off, n);
+      sbn__framer_commit(&f, n);
+    }
+    off += n;
+    const uint8_t *body;
+    size_t len;
+    int rc;
+    while ((rc = sbn__framer_next(&f, &body, &len)) == 1) {
+      if (len > f.max_frame)
+        abort();
+      check_envelope(body, len);
+    }
+    if (rc < 0) {
+      /* Sticky: the stream stays bad. */
+      if (sbn__framer_next(&f, &body, &len) != rc)
+        abort();
+      break;
+    }
+  }
+  sbn__framer_release(&f);
+  return 0;
+}
