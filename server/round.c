@@ -447,6 +447,8 @@ static void check_deadlock(sbn__srv_round *r, uint32_t rank) {
  * newline ends the last line rather than starting an empty one.
  */
 static const char *blob_line(const ProtobufCBinaryData *b, size_t k, size_t *len) {
+  if (b->len == 0)
+    return NULL; /* data may be NULL then, and NULL + 0 is undefined */
   const char *p = (const char *)b->data, *end = p + b->len;
   for (size_t i = 0; p < end; i++) {
     const char *nl = memchr(p, '\n', (size_t)(end - p));

@@ -21,13 +21,18 @@ mkdir -p build-fuzz/corpus/coord build-fuzz/corpus/frame build-fuzz/artifacts
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 run() {
-  local name=$1 secs=$2
+  local name=$1 secs=$2 st=0
+  local log="build-fuzz/fuzz_$name.log"
   echo "== $name for $secs s"
   "build-fuzz/tests/fuzz/fuzz_$name" -max_total_time="$secs" -print_final_stats=1 \
     -timeout=20 -rss_limit_mb=2048 -artifact_prefix=build-fuzz/artifacts/ \
-    "build-fuzz/corpus/$name" "tests/fuzz/corpus/$name" 2>&1 |
-    grep -E "^#[0-9]+[[:space:]]+(DONE|INITED)|^stat::|ERROR|SUMMARY|leak|crash|deadly" || true
-  return "${PIPESTATUS[0]}"
+    "build-fuzz/corpus/$name" "tests/fuzz/corpus/$name" >"$log" 2>&1 || st=$?
+  grep -E "^#[0-9]+[[:space:]]+(DONE|INITED)|^stat::|ERROR|SUMMARY|runtime error|leak|crash-" \
+    "$log" || true
+  if [ "$st" -ne 0 ]; then
+    echo "fuzz_$name FAILED (status $st), see $log"
+    exit 1
+  fi
 }
 run coord "$coord_s"
 run frame "$frame_s"
