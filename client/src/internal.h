@@ -101,4 +101,16 @@ int sbn__group_is_local(const sbn_group *g);
  */
 int sbn__group_model_check(sbn_group *g, const char *text, size_t len);
 
+/*
+ * Tensor buffers (bufcache.c): large ones are recycled by size instead of
+ * going back to the system.  sbn__buf_get returns uninitialized memory (or
+ * NULL); sbn__buf_put takes a buffer of exactly the size it was got with.
+ */
+void *sbn__buf_get(size_t bytes);
+void sbn__buf_put(void *p, size_t bytes);
+
+/* Like sbn_tensor_new, but the contents are left uninitialized: for outputs
+ * that a kernel overwrites completely. */
+int sbn__tensor_new_uninit(int ndim, const size_t *shape, sbn_tensor **out);
+
 #endif /* SBN_CLIENT_INTERNAL_H */

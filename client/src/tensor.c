@@ -49,22 +49,41 @@ SBN_API int sbn_tensor_new(int ndim, const size_t *shape, sbn_tensor **out) {
   return sbn_tensor_from_data(ndim, shape, NULL, out);
 }
 
-SBN_API int sbn_tensor_from_data(int ndim, const size_t *shape, const float *data,
-                                 sbn_tensor **out) {
+/* Bytes of an owner's buffer: at least one element, so data is never NULL. */
+static size_t buffer_bytes(size_t numel) { return (numel ? numel : 1) * sizeof(float); }
+
+/* An owning tensor whose contents the caller fills. */
+static int new_owner(int ndim, const size_t *shape, sbn_tensor **out) {
   size_t numel;
   int rc;
   if (!out) return sbn__fail(SBN_EINVAL, "tensor output pointer is NULL");
   if ((rc = shape_numel(ndim, shape, &numel)) != SBN_OK) return rc;
   sbn_tensor *t = tensor_alloc(ndim, shape, numel);
   if (!t) return sbn__fail(SBN_ENOMEM, "out of memory allocating a tensor");
-  /* At least one element so that data is never NULL for an owner. */
-  t->data = calloc(numel ? numel : 1, sizeof(float));
+  t->data = sbn__buf_get(buffer_bytes(numel));
   if (!t->data) {
     free(t);
     return sbn__fail(SBN_ENOMEM, "out of memory allocating %zu floats", numel);
   }
-  if (data && numel) memcpy(t->data, data, numel * sizeof(float));
   t->owner = 1;
+  *out = t;
+  return SBN_OK;
+}
+
+int sbn__tensor_new_uninit(int ndim, const size_t *shape, sbn_tensor **out) {
+  return new_owner(ndim, shape, out);
+}
+
+SBN_API int sbn_tensor_from_data(int ndim, const size_t *shape, const float *data,
+                                 sbn_tensor **out) {
+  sbn_tensor *t;
+  if (!out) return sbn__fail(SBN_EINVAL, "tensor output pointer is NULL");
+  int rc = new_owner(ndim, shape, &t);
+  if (rc != SBN_OK) return rc;
+  if (data && t->numel)
+    memcpy(t->data, data, t->numel * sizeof(float));
+  else
+    memset(t->data, 0, buffer_bytes(t->numel));
   *out = t;
   return SBN_OK;
 }
@@ -98,7 +117,7 @@ SBN_API void sbn_tensor_free(sbn_tensor *t) {
   if (!t) return;
   if (atomic_fetch_sub(&t->refs, 1) != 1) return;
   sbn_tensor_free(t->grad);
-  if (t->owner) free(t->data);
+  if (t->owner) sbn__buf_put(t->data, buffer_bytes(t->numel));
   free(t);
 }
 

@@ -119,6 +119,19 @@ SBN_API int sbn_tensor_is_parameter(const sbn_tensor *t);
  */
 SBN_API const char *sbn_tensor_shape_str(const sbn_tensor *t, char *buf, size_t len);
 
+/*
+ * Buffer cache.  Freed tensor buffers of 64 KiB or more are kept (up to a
+ * byte limit, default 256 MiB) and reused for tensors of the same size, so
+ * a training loop does not pay page faults for fresh memory every step.
+ * sbn_tensor_cache_set_limit(0) turns it off; sbn_tensor_cache_trim() gives
+ * every cached buffer back to the system (sbn_finalize() does too).
+ * Thread-safe.
+ */
+SBN_API void sbn_tensor_cache_set_limit(size_t bytes);
+SBN_API void sbn_tensor_cache_trim(void);
+/* Bytes currently held by the cache. */
+SBN_API size_t sbn_tensor_cache_bytes(void);
+
 #ifdef __cplusplus
 }
 #endif
