@@ -29,6 +29,7 @@ void sbn__secret_wipe(sbn__secret *s) {
 
 int sbn__secret_load(const char *path, sbn__secret *s, char *err, size_t errlen) {
   s->len = 0;
+  s->group_access = 0;
   if (path == NULL || path[0] == '\0') {
     snprintf(err, errlen, "no secret file given");
     return SBN_EAUTH;
@@ -44,14 +45,15 @@ int sbn__secret_load(const char *path, sbn__secret *s, char *err, size_t errlen)
     close(fd);
     return SBN_EAUTH;
   }
-  if ((st.st_mode & 077) != 0) {
+  if ((st.st_mode & 007) != 0) {
     snprintf(err, errlen,
-             "secret file '%s' is accessible by group or others (mode %04o); "
+             "secret file '%s' is accessible by others (mode %04o); "
              "make it private with chmod 600",
              path, (unsigned)(st.st_mode & 07777));
     close(fd);
     return SBN_EAUTH;
   }
+  s->group_access = (st.st_mode & 070) != 0;
   /* One byte more than the maximum tells an oversized file apart. */
   uint8_t buf[SBN_SECRET_MAX + 2];
   size_t len = 0;

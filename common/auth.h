@@ -33,13 +33,16 @@ enum sbn__auth_dir { SBN_AUTH_WORKER = 0, SBN_AUTH_COORDINATOR = 1 };
 
 typedef struct sbn__secret {
   size_t len;
+  int group_access; /* the file's group may read or write it (callers warn) */
   uint8_t key[SBN_SECRET_MAX];
 } sbn__secret;
 
 /*
- * Reads a secret from path: a regular file, not accessible by group or
- * others (mode 0600 or 0400, as ssh wants of private keys), one trailing
- * "\n" or "\r\n" stripped, SBN_SECRET_MIN to SBN_SECRET_MAX bytes.  Returns
+ * Reads a secret from path: a regular file, not accessible by others (mode
+ * 0600 or 0400 as ssh wants of private keys; 0640/0440 pass with
+ * group_access set, since Kubernetes secret volumes with an fsGroup look
+ * like that), one trailing "\n" or "\r\n" stripped, SBN_SECRET_MIN to
+ * SBN_SECRET_MAX bytes.  Returns
  * SBN_OK, or SBN_EAUTH with a message in err that names the file but never
  * quotes its content.  On error *s is wiped.
  */

@@ -164,6 +164,10 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
         fprintf(stderr, "sbn-coordinator: --secret-file: %s\n", err);
         return EXIT_USAGE;
       }
+      if (cfg->secret.group_access)
+        SBN_LOGW("secret file '%s' is accessible by its group; chmod 600 it unless the group "
+                 "is meant to hold the secret",
+                 value);
     } else {
       int level = sbn__log_parse_level(value);
       if (level < 0)

@@ -455,6 +455,14 @@ START_TEST(secret_files_checked) {
   ck_assert_int_eq(sbn__secret_load(path, &s, err, sizeof(err)), SBN_EAUTH);
   ck_assert_msg(strstr(err, "chmod 600") && strstr(err, path), "'%s'", err);
   ck_assert_ptr_null(strstr(err, "horse"));
+  /* Group access passes (Kubernetes fsGroup volumes) but is flagged. */
+  char grp[300];
+  snprintf(grp, sizeof(grp), "%s/grp", dir);
+  write_file(grp, SECRET, 0640);
+  ck_assert_int_eq(sbn__secret_load(grp, &s, err, sizeof(err)), SBN_OK);
+  ck_assert_int_eq(s.group_access, 1);
+  ck_assert_int_eq(sbn__secret_load(secret_path, &s, err, sizeof(err)), SBN_OK);
+  ck_assert_int_eq(s.group_access, 0);
   coord_proc c2;
   const char *args[] = {"--secret-file", path, NULL};
   ck_assert_int_eq(coord_start(&c2, args), -1); /* exits 2 before listening */
