@@ -2,10 +2,13 @@
  * batchnorm.c - BatchNorm and SyncBatchNorm: forward, backward, running
  * statistics, repr.  The maths is in shared/spec/SYNCBN_SEMANTICS.md.
  *
- * Layout: an input (N, C, S...) is N*C contiguous planes of S values; every
- * kernel walks plane by plane with a simple inner loop over S.  Passes over
- * the data: statistics one read; normalization one read and one write;
- * backward one read of x and dy for the sums, then one for dx.
+ * Layout: an input (N, C, S...) is N*C contiguous planes of S values; the
+ * kernels walk plane by plane with a simple inner loop over S.  A
+ * channels-last input (N, S..., C) is R = N*S rows of C values; its kernels
+ * walk row by row with the inner loop over C (see "kernels").  Passes over
+ * the data, for both layouts, with or without the fused ReLU: statistics one
+ * read; normalization one read and one write; backward one read of x and dy
+ * for the sums, then one read of x and dy and one write for dx.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -23,6 +26,7 @@ typedef struct bn {
   size_t C;
   double eps, momentum;
   int affine, track, freeze;
+  unsigned flags; /* SBN_BN_CHANNELS_LAST, SBN_BN_FUSED_RELU */
   sbn_group *group;
   char *user_name;  /* from the options or sbn_bn_set_name */
   char *path_name;  /* from sbn_module_name_layers */
@@ -34,7 +38,10 @@ typedef struct bn {
   uint64_t saved_n;      /* (global) values per channel */
   sbn_tensor *saved_x;
   double *saved_mean, *saved_invstd; /* C each */
+  float *saved_aff; /* 4C: the forward's hi, lo, a, b (see "kernels") */
 } bn;
+
+#define KNOWN_FLAGS (SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU)
 
 static atomic_ulong layer_counter;
 static atomic_int warned_n1;
@@ -146,22 +153,46 @@ static int get_tensors(const sbn_module *m, const bn *b, bn_tensors *t) {
   return rc;
 }
 
-/* Checks the input and splits its shape into N, C, S (spatial size). */
+/*
+ * The kernels' view of x: NCHW as N planes-of-channels with spatial size S;
+ * channels-last as N*S rows of C, i.e. *N = rows and *S = 1 (the row
+ * kernels' layout; an NCHW input with S = 1 is the same).
+ */
+static void split_shape(const bn *b, const sbn_tensor *x, size_t *N, size_t *S) {
+  int nd = sbn_tensor_ndim(x);
+  if (b->flags & SBN_BN_CHANNELS_LAST) {
+    *N = 1;
+    for (int i = 0; i < nd - 1; i++) *N *= sbn_tensor_dim(x, i);
+    *S = 1;
+    return;
+  }
+  *N = sbn_tensor_dim(x, 0);
+  *S = 1;
+  for (int i = 2; i < nd; i++) *S *= sbn_tensor_dim(x, i);
+}
+
+/* Checks the input and splits its shape into N, C, S (see split_shape). */
 static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, size_t *N,
                        size_t *S) {
   char s[96];
   int nd = sbn_tensor_ndim(x);
+  const int cl = !!(b->flags & SBN_BN_CHANNELS_LAST);
   if (nd < 2 || nd > 5)
-    return sbn__fail(SBN_ESHAPE, "%s '%s' expects a 2D, 3D, 4D or 5D input, got %dD input of shape %s",
-                     sbn_module_type_name(m), identity(b), nd, sbn_tensor_shape_str(x, s, sizeof(s)));
-  if (sbn_tensor_dim(x, 1) != b->C)
+    return sbn__fail(SBN_ESHAPE, "%s '%s' expects a 2D, 3D, 4D or 5D%s input, got %dD input of shape %s",
+                     sbn_module_type_name(m), identity(b), cl ? " channels-last" : "", nd,
+                     sbn_tensor_shape_str(x, s, sizeof(s)));
+  if (cl && sbn_tensor_dim(x, nd - 1) != b->C)
+    return sbn__fail(SBN_ESHAPE,
+                     "%s '%s' expects %zu channels on the last axis (channels-last), input has "
+                     "shape %s",
+                     sbn_module_type_name(m), identity(b), b->C,
+                     sbn_tensor_shape_str(x, s, sizeof(s)));
+  if (!cl && sbn_tensor_dim(x, 1) != b->C)
     return sbn__fail(SBN_ESHAPE,
                      "%s '%s' expects %zu channels (num_features), got input of shape %s",
                      sbn_module_type_name(m), identity(b), b->C,
                      sbn_tensor_shape_str(x, s, sizeof(s)));
-  *N = sbn_tensor_dim(x, 0);
-  *S = 1;
-  for (int i = 2; i < nd; i++) *S *= sbn_tensor_dim(x, i);
+  split_shape(b, x, N, S);
   return SBN_OK;
 }
 
@@ -173,10 +204,33 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  * level.  The element-wise kernels do exactly the scalar operations, so a
  * value's result does not depend on its position; the sums have a fixed
  * order, so every run gives the same bits.
+ *
+ * Two families, each with the same passes over the data:
+ *   - plane kernels (S > 1): N*C contiguous planes of S values, inner loop
+ *     over S (NCHW inputs with a spatial size);
+ *   - row kernels (S == 1): R rows of C contiguous values, inner loop over
+ *     C with per-channel partial sums kept in double arrays across rows
+ *     (channels-last inputs as (R, C), and NCHW inputs without spatial
+ *     size, which are the same layout).  RB rows are handled per sweep of
+ *     the channels so the partial sums are loaded and stored once per RB
+ *     rows; each channel's sum still adds the rows in order, so the result
+ *     is the same as one row at a time (and as the plane kernels for S = 1).
+ * The normalization's per-channel constants are floats: y = ((x - hi) - lo)
+ * * a + b with hi = float(mean), lo = float(mean - hi) (the exact
+ * subtraction of the mean, see normalize), a = float(weight * invstd),
+ * b = float(bias), stored as aff = [hi(C) lo(C) a(C) b(C)].
+ *
+ * Fused ReLU: y = max(0, v) in the normalization store; backward keeps dy
+ * where v = ((x - hi) - lo) * a + b > 0, v recomputed with the forward's
+ * saved constants by the same expression (so the same bits as the
+ * forward's), inside the sums pass and the dx pass.
  */
 typedef float v4f __attribute__((vector_size(16))); /* 4 floats: SSE2/NEON width */
+typedef int v4si __attribute__((vector_size(16)));
 typedef double v2d __attribute__((vector_size(16)));
 #define VL 4
+#define RB 4 /* rows per sweep in the row kernels */
+#define KERNEL static inline __attribute__((always_inline))
 
 static inline v4f load4(const float *p) {
   v4f v;
@@ -184,9 +238,26 @@ static inline v4f load4(const float *p) {
   return v;
 }
 static inline void store4(float *p, v4f v) { memcpy(p, &v, sizeof(v)); }
+static inline v2d load2d(const double *p) {
+  v2d v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void store2d(double *p, v2d v) { memcpy(p, &v, sizeof(v)); }
 static inline v2d lo2(v4f v) { return (v2d){v[0], v[1]}; }
 static inline v2d hi2(v4f v) { return (v2d){v[2], v[3]}; }
 static inline double hsum2(v2d v) { return v[0] + v[1]; }
+static inline v4f splat4(float f) { return (v4f){f, f, f, f}; }
+
+/* The normalization of one value, vector and scalar: the same operations. */
+KERNEL v4f aff4(v4f x, v4f h, v4f l, v4f a, v4f b) { return ((x - h) - l) * a + b; }
+KERNEL float aff1(float x, float h, float l, float a, float b) { return ((x - h) - l) * a + b; }
+/* ReLU: +0 where v <= 0, else v (a NaN passes, as in PyTorch). */
+KERNEL v4f relu4(v4f v) { return (v4f)((v4si)v & ~(v4si)(v <= splat4(0.0f))); }
+KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
+/* ReLU's backward: g where v > 0 (or NaN), else +0. */
+KERNEL v4f keep4(v4f v, v4f g) { return (v4f)((v4si)g & ~(v4si)(v <= splat4(0.0f))); }
+KERNEL float keep1(float v, float g) { return v <= 0 ? 0.0f : g; }
 
 /*
  * Per-channel count, mean and M2 in one read.  Sums of d = x - K in double,
@@ -194,7 +265,7 @@ static inline double hsum2(v2d v) { return v[0] + v[1]; }
  * textbook cancellation of Σx² - (Σx)²/n cannot happen, and
  * M2 = Σd² - (Σd)²/n is accurate to double precision.
  */
-static void local_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2) {
+static void plane_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2) {
   size_t count = N * S;
   for (size_t c = 0; c < C; c++) {
     mean[c] = 0;
@@ -230,72 +301,280 @@ static void local_stats(const float *x, size_t N, size_t C, size_t S, double *me
   }
 }
 
+/* nr rows of x into the partial sums s, q of d = x - K (row kernels). */
+KERNEL void rows_stats_block(const float *x, size_t nr, size_t C, const double *K, double *s,
+                             double *q) {
+  size_t c = 0;
+  for (; c + VL <= C; c += VL) {
+    const v2d k0 = load2d(K + c), k1 = load2d(K + c + 2);
+    v2d s0 = load2d(s + c), s1 = load2d(s + c + 2);
+    v2d q0 = load2d(q + c), q1 = load2d(q + c + 2);
+    for (size_t j = 0; j < nr; j++) {
+      v4f v = load4(x + j * C + c);
+      v2d d0 = lo2(v) - k0, d1 = hi2(v) - k1;
+      s0 += d0, s1 += d1;
+      q0 += d0 * d0, q1 += d1 * d1;
+    }
+    store2d(s + c, s0), store2d(s + c + 2, s1);
+    store2d(q + c, q0), store2d(q + c + 2, q1);
+  }
+  for (; c < C; c++) {
+    double sc = s[c], qc = q[c];
+    for (size_t j = 0; j < nr; j++) {
+      double d = (double)x[j * C + c] - K[c];
+      sc += d;
+      qc += d * d;
+    }
+    s[c] = sc;
+    q[c] = qc;
+  }
+}
+
+/* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
+static void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
+                       double *acc) {
+  for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
+  if (R == 0) return;
+  double *K = acc, *s = acc + C, *q = acc + 2 * C;
+  for (size_t c = 0; c < C; c++) {
+    K[c] = x[c];
+    s[c] = q[c] = 0;
+  }
+  size_t r = 0;
+  for (; r + RB <= R; r += RB) rows_stats_block(x + r * C, RB, C, K, s, q);
+  if (r < R) rows_stats_block(x + r * C, R - r, C, K, s, q);
+  for (size_t c = 0; c < C; c++) {
+    mean[c] = K[c] + s[c] / (double)R;
+    double v = q[c] - s[c] * s[c] / (double)R;
+    m2[c] = v > 0 ? v : 0;
+  }
+}
+
 /*
- * y = (x - mean) * a + b per plane, with a = weight * invstd.  The mean is
+ * y = ((x - hi) - lo) * a + b (then the ReLU when relu).  The mean is
  * subtracted in two float steps, hi = float(mean) first (exact for values
  * near it) and then the remainder lo, so that |mean| >> std loses nothing;
  * the fused x*a + (b - mean*a) would cancel catastrophically.
  */
-static void normalize(const float *x, float *y, size_t N, size_t C, size_t S, const double *mean,
-                      const double *scale, const double *shift) {
+KERNEL void plane_normalize_body(const float *x, float *y, size_t N, size_t C, size_t S,
+                                 const float *aff, const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S;
       float *q = y + (n * C + c) * S;
-      const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
-      const float a = (float)scale[c], b = (float)shift[c];
-      const v4f hv = {hi, hi, hi, hi}, lv = {lo, lo, lo, lo};
-      const v4f av = {a, a, a, a}, bv = {b, b, b, b};
+      const float hi = H[c], lo = L[c], a = A[c], b = B[c];
+      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
       size_t i = 0;
-      for (; i + VL <= S; i += VL) store4(q + i, ((load4(p + i) - hv) - lv) * av + bv);
-      for (; i < S; i++) q[i] = ((p[i] - hi) - lo) * a + b;
+      for (; i + VL <= S; i += VL) {
+        v4f v = aff4(load4(p + i), hv, lv, av, bv);
+        store4(q + i, relu ? relu4(v) : v);
+      }
+      for (; i < S; i++) {
+        float v = aff1(p[i], hi, lo, a, b);
+        q[i] = relu ? relu1(v) : v;
+      }
     }
 }
 
-/* Per channel Σdy and Σdy·(x - mean), in double, one read of x and dy. */
-static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
-                      const double *mean, double *sdy, double *sdyx) {
+KERNEL void rows_normalize_block(const float *x, float *y, size_t nr, size_t C, const float *aff,
+                                 const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+  size_t c = 0;
+  for (; c + VL <= C; c += VL) {
+    const v4f hv = load4(H + c), lv = load4(L + c), av = load4(A + c), bv = load4(B + c);
+    for (size_t j = 0; j < nr; j++) {
+      v4f v = aff4(load4(x + j * C + c), hv, lv, av, bv);
+      store4(y + j * C + c, relu ? relu4(v) : v);
+    }
+  }
+  for (; c < C; c++)
+    for (size_t j = 0; j < nr; j++) {
+      float v = aff1(x[j * C + c], H[c], L[c], A[c], B[c]);
+      y[j * C + c] = relu ? relu1(v) : v;
+    }
+}
+
+KERNEL void rows_normalize_body(const float *x, float *y, size_t R, size_t C, const float *aff,
+                                const int relu) {
+  size_t r = 0;
+  for (; r + RB <= R; r += RB) rows_normalize_block(x + r * C, y + r * C, RB, C, aff, relu);
+  if (r < R) rows_normalize_block(x + r * C, y + r * C, R - r, C, aff, relu);
+}
+
+/* One read of x, one write of y, for either layout. */
+static void normalize(const float *x, float *y, size_t N, size_t C, size_t S, const float *aff,
+                      int relu) {
+  if (S == 1) {
+    if (relu) rows_normalize_body(x, y, N, C, aff, 1);
+    else rows_normalize_body(x, y, N, C, aff, 0);
+  } else {
+    if (relu) plane_normalize_body(x, y, N, C, S, aff, 1);
+    else plane_normalize_body(x, y, N, C, S, aff, 0);
+  }
+}
+
+/*
+ * Per channel Σg and Σg·(x - mean), in double, one read of x and dy; g = dy,
+ * or dy masked by the ReLU (aff: the forward's constants) when relu.
+ */
+KERNEL void plane_grad_sums_body(const float *x, const float *dy, size_t N, size_t C, size_t S,
+                                 const double *mean, const float *aff, double *sdy, double *sdyx,
+                                 const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
   for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
       const double mu = mean[c];
       const v2d mv = {mu, mu};
+      const float hi = relu ? H[c] : 0, lo = relu ? L[c] : 0;
+      const float a = relu ? A[c] : 0, b = relu ? B[c] : 0;
+      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
       v2d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
       size_t i = 0;
       for (; i + VL <= S; i += VL) {
         v4f xv = load4(p + i), gv = load4(g + i);
+        if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
         v2d g0 = lo2(gv), g1 = hi2(gv);
         a0 += g0, a1 += g1;
         b0 += g0 * (lo2(xv) - mv), b1 += g1 * (hi2(xv) - mv);
       }
       double at = hsum2(a0 + a1), bt = hsum2(b0 + b1);
       for (; i < S; i++) {
-        at += g[i];
-        bt += (double)g[i] * ((double)p[i] - mu);
+        float gi = relu ? keep1(aff1(p[i], hi, lo, a, b), g[i]) : g[i];
+        at += gi;
+        bt += (double)gi * ((double)p[i] - mu);
       }
       sdy[c] += at;
       sdyx[c] += bt;
     }
 }
 
-/* dx = k*(dy - c1) - (x - mean)*q per plane (mean split as in normalize). */
-static void grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C, size_t S,
-                       const double *mean, const double *k, const double *c1, const double *q) {
+KERNEL void rows_grad_sums_block(const float *x, const float *dy, size_t nr, size_t C,
+                                 const double *mean, const float *aff, double *sdy, double *sdyx,
+                                 const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+  size_t c = 0;
+  for (; c + VL <= C; c += VL) {
+    const v2d m0 = load2d(mean + c), m1 = load2d(mean + c + 2);
+    v2d a0 = load2d(sdy + c), a1 = load2d(sdy + c + 2);
+    v2d b0 = load2d(sdyx + c), b1 = load2d(sdyx + c + 2);
+    v4f hv = {0}, lv = {0}, av = {0}, bv = {0};
+    if (relu) hv = load4(H + c), lv = load4(L + c), av = load4(A + c), bv = load4(B + c);
+    for (size_t j = 0; j < nr; j++) {
+      v4f xv = load4(x + j * C + c), gv = load4(dy + j * C + c);
+      if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
+      v2d g0 = lo2(gv), g1 = hi2(gv);
+      a0 += g0, a1 += g1;
+      b0 += g0 * (lo2(xv) - m0), b1 += g1 * (hi2(xv) - m1);
+    }
+    store2d(sdy + c, a0), store2d(sdy + c + 2, a1);
+    store2d(sdyx + c, b0), store2d(sdyx + c + 2, b1);
+  }
+  for (; c < C; c++) {
+    double at = sdy[c], bt = sdyx[c];
+    for (size_t j = 0; j < nr; j++) {
+      float xi = x[j * C + c], gi = dy[j * C + c];
+      if (relu) gi = keep1(aff1(xi, H[c], L[c], A[c], B[c]), gi);
+      at += gi;
+      bt += (double)gi * ((double)xi - mean[c]);
+    }
+    sdy[c] = at;
+    sdyx[c] = bt;
+  }
+}
+
+KERNEL void rows_grad_sums_body(const float *x, const float *dy, size_t R, size_t C,
+                                const double *mean, const float *aff, double *sdy, double *sdyx,
+                                const int relu) {
+  for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
+  size_t r = 0;
+  for (; r + RB <= R; r += RB)
+    rows_grad_sums_block(x + r * C, dy + r * C, RB, C, mean, aff, sdy, sdyx, relu);
+  if (r < R) rows_grad_sums_block(x + r * C, dy + r * C, R - r, C, mean, aff, sdy, sdyx, relu);
+}
+
+static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
+                      const double *mean, const float *aff, double *sdy, double *sdyx, int relu) {
+  if (S == 1) {
+    if (relu) rows_grad_sums_body(x, dy, N, C, mean, aff, sdy, sdyx, 1);
+    else rows_grad_sums_body(x, dy, N, C, mean, aff, sdy, sdyx, 0);
+  } else {
+    if (relu) plane_grad_sums_body(x, dy, N, C, S, mean, aff, sdy, sdyx, 1);
+    else plane_grad_sums_body(x, dy, N, C, S, mean, aff, sdy, sdyx, 0);
+  }
+}
+
+/*
+ * dx = k*(g - c1) - ((x - hi) - lo)*q (mean split as in normalize), g as in
+ * grad_sums; kcq = [k(C) c1(C) q(C)] floats.
+ */
+KERNEL void plane_grad_input_body(const float *x, const float *dy, float *dx, size_t N, size_t C,
+                                  size_t S, const float *aff, const float *kcq, const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
       float *o = dx + (n * C + c) * S;
-      const float hi = (float)mean[c], lo = (float)(mean[c] - (double)hi);
-      const float kf = (float)k[c], cf = (float)c1[c], qf = (float)q[c];
-      const v4f hv = {hi, hi, hi, hi}, lv = {lo, lo, lo, lo};
-      const v4f kv = {kf, kf, kf, kf}, cv = {cf, cf, cf, cf};
-      const v4f qv = {qf, qf, qf, qf};
+      const float hi = H[c], lo = L[c], a = A[c], b = B[c];
+      const float kf = kcq[c], cf = kcq[C + c], qf = kcq[2 * C + c];
+      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
+      const v4f kv = splat4(kf), cv = splat4(cf), qv = splat4(qf);
       size_t i = 0;
-      for (; i + VL <= S; i += VL)
-        store4(o + i, kv * (load4(g + i) - cv) - ((load4(p + i) - hv) - lv) * qv);
-      for (; i < S; i++) o[i] = kf * (g[i] - cf) - ((p[i] - hi) - lo) * qf;
+      for (; i + VL <= S; i += VL) {
+        v4f xv = load4(p + i), gv = load4(g + i);
+        if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
+        store4(o + i, kv * (gv - cv) - ((xv - hv) - lv) * qv);
+      }
+      for (; i < S; i++) {
+        float gi = relu ? keep1(aff1(p[i], hi, lo, a, b), g[i]) : g[i];
+        o[i] = kf * (gi - cf) - ((p[i] - hi) - lo) * qf;
+      }
     }
+}
+
+KERNEL void rows_grad_input_block(const float *x, const float *dy, float *dx, size_t nr, size_t C,
+                                  const float *aff, const float *kcq, const int relu) {
+  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+  const float *K = kcq, *C1 = kcq + C, *Q = kcq + 2 * C;
+  size_t c = 0;
+  for (; c + VL <= C; c += VL) {
+    const v4f hv = load4(H + c), lv = load4(L + c);
+    const v4f kv = load4(K + c), cv = load4(C1 + c), qv = load4(Q + c);
+    v4f av = {0}, bv = {0};
+    if (relu) av = load4(A + c), bv = load4(B + c);
+    for (size_t j = 0; j < nr; j++) {
+      v4f xv = load4(x + j * C + c), gv = load4(dy + j * C + c);
+      if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
+      store4(dx + j * C + c, kv * (gv - cv) - ((xv - hv) - lv) * qv);
+    }
+  }
+  for (; c < C; c++)
+    for (size_t j = 0; j < nr; j++) {
+      float xi = x[j * C + c], gi = dy[j * C + c];
+      if (relu) gi = keep1(aff1(xi, H[c], L[c], A[c], B[c]), gi);
+      dx[j * C + c] = K[c] * (gi - C1[c]) - ((xi - H[c]) - L[c]) * Q[c];
+    }
+}
+
+KERNEL void rows_grad_input_body(const float *x, const float *dy, float *dx, size_t R, size_t C,
+                                 const float *aff, const float *kcq, const int relu) {
+  size_t r = 0;
+  for (; r + RB <= R; r += RB)
+    rows_grad_input_block(x + r * C, dy + r * C, dx + r * C, RB, C, aff, kcq, relu);
+  if (r < R) rows_grad_input_block(x + r * C, dy + r * C, dx + r * C, R - r, C, aff, kcq, relu);
+}
+
+static void grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C, size_t S,
+                       const float *aff, const float *kcq, int relu) {
+  if (S == 1) {
+    if (relu) rows_grad_input_body(x, dy, dx, N, C, aff, kcq, 1);
+    else rows_grad_input_body(x, dy, dx, N, C, aff, kcq, 0);
+  } else {
+    if (relu) plane_grad_input_body(x, dy, dx, N, C, S, aff, kcq, 1);
+    else plane_grad_input_body(x, dy, dx, N, C, S, aff, kcq, 0);
+  }
 }
 
 /* ---- forward ----------------------------------------------------------------- */
@@ -322,18 +601,24 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   sbn_group *sync = (is_sync && use_batch && !group_local(b->group)) ? b->group : NULL;
 
   sbn_tensor *y = NULL;
-  double *work = malloc(6 * C * sizeof(double));
+  /* 9C doubles (the last 3C: row statistics' scratch), then 4C floats. */
+  double *work = malloc(9 * C * sizeof(double) + 4 * C * sizeof(float));
   if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' forward", identity(b));
   double *mean = work, *m2 = work + C, *invstd = work + 2 * C;
   double *scale = work + 3 * C, *shift = work + 4 * C, *gmean = work + 5 * C;
+  double *acc = work + 6 * C;
+  float *aff = (float *)(work + 9 * C);
   if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &y)) != SBN_OK) {
     free(work);
     return rc;
   }
   const float *xd = sbn_tensor_cdata(x);
-  uint64_t n = (uint64_t)N * S;
+  uint64_t n = (uint64_t)N * S; /* N rows when S = 1 (channels-last) */
   if (use_batch) {
-    local_stats(xd, N, C, S, mean, m2);
+    if (S == 1)
+      rows_stats(xd, N, C, mean, m2, acc);
+    else
+      plane_stats(xd, N, C, S, mean, m2);
     if (sync) {
       uint64_t gn = 0;
       /* gm2 goes to scale (free until normalization). */
@@ -362,8 +647,13 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   for (size_t c = 0; c < C; c++) {
     scale[c] = (w ? (double)w[c] : 1.0) * invstd[c];
     shift[c] = bs ? bs[c] : 0.0;
+    const float hi = (float)mean[c];
+    aff[c] = hi;
+    aff[C + c] = (float)(mean[c] - (double)hi);
+    aff[2 * C + c] = (float)scale[c];
+    aff[3 * C + c] = (float)shift[c];
   }
-  normalize(xd, sbn_tensor_data(y), N, C, S, mean, scale, shift);
+  normalize(xd, sbn_tensor_data(y), N, C, S, aff, !!(b->flags & SBN_BN_FUSED_RELU));
 
   /* Nothing below can fail: commit. */
   if (update && n > 0) {
@@ -380,6 +670,7 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   sbn_tensor_replace(&b->saved_x, sbn_tensor_ref(x));
   memcpy(b->saved_mean, mean, C * sizeof(double));
   memcpy(b->saved_invstd, invstd, C * sizeof(double));
+  memcpy(b->saved_aff, aff, 4 * C * sizeof(float));
   b->saved_valid = 1;
   b->saved_batch = use_batch;
   b->saved_sync = sync;
@@ -405,19 +696,25 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
   bn_tensors t;
   int rc = get_tensors(m, b, &t);
   if (rc != SBN_OK) return rc;
-  size_t N = sbn_tensor_dim(x, 0), S = C ? sbn_tensor_numel(x) / (N ? N : 1) / C : 0;
-  if (N == 0) S = 0;
+  size_t N = 0, S = 0;
+  split_shape(b, x, &N, &S);
+  const int relu = !!(b->flags & SBN_BN_FUSED_RELU);
   sbn_tensor *dx = NULL;
-  double *work = malloc(7 * C * sizeof(double));
+  /* 7C doubles, then 3C floats. */
+  double *work = malloc(7 * C * sizeof(double) + 3 * C * sizeof(float));
   if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' backward", identity(b));
   double *sdy = work, *sdyx = work + C, *gdy = work + 2 * C, *gdyx = work + 3 * C;
   double *k = work + 4 * C, *c1 = work + 5 * C, *q = work + 6 * C;
+  float *kcq = (float *)(work + 7 * C);
   if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &dx)) != SBN_OK) {
     free(work);
     return rc;
   }
   const double *mean = b->saved_mean, *invstd = b->saved_invstd;
-  grad_sums(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), N, C, S, mean, sdy, sdyx);
+  /* With the fused ReLU, dy is masked by the forward's y > 0 inside both
+   * passes; everything below is then BatchNorm's backward of the masked dy. */
+  grad_sums(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), N, C, S, mean, b->saved_aff, sdy, sdyx,
+            relu);
   for (size_t c = 0; c < C; c++) sdyx[c] *= invstd[c]; /* now Σ dy·x̂ */
   const float *w = t.w ? sbn_tensor_cdata(t.w) : NULL;
   if (b->saved_batch) {
@@ -446,8 +743,13 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
       c1[c] = q[c] = 0.0;
     }
   }
-  grad_input(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), sbn_tensor_data(dx), N, C, S, mean, k, c1,
-             q);
+  for (size_t c = 0; c < C; c++) {
+    kcq[c] = (float)k[c];
+    kcq[C + c] = (float)c1[c];
+    kcq[2 * C + c] = (float)q[c];
+  }
+  grad_input(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), sbn_tensor_data(dx), N, C, S,
+             b->saved_aff, kcq, relu);
   /* Local parameter gradients; a frozen layer's weight and bias get none. */
   if (b->affine && !b->freeze) {
     sbn_tensor *gw = sbn_tensor_grad(t.w), *gb = sbn_tensor_grad(t.b);
@@ -467,9 +769,13 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
 static int bn_extra_repr(const sbn_module *m, char *buf, size_t len) {
   const bn *b = sbn_module_impl(m);
   char e[40], mo[40];
-  return snprintf(buf, len, "%zu, eps=%s, momentum=%s, affine=%s, track_running_stats=%s", b->C,
-                  sbn__py_float(b->eps, e, sizeof(e)), sbn__py_float(b->momentum, mo, sizeof(mo)),
-                  b->affine ? "True" : "False", b->track ? "True" : "False");
+  /* MegEngine's text; the flags (ours) are appended only when set. */
+  return snprintf(buf, len, "%zu, eps=%s, momentum=%s, affine=%s, track_running_stats=%s%s%s",
+                  b->C, sbn__py_float(b->eps, e, sizeof(e)),
+                  sbn__py_float(b->momentum, mo, sizeof(mo)), b->affine ? "True" : "False",
+                  b->track ? "True" : "False",
+                  b->flags & SBN_BN_CHANNELS_LAST ? ", channels_last=True" : "",
+                  b->flags & SBN_BN_FUSED_RELU ? ", fused_relu=True" : "");
 }
 
 static void bn_destroy(void *impl) {
@@ -478,6 +784,7 @@ static void bn_destroy(void *impl) {
   sbn_tensor_free(b->saved_x);
   free(b->saved_mean);
   free(b->saved_invstd);
+  free(b->saved_aff);
   free(b->user_name);
   free(b->path_name);
   free(b);
@@ -554,10 +861,13 @@ static int check_options(const sbn_bn_options *o) {
   if (o->freeze && !o->track_running_stats)
     return sbn__fail(SBN_EINVAL, "freeze needs track_running_stats (a frozen layer normalizes "
                                  "with running statistics)");
-  if (o->flags) return sbn__fail(SBN_EINVAL, "unknown batchnorm flags 0x%x", o->flags);
+  if (o->flags & ~KNOWN_FLAGS)
+    return sbn__fail(SBN_EINVAL, "unknown batchnorm flags 0x%x (known: SBN_BN_CHANNELS_LAST 0x%x, "
+                                 "SBN_BN_FUSED_RELU 0x%x)",
+                     o->flags & ~KNOWN_FLAGS, SBN_BN_CHANNELS_LAST, SBN_BN_FUSED_RELU);
   for (size_t i = 0; i < sizeof(o->reserved) / sizeof(o->reserved[0]); i++)
     if (o->reserved[i]) return sbn__fail(SBN_EINVAL, "batchnorm options reserved[%zu] is set", i);
-  if (o->num_features > SIZE_MAX / (8 * sizeof(double)))
+  if (o->num_features > SIZE_MAX / (16 * sizeof(double)))
     return sbn__fail(SBN_EINVAL, "num_features %zu is too large", o->num_features);
   return check_layer_name(o->name);
 }
@@ -585,14 +895,16 @@ static int bn_new(const sbn_module_vtable *vt, const sbn_bn_options *o, sbn_modu
   b->affine = !!o->affine;
   b->track = !!o->track_running_stats;
   b->freeze = !!o->freeze;
+  b->flags = o->flags;
   b->group = o->group;
   snprintf(b->default_name, sizeof(b->default_name), "SyncBatchNorm#%lu",
            atomic_fetch_add(&layer_counter, 1));
   b->saved_mean = malloc(C * sizeof(double));
   b->saved_invstd = malloc(C * sizeof(double));
+  b->saved_aff = malloc(4 * C * sizeof(float));
   if (o->name) b->user_name = strdup(o->name);
   sbn_module *m = NULL;
-  if (!b->saved_mean || !b->saved_invstd || (o->name && !b->user_name)) {
+  if (!b->saved_mean || !b->saved_invstd || !b->saved_aff || (o->name && !b->user_name)) {
     bn_destroy(b);
     return sbn__fail(SBN_ENOMEM, "out of memory creating a batchnorm");
   }
@@ -647,6 +959,7 @@ SBN_API int sbn_bn_get_options(const sbn_module *m, sbn_bn_options *o) {
   o->affine = b->affine;
   o->track_running_stats = b->track;
   o->freeze = b->freeze;
+  o->flags = b->flags;
   o->group = b->group;
   o->name = identity(b);
   return SBN_OK;

@@ -5,7 +5,9 @@
  *
  * BatchNorm semantics (MegEngine's, see docs/api.md):
  *   - inputs (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), float32;
- *     statistics per channel over every axis but 1;
+ *     statistics per channel over every axis but 1 (channels-last inputs
+ *     (N, ..., C) with SBN_BN_CHANNELS_LAST; a fused ReLU with
+ *     SBN_BN_FUSED_RELU, see below);
  *   - training with running stats: batch statistics normalize and the
  *     running stats are updated, momentum weighting the OLD value:
  *       running_mean = momentum * running_mean + (1 - momentum) * mean
@@ -65,9 +67,30 @@ typedef struct sbn_bn_options {
    * NULL = its dotted path once sbn_module_name_layers() ran, else
    * "SyncBatchNorm#k" (k counts layers created by this process). */
   const char *name;
-  unsigned flags;    /* reserved for options such as a fused ReLU; must be 0 */
+  unsigned flags;    /* SBN_BN_* below, OR-ed; 0 = NCHW input, no ReLU */
   void *reserved[4]; /* must be NULL */
 } sbn_bn_options;
+
+/*
+ * sbn_bn_options.flags.  Any other bit is SBN_EINVAL (bit 0 is not used and
+ * stays invalid).  Flags are fixed at construction, kept by the
+ * conversions, returned by sbn_bn_get_options and shown in the repr only
+ * when set; state_dict is the same whatever the flags.
+ *
+ * SBN_BN_CHANNELS_LAST: inputs are (N, ..., C), channels on the LAST axis
+ *   (NHWC-style), rank 2..5: (N, C), (N, L, C), (N, H, W, C), (N, D, H, W, C).
+ *   Statistics per channel over all other positions, exactly as for the
+ *   NCHW layout; for rank 2 both layouts are the same.  Output and dx have
+ *   the input's shape.
+ * SBN_BN_FUSED_RELU: y = max(0, bn(x)) in the same pass as the
+ *   normalization (a NaN stays NaN).  Backward masks dy by y > 0 before the
+ *   BatchNorm backward (ReLU's gradient at 0 is 0, as in PyTorch).  The mask
+ *   is recomputed from the saved input and the forward's per-channel
+ *   constants inside the backward's two passes: no extra pass and no extra
+ *   memory (nothing of the output is kept).
+ */
+#define SBN_BN_CHANNELS_LAST 0x2u
+#define SBN_BN_FUSED_RELU 0x4u
 
 /* Fills o with the defaults above for C = num_features. */
 SBN_API void sbn_bn_options_init(sbn_bn_options *o, size_t num_features);
@@ -99,7 +122,8 @@ SBN_API const char *sbn_bn_layer_name(const sbn_module *m);
 /*
  * Forward/backward are sbn_module_call / sbn_module_forward /
  * sbn_module_backward.  Input errors: SBN_ESHAPE for a rank outside 2..5 or
- * a channel count other than num_features, naming the shapes.  Backward
+ * a channel count other than num_features (on axis 1, or on the last axis
+ * for SBN_BN_CHANNELS_LAST), naming the shapes and the layout.  Backward
  * needs a forward first (SBN_ESTATE) and dy of the input's shape; it keeps a
  * reference to the last forward's input, which must not be modified before
  * backward.  A layer applied twice before one backward differentiates its
