@@ -49,6 +49,34 @@ Files and array names:
       A rank holding a slice of x (along N or W) must produce the same slice
       of y and dx, running stats equal to rm/rv (global n), and the
       per-rank dweight/dbias must add up to dweight/dbias.
+
+Channels-last and fused-ReLU layers (tests/test_bn_layout.c), written after
+the files above from their own generator (seed 20250301), so the files above
+stay byte-identical.  A "channels-last" array has the channels on its LAST
+axis, (N, ..., C); its reference is PyTorch's batch_norm on the tensor moved
+to (N, C, ...) (torch.movedim) and moved back, and the fused ReLU is
+torch.relu of that, differentiated by autograd, all in float64.
+  layout_<case>.bin   one training step then one eval step of a layer with
+      random weight ~ U(0.5,1.5), bias ~ N(0,1), running stats 0/1 at first:
+      x dy weight bias         training inputs
+      y dx dweight dbias       training output and gradients
+      rm rv                    running stats after the step (float32)
+      ex edy                   eval inputs
+      ey edx edweight edbias   eval output and gradients, normalizing with
+                               rm rv exactly as stored (float32 values)
+    cases (shape in the input's own layout):
+      cl_2d (17,8)  cl_3d (3,5,8)  cl_4d (4,5,3,8)  cl_5d (2,3,4,2,8)
+      cl_odd (3,5,3,7)  cl_bigmean (4,6,5,8), per-channel |mean| ~ 1e4, std 1
+      relu_nchw_3d (3,8,5)  relu_nchw_4d (4,8,5,3)  relu_nchw_odd (3,7,5,3)
+      relu_cl_2d (17,8)  relu_cl_4d (4,5,3,8)  relu_cl_5d (2,3,4,2,8)
+      relu_cl_odd (3,5,3,7)  relu_cl_bigmean (4,6,5,8)
+    For the ReLU cases every pre-activation value is at least 2e-5 away from
+    0 (inputs are redrawn otherwise), so float32 rounding cannot flip the
+    mask.  The eval arrays also serve the freeze tests (a frozen layer
+    computes the eval step in training mode).
+  dist_cl_relu.bin   the distributed case: channels-last (3,4,16,8) with
+      the fused ReLU, one training step of the full batch, arrays as
+      layout_*.bin (x dy weight bias y dx dweight dbias rm rv ...).
 """
 import os
 import struct
@@ -156,6 +184,77 @@ def main():
     d = rng.random((6, 3, 2, 2)).astype(np.float32)
     write("freeze.bin", [("d", d), ("y", (d.astype(np.float64) - 1.0) / np.sqrt(4.0 + EPS))])
     write("dist_3x8x4x16.bin", step_case(rng, (3, 8, 4, 16)))
+    layout_files()
+
+
+RELU_MARGIN = 2e-5
+
+
+def layout_case(rng, shape, cl, relu, big_mean=False):
+    """A training step then an eval step; shape in the input's layout."""
+    C = shape[-1] if cl else shape[1]
+    to_nchw = (lambda t: t.movedim(-1, 1)) if cl else (lambda t: t)
+    from_nchw = (lambda t: t.movedim(1, -1)) if cl else (lambda t: t)
+
+    def draw():
+        if big_mean:
+            mean = rng.choice([-1.0, 1.0], size=C) * rng.uniform(0.9e4, 1.1e4, size=C)
+            return (rng.normal(size=shape) + mean).astype(np.float32)  # C is last
+        return normal(rng, shape)
+
+    def run(x, dy, w, b, rm, rv, training):
+        xt, wt, bt = t64(x, True), t64(w, True), t64(b, True)
+        pre = F.batch_norm(to_nchw(xt), rm, rv, wt, bt, training=training,
+                           momentum=TORCH_MOMENTUM, eps=EPS)
+        out = from_nchw(torch.relu(pre) if relu else pre)
+        out.backward(t64(dy))
+        margin = pre.detach().abs().min().item() if pre.numel() else 1.0
+        return (out.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy(),
+                margin)
+
+    while True:
+        x, ex = draw(), draw()
+        dy = rng.normal(size=shape).astype(np.float32)
+        edy = rng.normal(size=shape).astype(np.float32)
+        w = rng.uniform(0.5, 1.5, size=C).astype(np.float32)
+        b = rng.normal(size=C).astype(np.float32)
+        rm = torch.zeros(C, dtype=torch.float64)
+        rv = torch.ones(C, dtype=torch.float64)
+        y, dx, dw, db, m1 = run(x, dy, w, b, rm, rv, True)
+        rm32 = rm.numpy().astype(np.float32)
+        rv32 = rv.numpy().astype(np.float32)
+        ey, edx, edw, edb, m2 = run(ex, edy, w, b, t64(rm32), t64(rv32), False)
+        if not relu or min(m1, m2) >= RELU_MARGIN:
+            break
+    if relu:
+        assert (y == 0).any() and (y > 0).any(), "the ReLU should cut some values"
+    return [("x", x), ("dy", dy), ("weight", w), ("bias", b),
+            ("y", y), ("dx", dx), ("dweight", dw), ("dbias", db), ("rm", rm32), ("rv", rv32),
+            ("ex", ex), ("edy", edy), ("ey", ey), ("edx", edx), ("edweight", edw),
+            ("edbias", edb)]
+
+
+def layout_files():
+    rng = np.random.default_rng(20250301)
+    cases = [
+        ("cl_2d", (17, 8), True, False, False),
+        ("cl_3d", (3, 5, 8), True, False, False),
+        ("cl_4d", (4, 5, 3, 8), True, False, False),
+        ("cl_5d", (2, 3, 4, 2, 8), True, False, False),
+        ("cl_odd", (3, 5, 3, 7), True, False, False),
+        ("cl_bigmean", (4, 6, 5, 8), True, False, True),
+        ("relu_nchw_3d", (3, 8, 5), False, True, False),
+        ("relu_nchw_4d", (4, 8, 5, 3), False, True, False),
+        ("relu_nchw_odd", (3, 7, 5, 3), False, True, False),
+        ("relu_cl_2d", (17, 8), True, True, False),
+        ("relu_cl_4d", (4, 5, 3, 8), True, True, False),
+        ("relu_cl_5d", (2, 3, 4, 2, 8), True, True, False),
+        ("relu_cl_odd", (3, 5, 3, 7), True, True, False),
+        ("relu_cl_bigmean", (4, 6, 5, 8), True, True, True),
+    ]
+    for name, shape, cl, relu, big in cases:
+        write("layout_%s.bin" % name, layout_case(rng, shape, cl, relu, big))
+    write("dist_cl_relu.bin", layout_case(rng, (3, 4, 16, 8), True, True))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,675 @@
+/*
+ * test_bn_layout.c - BatchNorm / SyncBatchNorm options SBN_BN_CHANNELS_LAST
+ * and SBN_BN_FUSED_RELU against PyTorch float64 references written by
+ * tests/data/gen_reference.py (layout_*.bin, dist_cl_relu.bin; see its
+ * header): channels-last rank 2..5 with |mean| = 1e4, the fused ReLU in both
+ * layouts in train, eval and freeze, and a 2-rank (and 4-rank) distributed
+ * case through a real coordinator.  The NCHW path on transposed data is an
+ * additional check only.  Tolerance: the spec's 5e-6 + 5e-6 |ref|.
+ */
+#include <check.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coord_proc.h"
+#include "refdata.h"
+#include "sbn/sbn.h"
+#include "workers.h"
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+static void assert_close(const float *got, const float *ref, size_t n, const char *what) {
+  long at = ref_worst(got, ref, n);
+  ck_assert_msg(at < 0, "%s: element %ld is %.9g, reference %.9g", what, at,
+                at < 0 ? 0.0 : (double)got[at], at < 0 ? 0.0 : (double)ref[at]);
+}
+
+static void assert_close_ref(const sbn_tensor *t, const ref_file *r, const char *name,
+                             const char *what) {
+  const ref_array *a = ref_get(r, name);
+  ck_assert_msg(sbn_tensor_numel(t) == a->numel, "%s: %zu elements, reference %zu", what,
+                sbn_tensor_numel(t), a->numel);
+  assert_close(sbn_tensor_cdata(t), a->data, a->numel, what);
+}
+
+static int bitwise_equal(const sbn_tensor *a, const sbn_tensor *b) {
+  return sbn_tensor_same_shape(a, b) &&
+         memcmp(sbn_tensor_cdata(a), sbn_tensor_cdata(b), sbn_tensor_numel(a) * sizeof(float)) == 0;
+}
+
+static sbn_module *make_layer(int sync, size_t C, unsigned flags, int freeze) {
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, C);
+  o.flags = flags;
+  o.freeze = freeze;
+  o.name = "bn";
+  sbn_module *m = NULL;
+  int rc = sync ? sbn_syncbatchnorm_new(&o, &m) : sbn_batchnorm_new(&o, &m);
+  ck_assert_msg(rc == SBN_OK, "new layer (flags 0x%x): %s", flags, sbn_last_error());
+  return m;
+}
+
+static sbn_tensor *T(const sbn_module *m, const char *name) {
+  sbn_tensor *t = sbn_module_get_tensor(m, name);
+  ck_assert_msg(t != NULL, "no tensor '%s'", name);
+  return t;
+}
+
+static void set_from_ref(sbn_module *m, const char *tensor, const ref_file *r, const char *name) {
+  const ref_array *a = ref_get(r, name);
+  sbn_tensor *t = T(m, tensor);
+  ck_assert_uint_eq(sbn_tensor_numel(t), a->numel);
+  memcpy(sbn_tensor_data(t), a->data, a->numel * sizeof(float));
+}
+
+static sbn_tensor *forward(sbn_module *m, sbn_tensor *x) {
+  sbn_tensor *y = NULL;
+  int rc = sbn_module_call(m, x, &y);
+  ck_assert_msg(rc == SBN_OK, "forward: %s", sbn_last_error());
+  ck_assert(sbn_tensor_same_shape(x, y));
+  return y;
+}
+
+static sbn_tensor *backward(sbn_module *m, sbn_tensor *dy) {
+  sbn_tensor *dx = NULL;
+  int rc = sbn_module_backward(m, dy, &dx);
+  ck_assert_msg(rc == SBN_OK, "backward: %s", sbn_last_error());
+  ck_assert(sbn_tensor_same_shape(dy, dx));
+  return dx;
+}
+
+static sbn_tensor *copy_of(const sbn_tensor *t) {
+  sbn_tensor *c;
+  ck_assert_int_eq(sbn_tensor_clone(t, &c), SBN_OK);
+  return c;
+}
+
+static int all_zero(const sbn_tensor *t) {
+  for (size_t i = 0; i < sbn_tensor_numel(t); i++)
+    if (sbn_tensor_cdata(t)[i] != 0.0f) return 0;
+  return 1;
+}
+
+/* ---- the reference cases -------------------------------------------------------- */
+
+typedef struct layout_case {
+  const char *file;
+  unsigned flags;
+} layout_case;
+
+#define CL SBN_BN_CHANNELS_LAST
+#define RELU SBN_BN_FUSED_RELU
+
+static const layout_case cases[] = {
+    {"layout_cl_2d.bin", CL},
+    {"layout_cl_3d.bin", CL},
+    {"layout_cl_4d.bin", CL},
+    {"layout_cl_5d.bin", CL},
+    {"layout_cl_odd.bin", CL},
+    {"layout_cl_bigmean.bin", CL},
+    {"layout_relu_nchw_3d.bin", RELU},
+    {"layout_relu_nchw_4d.bin", RELU},
+    {"layout_relu_nchw_odd.bin", RELU},
+    {"layout_relu_cl_2d.bin", CL | RELU},
+    {"layout_relu_cl_4d.bin", CL | RELU},
+    {"layout_relu_cl_5d.bin", CL | RELU},
+    {"layout_relu_cl_odd.bin", CL | RELU},
+    {"layout_relu_cl_bigmean.bin", CL | RELU},
+};
+#define NCASES ((int)(sizeof(cases) / sizeof(cases[0])))
+
+static size_t case_channels(const ref_array *x, unsigned flags) {
+  return flags & CL ? x->shape[x->ndim - 1] : x->shape[1];
+}
+
+/* Loop index i: case i / 2, a SyncBatchNorm (local) when i is odd. */
+static void run_train_eval(int i) {
+  const layout_case *lc = &cases[i / 2];
+  int sync = i % 2;
+  ref_file r = ref_load(lc->file);
+  size_t C = case_channels(ref_get(&r, "x"), lc->flags);
+  sbn_module *bn = make_layer(sync, C, lc->flags, 0);
+  set_from_ref(bn, "weight", &r, "weight");
+  set_from_ref(bn, "bias", &r, "bias");
+  char what[128];
+  /* training step */
+  sbn_tensor *x = ref_tensor(&r, "x"), *dy = ref_tensor(&r, "dy");
+  sbn_tensor *y = forward(bn, x), *dx = backward(bn, dy);
+#define CHECK(t, name)                                                  \
+  do {                                                                  \
+    snprintf(what, sizeof(what), "%s (%s) %s", lc->file, sync ? "sync" : "plain", name); \
+    assert_close_ref((t), &r, (name), what);                            \
+  } while (0)
+  CHECK(y, "y");
+  CHECK(dx, "dx");
+  CHECK(sbn_tensor_grad(T(bn, "weight")), "dweight");
+  CHECK(sbn_tensor_grad(T(bn, "bias")), "dbias");
+  CHECK(T(bn, "running_mean"), "rm");
+  CHECK(T(bn, "running_var"), "rv");
+  if (lc->flags & RELU) {
+    /* y is exactly max(0, .): no negative values, zeros where cut. */
+    const float *yd = sbn_tensor_cdata(y), *yr = ref_get(&r, "y")->data;
+    for (size_t k = 0; k < sbn_tensor_numel(y); k++)
+      ck_assert_msg(yd[k] >= 0.0f && (yr[k] != 0.0f || yd[k] == 0.0f), "%s y[%zu] = %.9g",
+                    lc->file, k, (double)yd[k]);
+  }
+  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(y), sbn_tensor_free(dx);
+  /* eval step with the running stats as stored in the file (float32) */
+  set_from_ref(bn, "running_mean", &r, "rm");
+  set_from_ref(bn, "running_var", &r, "rv");
+  ck_assert_int_eq(sbn_module_eval(bn), SBN_OK);
+  ck_assert_int_eq(sbn_module_zero_grad(bn), SBN_OK);
+  sbn_tensor *rm = copy_of(T(bn, "running_mean")), *rv = copy_of(T(bn, "running_var"));
+  x = ref_tensor(&r, "ex");
+  dy = ref_tensor(&r, "edy");
+  sbn_tensor *y2 = forward(bn, x);
+  y = forward(bn, x);
+  ck_assert_msg(bitwise_equal(y, y2), "%s: two eval calls differ", lc->file);
+  dx = backward(bn, dy);
+  CHECK(y, "ey");
+  CHECK(dx, "edx");
+  CHECK(sbn_tensor_grad(T(bn, "weight")), "edweight");
+  CHECK(sbn_tensor_grad(T(bn, "bias")), "edbias");
+#undef CHECK
+  ck_assert(bitwise_equal(rm, T(bn, "running_mean")));
+  ck_assert(bitwise_equal(rv, T(bn, "running_var")));
+  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(y), sbn_tensor_free(y2);
+  sbn_tensor_free(dx), sbn_tensor_free(rm), sbn_tensor_free(rv);
+  sbn_module_free(bn);
+  ref_free(&r);
+}
+
+START_TEST(test_train_eval) { run_train_eval(_i); }
+END_TEST
+
+/*
+ * freeze: in training mode (and in eval) a frozen layer normalizes with the
+ * running stats, which never change, and its weight and bias get no
+ * gradient; output and dx are the eval step's.
+ */
+START_TEST(test_freeze) {
+  const layout_case *lc = &cases[_i / 2];
+  int sync = _i % 2;
+  ref_file r = ref_load(lc->file);
+  size_t C = case_channels(ref_get(&r, "x"), lc->flags);
+  sbn_module *bn = make_layer(sync, C, lc->flags, 1);
+  set_from_ref(bn, "weight", &r, "weight");
+  set_from_ref(bn, "bias", &r, "bias");
+  set_from_ref(bn, "running_mean", &r, "rm");
+  set_from_ref(bn, "running_var", &r, "rv");
+  sbn_tensor *w0 = copy_of(T(bn, "weight")), *b0 = copy_of(T(bn, "bias"));
+  sbn_tensor *rm = copy_of(T(bn, "running_mean")), *rv = copy_of(T(bn, "running_var"));
+  sbn_tensor *x = ref_tensor(&r, "ex"), *dy = ref_tensor(&r, "edy");
+  char what[128];
+  for (int mode = 1; mode >= 0; mode--) {
+    ck_assert_int_eq(sbn_module_train(bn, mode, 1), SBN_OK);
+    for (int step = 0; step < 2; step++) {
+      sbn_tensor *y = forward(bn, x), *dx = backward(bn, dy);
+      snprintf(what, sizeof(what), "%s frozen (%s, %s) y", lc->file, sync ? "sync" : "plain",
+               mode ? "train" : "eval");
+      assert_close_ref(y, &r, "ey", what);
+      snprintf(what, sizeof(what), "%s frozen (%s, %s) dx", lc->file, sync ? "sync" : "plain",
+               mode ? "train" : "eval");
+      assert_close_ref(dx, &r, "edx", what);
+      sbn_tensor_free(y);
+      sbn_tensor_free(dx);
+    }
+  }
+  ck_assert(all_zero(sbn_tensor_grad(T(bn, "weight"))));
+  ck_assert(all_zero(sbn_tensor_grad(T(bn, "bias"))));
+  ck_assert(bitwise_equal(w0, T(bn, "weight")) && bitwise_equal(b0, T(bn, "bias")));
+  ck_assert(bitwise_equal(rm, T(bn, "running_mean")));
+  ck_assert(bitwise_equal(rv, T(bn, "running_var")));
+  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(w0), sbn_tensor_free(b0);
+  sbn_tensor_free(rm), sbn_tensor_free(rv);
+  sbn_module_free(bn);
+  ref_free(&r);
+}
+END_TEST
+
+/* ---- additional check: the NCHW path on the transposed data -------------------- */
+
+/* (N, S..., C) <-> (N, C, S...) for a tensor of numel N*S*C. */
+static sbn_tensor *transpose(const sbn_tensor *t, int to_nchw) {
+  int nd = sbn_tensor_ndim(t);
+  size_t shape[SBN_MAX_DIMS], N = sbn_tensor_dim(t, 0), C, S = 1;
+  if (to_nchw) {
+    C = sbn_tensor_dim(t, nd - 1);
+    shape[0] = N, shape[1] = C;
+    for (int d = 1; d < nd - 1; d++) shape[d + 1] = sbn_tensor_dim(t, d), S *= shape[d + 1];
+  } else {
+    C = sbn_tensor_dim(t, 1);
+    shape[0] = N, shape[nd - 1] = C;
+    for (int d = 2; d < nd; d++) shape[d - 1] = sbn_tensor_dim(t, d), S *= shape[d - 1];
+  }
+  sbn_tensor *o;
+  ck_assert_int_eq(sbn_tensor_new(nd, shape, &o), SBN_OK);
+  const float *in = sbn_tensor_cdata(t);
+  float *out = sbn_tensor_data(o);
+  for (size_t n = 0; n < N; n++)
+    for (size_t s = 0; s < S; s++)
+      for (size_t c = 0; c < C; c++) {
+        size_t cl = (n * S + s) * C + c, nc = (n * C + c) * S + s;
+        if (to_nchw) out[nc] = in[cl];
+        else out[cl] = in[nc];
+      }
+  return o;
+}
+
+START_TEST(test_matches_nchw_path) {
+  const layout_case *lc = &cases[_i];
+  if (!(lc->flags & CL)) return;
+  ref_file r = ref_load(lc->file);
+  size_t C = case_channels(ref_get(&r, "x"), lc->flags);
+  sbn_module *a = make_layer(0, C, lc->flags, 0), *b = make_layer(0, C, lc->flags & ~CL, 0);
+  sbn_module *both[2] = {a, b};
+  for (int k = 0; k < 2; k++) {
+    set_from_ref(both[k], "weight", &r, "weight");
+    set_from_ref(both[k], "bias", &r, "bias");
+  }
+  sbn_tensor *x = ref_tensor(&r, "x"), *dy = ref_tensor(&r, "dy");
+  sbn_tensor *xt = transpose(x, 1), *dyt = transpose(dy, 1);
+  sbn_tensor *ya = forward(a, x), *dxa = backward(a, dy);
+  sbn_tensor *yb = forward(b, xt), *dxb = backward(b, dyt);
+  sbn_tensor *ybt = transpose(yb, 0), *dxbt = transpose(dxb, 0);
+  char what[128];
+  snprintf(what, sizeof(what), "%s y vs NCHW path", lc->file);
+  assert_close(sbn_tensor_cdata(ya), sbn_tensor_cdata(ybt), sbn_tensor_numel(ya), what);
+  snprintf(what, sizeof(what), "%s dx vs NCHW path", lc->file);
+  assert_close(sbn_tensor_cdata(dxa), sbn_tensor_cdata(dxbt), sbn_tensor_numel(dxa), what);
+  const char *names[] = {"running_mean", "running_var"};
+  for (int k = 0; k < 2; k++) {
+    snprintf(what, sizeof(what), "%s %s vs NCHW path", lc->file, names[k]);
+    assert_close(sbn_tensor_cdata(T(a, names[k])), sbn_tensor_cdata(T(b, names[k])), C, what);
+  }
+  snprintf(what, sizeof(what), "%s dweight vs NCHW path", lc->file);
+  assert_close(sbn_tensor_cdata(sbn_tensor_grad(T(a, "weight"))),
+               sbn_tensor_cdata(sbn_tensor_grad(T(b, "weight"))), C, what);
+  /* For rank 2 both layouts are the same: bit for bit. */
+  if (sbn_tensor_ndim(x) == 2) {
+    ck_assert(bitwise_equal(ya, yb));
+    ck_assert(bitwise_equal(dxa, dxb));
+  }
+  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(xt), sbn_tensor_free(dyt);
+  sbn_tensor_free(ya), sbn_tensor_free(dxa), sbn_tensor_free(yb), sbn_tensor_free(dxb);
+  sbn_tensor_free(ybt), sbn_tensor_free(dxbt);
+  sbn_module_free(a);
+  sbn_module_free(b);
+  ref_free(&r);
+}
+END_TEST
+
+/* ---- closed-form properties ------------------------------------------------------ */
+
+/* All-ones input in training: y = 0 exactly; with the ReLU every dy is cut,
+ * so dx = 0 and dweight = dbias = 0. */
+START_TEST(test_all_ones) {
+  unsigned flags[] = {CL, RELU, CL | RELU};
+  for (size_t f = 0; f < 3; f++) {
+    sbn_module *bn = make_layer(1, 5, flags[f], 0);
+    size_t shape[4] = {2, 3, 4, 5};
+    if (!(flags[f] & CL)) shape[1] = 5, shape[3] = 3;
+    sbn_tensor *x, *dy;
+    ck_assert_int_eq(sbn_tensor_new(4, shape, &x), SBN_OK);
+    ck_assert_int_eq(sbn_tensor_new(4, shape, &dy), SBN_OK);
+    sbn_tensor_fill(x, 1.0f);
+    sbn_tensor_fill(dy, 0.5f);
+    sbn_tensor *y = forward(bn, x), *y2 = forward(bn, x);
+    ck_assert(all_zero(y) && all_zero(y2));
+    sbn_tensor *dx = backward(bn, dy);
+    if (flags[f] & RELU) {
+      ck_assert(all_zero(dx));
+      ck_assert(all_zero(sbn_tensor_grad(T(bn, "bias"))));
+    }
+    sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(y), sbn_tensor_free(y2);
+    sbn_tensor_free(dx);
+    sbn_module_free(bn);
+  }
+}
+END_TEST
+
+/* Empty channels-last inputs: empty output, no error, backward too. */
+START_TEST(test_empty) {
+  size_t shapes[3][3] = {{0, 5, 8}, {2, 0, 8}, {0, 0, 8}};
+  for (int k = 0; k < 3; k++) {
+    sbn_module *bn = make_layer(1, 8, CL | RELU, 0);
+    sbn_tensor *x;
+    ck_assert_int_eq(sbn_tensor_new(3, shapes[k], &x), SBN_OK);
+    sbn_tensor *y = forward(bn, x), *dx = backward(bn, x);
+    ck_assert_uint_eq(sbn_tensor_numel(y), 0);
+    ck_assert_uint_eq(sbn_tensor_numel(dx), 0);
+    ck_assert(sbn_tensor_cdata(T(bn, "running_var"))[0] == 1.0f);
+    sbn_tensor_free(x), sbn_tensor_free(y), sbn_tensor_free(dx);
+    sbn_module_free(bn);
+  }
+}
+END_TEST
+
+/* ---- options, errors, repr, conversions ------------------------------------------ */
+
+START_TEST(test_bad_flags) {
+  unsigned bad[] = {1u, 8u, 0x80000000u, CL | RELU | 0x10u, CL | 1u};
+  sbn_bn_options o;
+  for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+    sbn_module *m = NULL;
+    sbn_bn_options_init(&o, 4);
+    o.flags = bad[k];
+    ck_assert_int_eq(sbn_batchnorm_new(&o, &m), SBN_EINVAL);
+    ck_assert_ptr_null(m);
+    ck_assert_msg(strstr(sbn_last_error(), "unknown batchnorm flags") != NULL, "%s",
+                  sbn_last_error());
+    ck_assert_int_eq(sbn_syncbatchnorm_new(&o, &m), SBN_EINVAL);
+    ck_assert_ptr_null(m);
+  }
+  unsigned good[] = {0, CL, RELU, CL | RELU};
+  for (size_t k = 0; k < 4; k++) {
+    sbn_module *m = make_layer((int)k % 2, 4, good[k], 0);
+    sbn_bn_options got;
+    ck_assert_int_eq(sbn_bn_get_options(m, &got), SBN_OK);
+    ck_assert_uint_eq(got.flags, good[k]);
+    sbn_module_free(m);
+  }
+}
+END_TEST
+
+START_TEST(test_wrong_channels) {
+  int sync = _i;
+  sbn_module *bn = make_layer(sync, 16, CL, 0);
+  const char *type = sync ? "SyncBatchNorm" : "BatchNorm";
+  char want[200];
+  sbn_tensor *x, *y = NULL;
+  /* C on axis 1 (an NCHW tensor) is not enough: the last axis counts. */
+  size_t s1[4] = {2, 5, 5, 8}, s2[4] = {2, 16, 5, 5}, s3[1] = {16};
+  size_t s6[6] = {1, 1, 1, 1, 1, 16};
+  ck_assert_int_eq(sbn_tensor_new(4, s1, &x), SBN_OK);
+  ck_assert_int_eq(sbn_module_call(bn, x, &y), SBN_ESHAPE);
+  ck_assert_ptr_null(y);
+  snprintf(want, sizeof(want),
+           "%s 'bn' expects 16 channels on the last axis (channels-last), input has shape "
+           "(2, 5, 5, 8)",
+           type);
+  ck_assert_str_eq(sbn_last_error(), want);
+  sbn_tensor_free(x);
+  ck_assert_int_eq(sbn_tensor_new(4, s2, &x), SBN_OK);
+  ck_assert_int_eq(sbn_module_call(bn, x, &y), SBN_ESHAPE);
+  ck_assert_msg(strstr(sbn_last_error(), "on the last axis (channels-last), input has shape "
+                                         "(2, 16, 5, 5)") != NULL,
+                "%s", sbn_last_error());
+  sbn_tensor_free(x);
+  ck_assert_int_eq(sbn_tensor_new(1, s3, &x), SBN_OK);
+  ck_assert_int_eq(sbn_module_call(bn, x, &y), SBN_ESHAPE);
+  ck_assert_msg(strstr(sbn_last_error(), "channels-last input, got 1D input of shape (16,)"),
+                "%s", sbn_last_error());
+  sbn_tensor_free(x);
+  if (sbn_tensor_new(6, s6, &x) == SBN_OK) { /* only if tensors of rank 6 exist */
+    ck_assert_int_eq(sbn_module_call(bn, x, &y), SBN_ESHAPE);
+    sbn_tensor_free(x);
+  }
+  ck_assert_ptr_null(y);
+  /* Nothing changed, and no forward was saved. */
+  ck_assert(sbn_tensor_cdata(T(bn, "running_var"))[0] == 1.0f);
+  ck_assert(sbn_tensor_cdata(T(bn, "running_mean"))[0] == 0.0f);
+  ck_assert_int_eq(sbn_tensor_new(4, s1, &x), SBN_OK);
+  ck_assert_int_eq(sbn_module_backward(bn, x, &y), SBN_ESTATE);
+  sbn_tensor_free(x);
+  /* The NCHW layer still names num_features. */
+  sbn_module *plain = make_layer(sync, 16, RELU, 0);
+  ck_assert_int_eq(sbn_tensor_new(4, s1, &x), SBN_OK);
+  ck_assert_int_eq(sbn_module_call(plain, x, &y), SBN_ESHAPE);
+  ck_assert_msg(strstr(sbn_last_error(), "expects 16 channels (num_features), got input of "
+                                         "shape (2, 5, 5, 8)"),
+                "%s", sbn_last_error());
+  /* dy of another shape than the input */
+  sbn_tensor *ok, *dy, *dx = NULL;
+  size_t good[3] = {2, 3, 16}, other[3] = {3, 2, 16};
+  ck_assert_int_eq(sbn_tensor_new(3, good, &ok), SBN_OK);
+  ck_assert_int_eq(sbn_tensor_new(3, other, &dy), SBN_OK);
+  y = forward(bn, ok);
+  ck_assert_int_eq(sbn_module_backward(bn, dy, &dx), SBN_ESHAPE);
+  ck_assert_ptr_null(dx);
+  sbn_tensor_free(x), sbn_tensor_free(ok), sbn_tensor_free(dy), sbn_tensor_free(y);
+  sbn_module_free(plain);
+  sbn_module_free(bn);
+}
+END_TEST
+
+START_TEST(test_repr) {
+  static const struct {
+    unsigned flags;
+    const char *tail;
+  } r[] = {{0, ")"},
+           {CL, ", channels_last=True)"},
+           {RELU, ", fused_relu=True)"},
+           {CL | RELU, ", channels_last=True, fused_relu=True)"}};
+  for (size_t k = 0; k < 4; k++) {
+    sbn_module *m = make_layer(1, 16, r[k].flags, 0);
+    char *s, want[160];
+    ck_assert_int_eq(sbn_module_repr(m, &s), SBN_OK);
+    snprintf(want, sizeof(want),
+             "SyncBatchNorm(16, eps=1e-05, momentum=0.9, affine=True, track_running_stats=True%s",
+             r[k].tail);
+    ck_assert_str_eq(s, want);
+    sbn_free(s);
+    sbn_module_free(m);
+  }
+}
+END_TEST
+
+/* Conversions keep the flags; state_dict does not depend on them. */
+START_TEST(test_convert_and_state_dict) {
+  sbn_module *layers[2] = {make_layer(0, 6, CL | RELU, 0), make_layer(0, 6, 0, 0)};
+  sbn_module *seq;
+  ck_assert_int_eq(sbn_sequential_new(layers, 2, &seq), SBN_OK);
+  size_t n = 0;
+  ck_assert_int_eq(sbn_convert_sync_batchnorm(seq, NULL, &n), SBN_OK);
+  ck_assert_uint_eq(n, 2);
+  sbn_bn_options o;
+  ck_assert_int_eq(sbn_bn_kind(layers[0]), 1);
+  ck_assert_int_eq(sbn_bn_get_options(layers[0], &o), SBN_OK);
+  ck_assert_uint_eq(o.flags, CL | RELU);
+  ck_assert_int_eq(sbn_revert_sync_batchnorm(seq, &n), SBN_OK);
+  ck_assert_int_eq(sbn_bn_kind(layers[0]), 0);
+  ck_assert_int_eq(sbn_bn_get_options(layers[0], &o), SBN_OK);
+  ck_assert_uint_eq(o.flags, CL | RELU);
+  ck_assert_int_eq(sbn_bn_get_options(layers[1], &o), SBN_OK);
+  ck_assert_uint_eq(o.flags, 0);
+  /* the same keys and shapes for both layers */
+  sbn_state_dict sd;
+  ck_assert_int_eq(sbn_module_state_dict(seq, NULL, 0, &sd), SBN_OK);
+  ck_assert_uint_eq(sd.count, 8);
+  static const char *keys[] = {"0.bias", "0.running_mean", "0.running_var", "0.weight",
+                               "1.bias", "1.running_mean", "1.running_var", "1.weight"};
+  for (size_t k = 0; k < 8; k++) {
+    ck_assert_str_eq(sd.keys[k], keys[k]);
+    ck_assert_int_eq(sbn_tensor_ndim(sd.values[k]), 1);
+    ck_assert_uint_eq(sbn_tensor_dim(sd.values[k], 0), 6);
+  }
+  /* loads into a model with other flags */
+  ck_assert_int_eq(sbn_module_load_state_dict(seq, &sd, 1), SBN_OK);
+  sbn_state_dict_release(&sd);
+  /* a channels-last layer still works after the round trip */
+  size_t shape[3] = {2, 3, 6};
+  sbn_tensor *x;
+  ck_assert_int_eq(sbn_tensor_new(3, shape, &x), SBN_OK);
+  sbn_tensor_fill(x, 2.0f);
+  sbn_tensor *y = forward(layers[0], x);
+  ck_assert(all_zero(y));
+  sbn_tensor_free(x);
+  sbn_tensor_free(y);
+  sbn_module_free(layers[0]);
+  sbn_module_free(layers[1]);
+  sbn_module_free(seq);
+}
+END_TEST
+
+/* ---- distributed: channels-last + fused ReLU on slices of a batch --------------- */
+
+typedef struct dist_case {
+  int world;
+  int axis;
+  size_t sizes[WORKERS_MAX];
+} dist_case;
+
+static const dist_case dist_cases[] = {
+    {2, 0, {1, 2}}, /* along N */
+    {2, 2, {8, 8}}, /* along W */
+    {2, 1, {3, 1}}, /* along H, uneven */
+    {4, 2, {5, 0, 7, 4}}, /* 4 ranks, one empty */
+};
+#define DC 8 /* channels of dist_cl_relu.bin */
+
+typedef struct dshared {
+  float dweight[WORKERS_MAX][DC], dbias[WORKERS_MAX][DC];
+  char msg[WORKERS_MAX][300];
+} dshared;
+
+typedef struct darg {
+  const char *addr, *job;
+  const dist_case *dc;
+  const ref_file *ref;
+} darg;
+
+/* The block [start, start+len) along axis of a reference array. */
+static sbn_tensor *slice_tensor(const ref_file *r, const char *name, int axis, size_t start,
+                                size_t len) {
+  const ref_array *a = ref_get(r, name);
+  size_t shape[SBN_MAX_DIMS], outer = 1, inner = 1;
+  memcpy(shape, a->shape, sizeof(shape));
+  shape[axis] = len;
+  for (int d = 0; d < axis; d++) outer *= a->shape[d];
+  for (int d = axis + 1; d < a->ndim; d++) inner *= a->shape[d];
+  sbn_tensor *t;
+  if (sbn_tensor_new(a->ndim, shape, &t) != SBN_OK) return NULL;
+  for (size_t o = 0; o < outer; o++)
+    memcpy(sbn_tensor_data(t) + o * len * inner, a->data + (o * a->shape[axis] + start) * inner,
+           len * inner * sizeof(float));
+  return t;
+}
+
+static int dcheck(dshared *sh, int rank, const char *what, const sbn_tensor *got,
+                  const sbn_tensor *want) {
+  long at = ref_worst(sbn_tensor_cdata(got), sbn_tensor_cdata(want), sbn_tensor_numel(got));
+  if (at < 0) return 0;
+  snprintf(sh->msg[rank], 300, "%s: element %ld is %.9g, reference %.9g", what, at,
+           (double)sbn_tensor_cdata(got)[at], (double)sbn_tensor_cdata(want)[at]);
+  return 1;
+}
+
+#define TRY(call, what)                                                   \
+  do {                                                                    \
+    if ((call) != SBN_OK) {                                               \
+      snprintf(sh->msg[rank], 300, "%s: %s", what, sbn_last_error());     \
+      goto out;                                                           \
+    }                                                                     \
+  } while (0)
+
+static int dist_worker(int rank, void *ap, void *sp) {
+  const darg *a = ap;
+  const dist_case *dc = a->dc;
+  const ref_file *ref = a->ref;
+  dshared *sh = sp;
+  int failed = 1;
+  sbn_ctx *ctx = NULL;
+  sbn_module *bn = NULL;
+  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL, *want = NULL, *w = NULL, *b = NULL;
+  TRY(worker_connect(a->addr, a->job, rank, dc->world, &ctx), "init");
+  size_t start = 0;
+  for (int i = 0; i < rank; i++) start += dc->sizes[i];
+  size_t len = dc->sizes[rank];
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, DC);
+  o.group = sbn_world(ctx);
+  o.name = "bn";
+  o.flags = SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU;
+  TRY(sbn_syncbatchnorm_new(&o, &bn), "syncbatchnorm_new");
+  w = ref_tensor(ref, "weight");
+  b = ref_tensor(ref, "bias");
+  TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "weight"), w), "weight");
+  TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "bias"), b), "bias");
+  x = slice_tensor(ref, "x", dc->axis, start, len);
+  dy = slice_tensor(ref, "dy", dc->axis, start, len);
+  TRY(sbn_module_call(bn, x, &y), "forward");
+  TRY(sbn_module_backward(bn, dy, &dx), "backward");
+  want = slice_tensor(ref, "y", dc->axis, start, len);
+  if (dcheck(sh, rank, "y", y, want)) goto out;
+  sbn_tensor_free(want);
+  want = slice_tensor(ref, "dx", dc->axis, start, len);
+  if (dcheck(sh, rank, "dx", dx, want)) goto out;
+  sbn_tensor_free(want);
+  want = ref_tensor(ref, "rm");
+  if (dcheck(sh, rank, "running_mean", sbn_module_get_tensor(bn, "running_mean"), want)) goto out;
+  sbn_tensor_free(want);
+  want = ref_tensor(ref, "rv");
+  if (dcheck(sh, rank, "running_var", sbn_module_get_tensor(bn, "running_var"), want)) goto out;
+  memcpy(sh->dweight[rank], sbn_tensor_cdata(sbn_tensor_grad(sbn_module_get_tensor(bn, "weight"))),
+         sizeof(sh->dweight[rank]));
+  memcpy(sh->dbias[rank], sbn_tensor_cdata(sbn_tensor_grad(sbn_module_get_tensor(bn, "bias"))),
+         sizeof(sh->dbias[rank]));
+  failed = 0;
+out:
+  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(y), sbn_tensor_free(dx);
+  sbn_tensor_free(want), sbn_tensor_free(w), sbn_tensor_free(b);
+  sbn_module_free(bn);
+  sbn_finalize(ctx);
+  return failed;
+}
+
+static coord_proc coord;
+
+START_TEST(test_dist_slices) {
+  const dist_case *dc = &dist_cases[_i];
+  ref_file ref = ref_load("dist_cl_relu.bin");
+  const ref_array *xa = ref_get(&ref, "x");
+  ck_assert_uint_eq(xa->shape[xa->ndim - 1], DC);
+  size_t total = 0;
+  for (int i = 0; i < dc->world; i++) total += dc->sizes[i];
+  ck_assert_uint_eq(total, xa->shape[dc->axis]);
+  ck_assert_int_eq(coord_start(&coord, NULL), 0);
+  darg a = {coord.addr, unique_job(), dc, &ref};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, dc->world, dist_worker, &a, sizeof(dshared)), 0);
+  int ok = workers_wait(&ws, 30000);
+  dshared *sh = ws.shared;
+  for (int r = 0; r < dc->world; r++)
+    ck_assert_msg(ws.status[r] == 0, "case %d (world %d, axis %d) rank %d: %s", _i, dc->world,
+                  dc->axis, r, sh->msg[r]);
+  ck_assert_int_eq(ok, dc->world);
+  float dw[DC] = {0}, db[DC] = {0};
+  for (int r = 0; r < dc->world; r++)
+    for (int c = 0; c < DC; c++) {
+      dw[c] += sh->dweight[r][c];
+      db[c] += sh->dbias[r][c];
+    }
+  assert_close(dw, ref_get(&ref, "dweight")->data, DC, "summed dweight");
+  assert_close(db, ref_get(&ref, "dbias")->data, DC, "summed dbias");
+  workers_release(&ws);
+  ref_free(&ref);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
+int main(void) {
+  Suite *s = suite_create("bn_layout");
+  TCase *tc = tcase_create("reference");
+  tcase_add_loop_test(tc, test_train_eval, 0, 2 * NCASES);
+  tcase_add_loop_test(tc, test_freeze, 0, 2 * NCASES);
+  tcase_add_loop_test(tc, test_matches_nchw_path, 0, NCASES);
+  tcase_add_test(tc, test_all_ones);
+  tcase_add_test(tc, test_empty);
+  suite_add_tcase(s, tc);
+  TCase *to = tcase_create("options");
+  tcase_add_test(to, test_bad_flags);
+  tcase_add_loop_test(to, test_wrong_channels, 0, 2);
+  tcase_add_test(to, test_repr);
+  tcase_add_test(to, test_convert_and_state_dict);
+  suite_add_tcase(s, to);
+  TCase *td = tcase_create("distributed");
+  tcase_set_timeout(td, 60);
+  tcase_add_loop_test(td, test_dist_slices, 0,
+                      (int)(sizeof(dist_cases) / sizeof(dist_cases[0])));
+  suite_add_tcase(s, td);
+  return run_suite(s);
+}
