@@ -13,6 +13,7 @@
 #include "sbn/module.h"
 #include "sbn/nn.h"
 #include "sbn/parallel.h"
+#include "sbn/safetensors.h"
 
 #ifdef __cplusplus
 extern "C" {
