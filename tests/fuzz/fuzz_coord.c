@@ -92,12 +92,27 @@ static int client_get(int k) {
   a.sin_family = AF_INET;
   a.sin_port = htons((uint16_t)ports[k == AUTH_CLIENT]);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  /*
+   * Each connection comes from the next of 65536 loopback source addresses
+   * (127.1.0.0/16), each with its own ephemeral ports, so connections that
+   * end in TIME_WAIT (graceful closes, on either side) never exhaust them.
+   */
+  static uint32_t next_src;
+  struct sockaddr_in src;
+  memset(&src, 0, sizeof(src));
+  src.sin_family = AF_INET;
+  src.sin_addr.s_addr = htonl(0x7f010000u | (next_src++ & 0xffffu));
+  if (bind(fd, (struct sockaddr *)&src, sizeof(src)) != 0) {
+    fprintf(stderr, "bind: %s\n", strerror(errno));
+    abort();
+  }
   /* Loopback connects complete from the backlog, before any accept. */
   int tries = 0;
   while (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-    /* Ports in TIME_WAIT from graceful closes may run out for a moment. */
-    if (errno != EADDRNOTAVAIL || ++tries > CONNECT_TRIES)
+    if (errno != EADDRNOTAVAIL || ++tries > CONNECT_TRIES) {
+      fprintf(stderr, "connect: %s\n", strerror(errno));
       abort();
+    }
     usleep(CONNECT_RETRY_US);
   }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
