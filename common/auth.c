@@ -102,9 +102,8 @@ static uint8_t *put_be(uint8_t *p, uint64_t v, int bytes) {
 }
 
 int sbn__auth_proof(const sbn__secret *s, int dir, const uint8_t worker_nonce[SBN_AUTH_NONCE_SIZE],
-                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job,
-                    uint32_t rank, uint32_t world, uint64_t generation,
-                    uint8_t out[SBN_AUTH_MAC_SIZE]) {
+                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job, uint32_t rank,
+                    uint32_t world, uint64_t generation, uint8_t out[SBN_AUTH_MAC_SIZE]) {
   /*
    * Every field has a fixed size or a length prefix, so no two transcripts
    * share an encoding.
@@ -136,9 +135,8 @@ int sbn__auth_proof(const sbn__secret *s, int dir, const uint8_t worker_nonce[SB
 }
 
 int sbn__auth_check(const sbn__secret *s, int dir, const uint8_t worker_nonce[SBN_AUTH_NONCE_SIZE],
-                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job,
-                    uint32_t rank, uint32_t world, uint64_t generation, const uint8_t *got,
-                    size_t got_len) {
+                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job, uint32_t rank,
+                    uint32_t world, uint64_t generation, const uint8_t *got, size_t got_len) {
   uint8_t want[SBN_AUTH_MAC_SIZE];
   if (got == NULL || got_len != SBN_AUTH_MAC_SIZE)
     return 0;

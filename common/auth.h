@@ -60,17 +60,15 @@ int sbn__auth_nonce(uint8_t out[SBN_AUTH_NONCE_SIZE]);
  * MAC could not be computed.
  */
 int sbn__auth_proof(const sbn__secret *s, int dir, const uint8_t worker_nonce[SBN_AUTH_NONCE_SIZE],
-                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job,
-                    uint32_t rank, uint32_t world, uint64_t generation,
-                    uint8_t out[SBN_AUTH_MAC_SIZE]);
+                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job, uint32_t rank,
+                    uint32_t world, uint64_t generation, uint8_t out[SBN_AUTH_MAC_SIZE]);
 
 /*
  * Whether got (got_len bytes) is the expected proof of direction dir;
  * the comparison takes the same time wherever the bytes differ.
  */
 int sbn__auth_check(const sbn__secret *s, int dir, const uint8_t worker_nonce[SBN_AUTH_NONCE_SIZE],
-                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job,
-                    uint32_t rank, uint32_t world, uint64_t generation, const uint8_t *got,
-                    size_t got_len);
+                    const uint8_t coord_nonce[SBN_AUTH_NONCE_SIZE], const char *job, uint32_t rank,
+                    uint32_t world, uint64_t generation, const uint8_t *got, size_t got_len);
 
 #endif /* SBN_AUTH_H */

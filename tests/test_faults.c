@@ -50,7 +50,7 @@ static void teardown(void) {
 static void start_coord(const char *port, const char *round_timeout) {
   char listen[64];
   snprintf(listen, sizeof(listen), "127.0.0.1:%s", port);
-  const char *args[] = {"--secret-file", secret,        "--listen", listen,
+  const char *args[] = {"--secret-file",   secret,        "--listen", listen,
                         "--round-timeout", round_timeout, NULL};
   ck_assert_int_eq(coord_start(&coord, args), 0);
 }
@@ -170,8 +170,7 @@ static void expect_all(fault_shared *sh, int world, int skip, int code, const ch
                   code);
     if (needle)
       ck_assert_msg(strstr(sh->msg[r], needle), "rank %d: '%s' lacks '%s'", r, sh->msg[r], needle);
-    ck_assert_msg(sh->t_return[r] - t0 < bound_ms, "rank %d took %lld ms", r,
-                  sh->t_return[r] - t0);
+    ck_assert_msg(sh->t_return[r] - t0 < bound_ms, "rank %d took %lld ms", r, sh->t_return[r] - t0);
   }
 }
 
@@ -254,8 +253,8 @@ START_TEST(coordinator_frozen_mid_round) {
   wait_returned(sh, 3, -1, 5000);
   for (int r = 0; r < 3; r++) {
     ck_assert_msg(sh->t_return[r] != 0, "rank %d hangs", r);
-    ck_assert_msg(sh->rc[r] == SBN_OK || sh->rc[r] == SBN_ETIMEDOUT, "rank %d: %d %s", r,
-                  sh->rc[r], sh->msg[r]);
+    ck_assert_msg(sh->rc[r] == SBN_OK || sh->rc[r] == SBN_ETIMEDOUT, "rank %d: %d %s", r, sh->rc[r],
+                  sh->msg[r]);
     ck_assert_msg(sh->t_return[r] - t0 < 2000, "rank %d took %lld ms", r, sh->t_return[r] - t0);
   }
   kill(coord.pid, SIGCONT);

@@ -232,8 +232,8 @@ START_TEST(max_frame_edge) {
   send_env_body(p, SBN__PHASE__PHASE_MODEL_CHECK, NULL, 0, 1, "m", 0, blob, b);
   expect_result(p);
   send_env_body(p, SBN__PHASE__PHASE_MODEL_CHECK, NULL, 0, 2, "m", 0, blob, b + 1);
-  sbn__msg_free(rp_expect_error(p, SBN_ETOOBIG, "2049 bytes exceeds the limit of 2048",
-                                RP_IO_TIMEOUT_MS));
+  sbn__msg_free(
+      rp_expect_error(p, SBN_ETOOBIG, "2049 bytes exceeds the limit of 2048", RP_IO_TIMEOUT_MS));
   ck_assert(rp_wait_closed(p, RP_IO_TIMEOUT_MS));
   rp_close(p);
   /* Before the welcome the cap is 4096 bytes, whatever --max-frame says. */
@@ -320,8 +320,8 @@ START_TEST(reader_that_never_reads) {
     }
     Sbn__Envelope *e = rp_recv(r0, RP_IO_TIMEOUT_MS);
     if (e->body_case == SBN__ENVELOPE__BODY_ERROR) {
-      ck_assert_msg(e->error->code == SBN_EPEERLOST && strstr(e->error->message, "rank 1"),
-                    "%d %s", e->error->code, e->error->message);
+      ck_assert_msg(e->error->code == SBN_EPEERLOST && strstr(e->error->message, "rank 1"), "%d %s",
+                    e->error->code, e->error->message);
       dropped_at = k;
     }
     sbn__msg_free(e);
@@ -336,19 +336,17 @@ START_TEST(reader_that_never_reads) {
 END_TEST
 
 START_TEST(limit_flags_checked) {
-  static const char *const bad[][3] = {{"--max-conns", "0", NULL},
-                                       {"--max-channels", "16777217", NULL},
-                                       {"--max-queued", "100", NULL},
-                                       {"--frame-timeout", "0", NULL},
-                                       {"--keepalive", "x", NULL},
-                                       {"--max-groups", "-1", NULL}};
+  static const char *const bad[][3] = {
+      {"--max-conns", "0", NULL},    {"--max-channels", "16777217", NULL},
+      {"--max-queued", "100", NULL}, {"--frame-timeout", "0", NULL},
+      {"--keepalive", "x", NULL},    {"--max-groups", "-1", NULL}};
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
     coord_proc c2;
     ck_assert_msg(coord_start(&c2, bad[i]) == -1, "%s %s accepted", bad[i][0], bad[i][1]);
   }
-  const char *ok[] = {"--max-conns=1", "--max-jobs=1", "--max-groups=1", "--max-rounds=1",
-                      "--max-channels=1", "--max-queued=4096", "--keepalive=0",
-                      "--frame-timeout=1", NULL};
+  const char *ok[] = {"--max-conns=1",  "--max-jobs=1",      "--max-groups=1",
+                      "--max-rounds=1", "--max-channels=1",  "--max-queued=4096",
+                      "--keepalive=0",  "--frame-timeout=1", NULL};
   start(ok);
   stop();
 }

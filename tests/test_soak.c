@@ -122,8 +122,7 @@ static int soak_worker(int rank, void *argp, void *sharedp) {
     }
     if (!ok) {
       if (sh->bad[rank]++ == 0)
-        snprintf(sh->first_bad[rank], 256, "round %ld (kind %d): %s", k, kind,
-                 sbn_last_error());
+        snprintf(sh->first_bad[rank], 256, "round %ld (kind %d): %s", k, kind, sbn_last_error());
       if (rc != SBN_OK)
         break; /* the stream is out of step after a failed round */
     }
@@ -163,8 +162,8 @@ static proc_mem measure(pid_t pid) {
 }
 
 static void report(const char *when, proc_mem m) {
-  printf("soak: coordinator %-28s VmRSS %6ld kB  VmHWM %6ld kB  fds %d\n", when, m.rss_kb,
-         m.hwm_kb, m.fds);
+  printf("soak: coordinator %-28s VmRSS %6ld kB  VmHWM %6ld kB  fds %d\n", when, m.rss_kb, m.hwm_kb,
+         m.fds);
   fflush(stdout);
 }
 

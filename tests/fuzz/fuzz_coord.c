@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +43,7 @@
 #define FUZZ_SECRET "fuzzing secret, not a real one"
 #define CONNECT_TRIES 1000
 #define CONNECT_RETRY_US 1000
+#define CONNECT_WAIT_MS 5000
 
 static uv_loop_t loop;
 static sbn__coord *coords[2];
@@ -106,16 +108,29 @@ static int client_get(int k) {
     fprintf(stderr, "bind: %s\n", strerror(errno));
     abort();
   }
-  /* Loopback connects complete from the backlog, before any accept. */
+  /*
+   * Non-blocking, so libFuzzer's timer signal cannot interrupt it half-way;
+   * loopback connects complete from the backlog, before any accept.
+   */
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   int tries = 0;
-  while (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+  while (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0 && errno != EINPROGRESS) {
     if (errno != EADDRNOTAVAIL || ++tries > CONNECT_TRIES) {
       fprintf(stderr, "connect: %s\n", strerror(errno));
       abort();
     }
     usleep(CONNECT_RETRY_US);
   }
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  struct pollfd pf = {.fd = fd, .events = POLLOUT};
+  int err = 0;
+  socklen_t elen = sizeof(err);
+  while (poll(&pf, 1, CONNECT_WAIT_MS) < 0 && errno == EINTR)
+    ;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) != 0 || err != 0 ||
+      !(pf.revents & POLLOUT)) {
+    fprintf(stderr, "connect: %s\n", strerror(err ? err : ETIMEDOUT));
+    abort();
+  }
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   fds[k] = fd;

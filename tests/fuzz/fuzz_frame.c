@@ -31,8 +31,8 @@ static void check_envelope(const uint8_t *body, size_t len) {
   uint8_t *out;
   size_t olen;
   if (sbn__msg_encode(env, SBN_MAX_FRAME_CEILING, &out, &olen) == SBN_OK) {
-    sbn__msg_free(
-        sbn__msg_decode(out + SBN_FRAME_HEADER_SIZE, olen - SBN_FRAME_HEADER_SIZE, err, sizeof(err)));
+    sbn__msg_free(sbn__msg_decode(out + SBN_FRAME_HEADER_SIZE, olen - SBN_FRAME_HEADER_SIZE, err,
+                                  sizeof(err)));
     free(out);
   }
   if (env->body_case == SBN__ENVELOPE__BODY_CONTRIBUTE) {

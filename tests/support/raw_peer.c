@@ -199,8 +199,8 @@ Sbn__Envelope *rp_expect_error(rp *p, int code, const char *needle, int timeout_
   ck_assert_msg(e->error->code == code, "rank %u: error %d (%s), wanted %d", (unsigned)p->rank,
                 e->error->code, e->error->message, code);
   if (needle)
-    ck_assert_msg(strstr(e->error->message, needle), "rank %u: '%s' lacks '%s'",
-                  (unsigned)p->rank, e->error->message, needle);
+    ck_assert_msg(strstr(e->error->message, needle), "rank %u: '%s' lacks '%s'", (unsigned)p->rank,
+                  e->error->message, needle);
   return e;
 }
 

@@ -48,11 +48,12 @@ typedef struct sbn_config {
   int spin_us;
   /* Path of the file holding the secret shared with the coordinator
    * (started with --secret-file); NULL = none.  The file must not be
-   * readable by others (chmod 600; group access is allowed) and hold at least 16 bytes;
-   * one trailing newline is ignored.  With a secret, sbn_init() proves it
-   * knows the secret and checks that the coordinator knows it too, and fails
-   * with SBN_EAUTH otherwise; a coordinator that requires a secret refuses a
-   * worker without one with SBN_EAUTH.  (Added in 0.1; kept last for ABI.) */
+   * readable by others (chmod 600; group access is allowed) and must hold
+   * at least 16 bytes; one trailing newline is ignored.  With a secret,
+   * sbn_init() proves it knows the secret, checks that the coordinator
+   * knows it too, and fails with SBN_EAUTH otherwise; a coordinator that
+   * requires a secret refuses a worker without one with SBN_EAUTH.
+   * (Added in 0.1; kept last for ABI.) */
   const char *secret_file;
 } sbn_config;
 
