@@ -608,7 +608,7 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   double *scale = work + 3 * C, *shift = work + 4 * C, *gmean = work + 5 * C;
   double *acc = work + 6 * C;
   float *aff = (float *)(work + 9 * C);
-  if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &y)) != SBN_OK) {
+  if ((rc = sbn__tensor_new_uninit(sbn_tensor_ndim(x), sbn_tensor_shape(x), &y)) != SBN_OK) {
     free(work);
     return rc;
   }
@@ -706,7 +706,7 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
   double *sdy = work, *sdyx = work + C, *gdy = work + 2 * C, *gdyx = work + 3 * C;
   double *k = work + 4 * C, *c1 = work + 5 * C, *q = work + 6 * C;
   float *kcq = (float *)(work + 7 * C);
-  if ((rc = sbn_tensor_new(sbn_tensor_ndim(x), sbn_tensor_shape(x), &dx)) != SBN_OK) {
+  if ((rc = sbn__tensor_new_uninit(sbn_tensor_ndim(x), sbn_tensor_shape(x), &dx)) != SBN_OK) {
     free(work);
     return rc;
   }
