@@ -13,11 +13,13 @@ set -eu
 so=$1
 archive=$2
 include=$3
+# Symbols a sanitizer build adds by itself (ASan's ODR indicators, ...).
+instrumentation='^(__odr_asan[._]|__asan_|__ubsan_|__sanitizer_|__sancov_)'
 work=$(mktemp -d "${TMPDIR:-/tmp}/sbn-exports.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 status=0
 
-nm -D --defined-only "$so" | awk '{ print $NF }' | sort -u > "$work/exported"
+nm -D --defined-only "$so" | awk '{ print $NF }' | grep -Ev "$instrumentation" | sort -u > "$work/exported"
 grep -h '^SBN_API' "$include"/sbn/*.h |
   sed -E 's/^SBN_API[^(]*[ *](sbn_[a-z0-9_]+) *\(.*/\1/' | sort -u > "$work/declared"
 
@@ -40,7 +42,8 @@ if [ -n "$missing" ]; then
   status=1
 fi
 
-foreign=$(nm -g --defined-only "$archive" | awk 'NF == 3 { print $3 }' | grep -v '^sbn_' | sort -u || true)
+foreign=$(nm -g --defined-only "$archive" | awk 'NF == 3 { print $3 }' |
+  grep -Ev "$instrumentation" | grep -v '^sbn_' | sort -u || true)
 if [ -n "$foreign" ]; then
   echo "FAIL: $archive defines global symbols without the sbn_ prefix:" >&2
   echo "$foreign" | sed 's/^/  /' >&2
