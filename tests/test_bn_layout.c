@@ -651,6 +651,100 @@ START_TEST(test_dist_slices) {
 }
 END_TEST
 
+/* ---- kernel dispatch ------------------------------------------------------------ */
+
+/* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2;
+ * returns the path in use, or -1 when 1 is asked for without AVX2. */
+int sbn__bn_kernel_path(int want);
+
+/* One training forward and backward, and an eval forward, on path. */
+typedef struct run_out {
+  sbn_tensor *y, *dx, *ye, *rm, *rv, *gw, *gb;
+} run_out;
+
+static run_out run_path(int path, const size_t *shape, int nd, size_t C, unsigned flags,
+                        float mean) {
+  ck_assert_int_eq(sbn__bn_kernel_path(path), path);
+  sbn_module *m = make_layer(0, C, flags, 0);
+  sbn_tensor *x, *dy;
+  ck_assert_int_eq(sbn_tensor_new(nd, shape, &x), SBN_OK);
+  ck_assert_int_eq(sbn_tensor_new(nd, shape, &dy), SBN_OK);
+  uint32_t s = 12345;
+  for (size_t i = 0; i < sbn_tensor_numel(x); i++) {
+    s = s * 1664525u + 1013904223u;
+    sbn_tensor_data(x)[i] = mean + (float)((s >> 8) & 0xffff) / 65536.0f * 3.0f - 1.2f;
+    s = s * 1664525u + 1013904223u;
+    sbn_tensor_data(dy)[i] = (float)((s >> 8) & 0xffff) / 65536.0f * 2.0f - 1.0f;
+  }
+  for (size_t c = 0; c < C; c++) {
+    sbn_tensor_data(T(m, "weight"))[c] = 0.5f + 0.1f * (float)c;
+    sbn_tensor_data(T(m, "bias"))[c] = 0.25f - 0.05f * (float)c;
+  }
+  run_out o;
+  sbn_module_train(m, 1, 1);
+  o.y = forward(m, x);
+  o.dx = backward(m, dy);
+  sbn_module_eval(m);
+  o.ye = forward(m, x);
+  o.rm = copy_of(T(m, "running_mean"));
+  o.rv = copy_of(T(m, "running_var"));
+  o.gw = copy_of(sbn_tensor_grad(T(m, "weight")));
+  o.gb = copy_of(sbn_tensor_grad(T(m, "bias")));
+  sbn_tensor_free(x);
+  sbn_tensor_free(dy);
+  sbn_module_free(m);
+  ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
+  return o;
+}
+
+static void run_free(run_out *o) {
+  sbn_tensor *all[] = {o->y, o->dx, o->ye, o->rm, o->rv, o->gw, o->gb};
+  for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) sbn_tensor_free(all[i]);
+}
+
+/*
+ * The generic and the AVX2 kernels give the same bits (a SyncBatchNorm rank
+ * computes the same values on any CPU): every layout and family, the fused
+ * ReLU, shapes with every kind of tail, small planes and streamed ones, and
+ * |mean| >> std.  On a CPU without AVX2 only the generic path runs.
+ */
+START_TEST(test_dispatch_paths_agree) {
+  static const struct {
+    int nd;
+    size_t shape[4];
+    size_t C;
+    unsigned flags;
+    float mean;
+  } k[] = {
+      {4, {3, 5, 7, 9}, 5, 0, 0.0f},        /* small planes with tails */
+      {4, {3, 5, 7, 9}, 5, RELU, 0.0f},
+      {4, {2, 3, 17, 19}, 3, 0, 0.0f},      /* streamed planes (S >= 256) */
+      {4, {2, 3, 17, 19}, 3, RELU, 1e4f},
+      {3, {4, 6, 300}, 6, 0, 1e4f},
+      {2, {37, 19}, 19, 0, 0.0f},           /* S = 1: row kernels */
+      {2, {37, 19}, 19, RELU, 0.0f},
+      {4, {3, 5, 7, 37}, 37, CL, 0.0f},     /* channels-last, tails of 16/8/4 */
+      {4, {3, 5, 7, 37}, 37, CL | RELU, 1e4f},
+      {3, {9, 11, 64}, 64, CL, 0.5f},
+  };
+  const int avx2 = sbn__bn_kernel_path(1) == 1;
+  ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
+  for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
+    run_out g = run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
+    run_out v = run_path(avx2 ? 1 : 0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
+    ck_assert_msg(bitwise_equal(g.y, v.y), "case %zu: y differs", i);
+    ck_assert_msg(bitwise_equal(g.dx, v.dx), "case %zu: dx differs", i);
+    ck_assert_msg(bitwise_equal(g.ye, v.ye), "case %zu: eval y differs", i);
+    ck_assert_msg(bitwise_equal(g.rm, v.rm), "case %zu: running_mean differs", i);
+    ck_assert_msg(bitwise_equal(g.rv, v.rv), "case %zu: running_var differs", i);
+    ck_assert_msg(bitwise_equal(g.gw, v.gw), "case %zu: dweight differs", i);
+    ck_assert_msg(bitwise_equal(g.gb, v.gb), "case %zu: dbias differs", i);
+    run_free(&g);
+    run_free(&v);
+  }
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bn_layout");
   TCase *tc = tcase_create("reference");
@@ -665,6 +759,7 @@ int main(void) {
   tcase_add_loop_test(to, test_wrong_channels, 0, 2);
   tcase_add_test(to, test_repr);
   tcase_add_test(to, test_convert_and_state_dict);
+  tcase_add_test(to, test_dispatch_paths_agree);
   suite_add_tcase(s, to);
   TCase *td = tcase_create("distributed");
   tcase_set_timeout(td, 60);

@@ -10,6 +10,14 @@
  * read; normalization one read and one write; backward one read of x and dy
  * for the sums, then one read of x and dy and one write for dx.
  */
+/* No contraction of a*b + c into an FMA anywhere in this file: the kernels
+ * must give the same bits on every CPU and dispatch path (see "dispatch"). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -199,22 +207,29 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
 /* ---- kernels ------------------------------------------------------------------ */
 
 /*
- * The kernels use GCC/Clang vector extensions: 4 floats at a time (two
- * pairs of doubles for the sums) without depending on the optimization
- * level.  The element-wise kernels do exactly the scalar operations, so a
- * value's result does not depend on its position; the sums have a fixed
- * order, so every run gives the same bits.
+ * The kernels use GCC/Clang vector extensions: 8 floats (v8f) and 4
+ * doubles (v4d) at a time, written once and compiled twice (see "dispatch"
+ * below): for the x86-64 baseline (SSE2, where the compiler splits each
+ * 32-byte operation in two 16-byte ones) and with AVX2 enabled, chosen at
+ * run time.  Both are the same source with the same operations in the same
+ * order, and floating-point contraction is off for this file (no FMA), so
+ * every path gives the same bits: a SyncBatchNorm rank computes the same
+ * values whatever its CPU.  The element-wise kernels do exactly the scalar
+ * operations, so a value's result does not depend on its position; the
+ * sums have a fixed order, so every run gives the same bits.
  *
  * Two families, each with the same passes over the data:
  *   - plane kernels (S > 1): N*C contiguous planes of S values, inner loop
- *     over S (NCHW inputs with a spatial size);
+ *     over S (NCHW inputs with a spatial size).  A channel's sums run over
+ *     its N planes in 16 double lanes (four v4d accumulators per sum: the
+ *     additions' latency is hidden), folded once per channel;
  *   - row kernels (S == 1): R rows of C contiguous values, inner loop over
  *     C with per-channel partial sums kept in double arrays across rows
  *     (channels-last inputs as (R, C), and NCHW inputs without spatial
  *     size, which are the same layout).  RB rows are handled per sweep of
- *     the channels so the partial sums are loaded and stored once per RB
+ *     16 channels so the partial sums are loaded and stored once per RB
  *     rows; each channel's sum still adds the rows in order, so the result
- *     is the same as one row at a time (and as the plane kernels for S = 1).
+ *     does not depend on the blocking.
  * The normalization's per-channel constants are floats: y = ((x - hi) - lo)
  * * a + b with hi = float(mean), lo = float(mean - hi) (the exact
  * subtraction of the mean, see normalize), a = float(weight * invstd),
@@ -225,113 +240,174 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  * saved constants by the same expression (so the same bits as the
  * forward's), inside the sums pass and the dx pass.
  */
-typedef float v4f __attribute__((vector_size(16))); /* 4 floats: SSE2/NEON width */
+/* The 32-byte vectors never cross a call (every helper is always_inline),
+ * so GCC's note that their ABI differs without AVX does not apply. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
-typedef double v2d __attribute__((vector_size(16)));
-#define VL 4
-#define RB 4 /* rows per sweep in the row kernels */
+typedef double v4d __attribute__((vector_size(32)));
+#define RB 8 /* rows per sweep in the row kernels */
 #define KERNEL static inline __attribute__((always_inline))
 
-static inline v4f load4(const float *p) {
+KERNEL v4f ld4f(const float *p) {
   v4f v;
   memcpy(&v, p, sizeof(v));
   return v;
 }
-static inline void store4(float *p, v4f v) { memcpy(p, &v, sizeof(v)); }
-static inline v2d load2d(const double *p) {
-  v2d v;
+KERNEL v8f ld8f(const float *p) {
+  v8f v;
   memcpy(&v, p, sizeof(v));
   return v;
 }
-static inline void store2d(double *p, v2d v) { memcpy(p, &v, sizeof(v)); }
-static inline v2d lo2(v4f v) { return (v2d){v[0], v[1]}; }
-static inline v2d hi2(v4f v) { return (v2d){v[2], v[3]}; }
-static inline double hsum2(v2d v) { return v[0] + v[1]; }
-static inline v4f splat4(float f) { return (v4f){f, f, f, f}; }
+KERNEL void st4f(float *p, v4f v) { memcpy(p, &v, sizeof(v)); }
+KERNEL void st8f(float *p, v8f v) { memcpy(p, &v, sizeof(v)); }
+KERNEL v4d ld4d(const double *p) {
+  v4d v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+KERNEL void st4d(double *p, v4d v) { memcpy(p, &v, sizeof(v)); }
+/* float -> double conversions (exact), written element-wise: GCC 12 splits
+ * __builtin_convertvector to v4d in two, but this becomes one vcvtps2pd. */
+KERNEL v4d cvt4(v4f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
+KERNEL v4d cvt_lo(v8f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
+KERNEL v4d cvt_hi(v8f v) { return (v4d){v[4], v[5], v[6], v[7]}; }
+KERNEL v8f splat8(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+KERNEL v4f splat4(float f) { return (v4f){f, f, f, f}; }
+KERNEL v4d splat4d(double d) { return (v4d){d, d, d, d}; }
+KERNEL double hsum4d(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-/* The normalization of one value, vector and scalar: the same operations. */
+/* The normalization of one value, 8, 4 and 1 at a time: the same operations. */
+KERNEL v8f aff8(v8f x, v8f h, v8f l, v8f a, v8f b) { return ((x - h) - l) * a + b; }
 KERNEL v4f aff4(v4f x, v4f h, v4f l, v4f a, v4f b) { return ((x - h) - l) * a + b; }
 KERNEL float aff1(float x, float h, float l, float a, float b) { return ((x - h) - l) * a + b; }
 /* ReLU: +0 where v <= 0, else v (a NaN passes, as in PyTorch). */
+KERNEL v8f relu8(v8f v) { return (v8f)((v8si)v & ~(v8si)(v <= splat8(0.0f))); }
 KERNEL v4f relu4(v4f v) { return (v4f)((v4si)v & ~(v4si)(v <= splat4(0.0f))); }
 KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
 /* ReLU's backward: g where v > 0 (or NaN), else +0. */
+KERNEL v8f keep8(v8f v, v8f g) { return (v8f)((v8si)g & ~(v8si)(v <= splat8(0.0f))); }
 KERNEL v4f keep4(v4f v, v4f g) { return (v4f)((v4si)g & ~(v4si)(v <= splat4(0.0f))); }
 KERNEL float keep1(float v, float g) { return v <= 0 ? 0.0f : g; }
+
+/* Per-channel constants of the element-wise kernels, 8, 4 or 1 channels. */
+typedef struct {
+  v8f h, l, a, b;
+} aff8_t;
+typedef struct {
+  v4f h, l, a, b;
+} aff4_t;
+KERNEL aff8_t aff8_at(const float *aff, size_t C, size_t c) {
+  return (aff8_t){ld8f(aff + c), ld8f(aff + C + c), ld8f(aff + 2 * C + c), ld8f(aff + 3 * C + c)};
+}
+KERNEL aff4_t aff4_at(const float *aff, size_t C, size_t c) {
+  return (aff4_t){ld4f(aff + c), ld4f(aff + C + c), ld4f(aff + 2 * C + c), ld4f(aff + 3 * C + c)};
+}
+KERNEL aff8_t aff8_splat(const float *aff, size_t C, size_t c) {
+  return (aff8_t){splat8(aff[c]), splat8(aff[C + c]), splat8(aff[2 * C + c]),
+                  splat8(aff[3 * C + c])};
+}
+KERNEL aff4_t aff4_splat(const float *aff, size_t C, size_t c) {
+  return (aff4_t){splat4(aff[c]), splat4(aff[C + c]), splat4(aff[2 * C + c]),
+                  splat4(aff[3 * C + c])};
+}
+/* The forward's output v of x (before the ReLU). */
+KERNEL v8f fwd8(v8f x, aff8_t k) { return aff8(x, k.h, k.l, k.a, k.b); }
+KERNEL v4f fwd4(v4f x, aff4_t k) { return aff4(x, k.h, k.l, k.a, k.b); }
+KERNEL float fwd1(float x, const float *aff, size_t C, size_t c) {
+  return aff1(x, aff[c], aff[C + c], aff[2 * C + c], aff[3 * C + c]);
+}
+
+/* Sums of d = x - k and d² for 4 values into s and q. */
+#define STATS4(xv4, kv, s, q)                                                                      \
+  do {                                                                                             \
+    const v4d d_ = cvt4(xv4) - (kv);                                                               \
+    (s) += d_;                                                                                     \
+    (q) += d_ * d_;                                                                                \
+  } while (0)
 
 /*
  * Per-channel count, mean and M2 in one read.  Sums of d = x - K in double,
  * K being the channel's first value: with K a sample of the channel the
  * textbook cancellation of Σx² - (Σx)²/n cannot happen, and
  * M2 = Σd² - (Σd)²/n is accurate to double precision.
+ *
+ * A channel's sums live in 16 double lanes (plus a scalar for the plane
+ * tails) that run over its planes n = 0..N-1 in order.  The walk is either
+ * channel by channel (sums in registers; small planes) or in memory order
+ * (sums kept in acc between planes; large planes, which then stream): each
+ * lane sees the same values in the same order, so both give the same bits.
  */
-static void plane_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2) {
-  size_t count = N * S;
-  for (size_t c = 0; c < C; c++) {
-    mean[c] = 0;
-    m2[c] = 0;
+typedef struct {
+  v4d s0, s1, s2, s3, q0, q1, q2, q3;
+  double st, qt;
+} stats_acc;
+#define STATS_ACC_DOUBLES (sizeof(stats_acc) / sizeof(double))
+#define PLANE_STREAM_MIN 256 /* planes of at least this many values stream */
+/* Scratch of the statistics and of the backward's sums, per channel. */
+#define ACC_DOUBLES STATS_ACC_DOUBLES
+
+KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a) {
+  const v4d kv = splat4d(k);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16) {
+    STATS4(ld4f(p + i), kv, a->s0, a->q0);
+    STATS4(ld4f(p + i + 4), kv, a->s1, a->q1);
+    STATS4(ld4f(p + i + 8), kv, a->s2, a->q2);
+    STATS4(ld4f(p + i + 12), kv, a->s3, a->q3);
   }
-  if (count == 0) return;
-  for (size_t c = 0; c < C; c++) {
-    const float k = x[c * S];
-    const v2d kv = {k, k};
-    double s = 0, q = 0;
-    for (size_t n = 0; n < N; n++) {
-      const float *p = x + (n * C + c) * S;
-      v2d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
-      size_t i = 0;
-      for (; i + VL <= S; i += VL) {
-        v4f v = load4(p + i);
-        v2d d0 = lo2(v) - kv, d1 = hi2(v) - kv;
-        s0 += d0, s1 += d1;
-        q0 += d0 * d0, q1 += d1 * d1;
-      }
-      double st = hsum2(s0 + s1), qt = hsum2(q0 + q1);
-      for (; i < S; i++) {
-        double d = (double)p[i] - k;
-        st += d;
-        qt += d * d;
-      }
-      s += st;
-      q += qt;
-    }
-    mean[c] = (double)k + s / (double)count;
-    double v = q - s * s / (double)count;
-    m2[c] = v > 0 ? v : 0;
+  for (; i + 4 <= S; i += 4) STATS4(ld4f(p + i), kv, a->s0, a->q0);
+  for (; i < S; i++) {
+    const double d = (double)p[i] - k;
+    a->st += d;
+    a->qt += d * d;
   }
 }
 
-/* nr rows of x into the partial sums s, q of d = x - K (row kernels). */
-KERNEL void rows_stats_block(const float *x, size_t nr, size_t C, const double *K, double *s,
-                             double *q) {
-  size_t c = 0;
-  for (; c + VL <= C; c += VL) {
-    const v2d k0 = load2d(K + c), k1 = load2d(K + c + 2);
-    v2d s0 = load2d(s + c), s1 = load2d(s + c + 2);
-    v2d q0 = load2d(q + c), q1 = load2d(q + c + 2);
-    for (size_t j = 0; j < nr; j++) {
-      v4f v = load4(x + j * C + c);
-      v2d d0 = lo2(v) - k0, d1 = hi2(v) - k1;
-      s0 += d0, s1 += d1;
-      q0 += d0 * d0, q1 += d1 * d1;
+KERNEL void stats_finish(const stats_acc *a, float k, size_t count, double *mean, double *m2) {
+  const double s = hsum4d((a->s0 + a->s1) + (a->s2 + a->s3)) + a->st;
+  const double q = hsum4d((a->q0 + a->q1) + (a->q2 + a->q3)) + a->qt;
+  *mean = (double)k + s / (double)count;
+  const double v = q - s * s / (double)count;
+  *m2 = v > 0 ? v : 0;
+}
+
+/* acc: STATS_ACC_DOUBLES * C doubles of scratch. */
+KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2,
+                        double *acc) {
+  const size_t count = N * S;
+  for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
+  if (count == 0) return;
+  if (S < PLANE_STREAM_MIN) {
+    for (size_t c = 0; c < C; c++) {
+      stats_acc a;
+      memset(&a, 0, sizeof(a));
+      for (size_t n = 0; n < N; n++) plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a);
+      stats_finish(&a, x[c * S], count, mean + c, m2 + c);
     }
-    store2d(s + c, s0), store2d(s + c + 2, s1);
-    store2d(q + c, q0), store2d(q + c + 2, q1);
+    return;
   }
-  for (; c < C; c++) {
-    double sc = s[c], qc = q[c];
-    for (size_t j = 0; j < nr; j++) {
-      double d = (double)x[j * C + c] - K[c];
-      sc += d;
-      qc += d * d;
+  memset(acc, 0, STATS_ACC_DOUBLES * C * sizeof(double));
+  for (size_t n = 0; n < N; n++)
+    for (size_t c = 0; c < C; c++) {
+      stats_acc a;
+      memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
+      plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a);
+      memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
-    s[c] = sc;
-    q[c] = qc;
+  for (size_t c = 0; c < C; c++) {
+    stats_acc a;
+    memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
+    stats_finish(&a, x[c * S], count, mean + c, m2 + c);
   }
 }
 
 /* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
-static void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
+KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
                        double *acc) {
   for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
   if (R == 0) return;
@@ -340,14 +416,54 @@ static void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
     K[c] = x[c];
     s[c] = q[c] = 0;
   }
-  size_t r = 0;
-  for (; r + RB <= R; r += RB) rows_stats_block(x + r * C, RB, C, K, s, q);
-  if (r < R) rows_stats_block(x + r * C, R - r, C, K, s, q);
+  for (size_t r = 0; r < R; r += RB) {
+    const size_t nr = R - r < RB ? R - r : RB;
+    const float *xr = x + r * C;
+    size_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+      const v4d k0 = ld4d(K + c), k1 = ld4d(K + c + 4), k2 = ld4d(K + c + 8),
+                k3 = ld4d(K + c + 12);
+      v4d s0 = ld4d(s + c), s1 = ld4d(s + c + 4), s2 = ld4d(s + c + 8), s3 = ld4d(s + c + 12);
+      v4d q0 = ld4d(q + c), q1 = ld4d(q + c + 4), q2 = ld4d(q + c + 8), q3 = ld4d(q + c + 12);
+      for (size_t j = 0; j < nr; j++) {
+        const float *p = xr + j * C + c;
+        STATS4(ld4f(p), k0, s0, q0);
+        STATS4(ld4f(p + 4), k1, s1, q1);
+        STATS4(ld4f(p + 8), k2, s2, q2);
+        STATS4(ld4f(p + 12), k3, s3, q3);
+      }
+      st4d(s + c, s0), st4d(s + c + 4, s1), st4d(s + c + 8, s2), st4d(s + c + 12, s3);
+      st4d(q + c, q0), st4d(q + c + 4, q1), st4d(q + c + 8, q2), st4d(q + c + 12, q3);
+    }
+    for (; c + 4 <= C; c += 4) {
+      const v4d k0 = ld4d(K + c);
+      v4d s0 = ld4d(s + c), q0 = ld4d(q + c);
+      for (size_t j = 0; j < nr; j++) STATS4(ld4f(xr + j * C + c), k0, s0, q0);
+      st4d(s + c, s0), st4d(q + c, q0);
+    }
+    for (; c < C; c++) {
+      double sc = s[c], qc = q[c];
+      for (size_t j = 0; j < nr; j++) {
+        const double d = (double)xr[j * C + c] - K[c];
+        sc += d;
+        qc += d * d;
+      }
+      s[c] = sc, q[c] = qc;
+    }
+  }
   for (size_t c = 0; c < C; c++) {
     mean[c] = K[c] + s[c] / (double)R;
-    double v = q[c] - s[c] * s[c] / (double)R;
+    const double v = q[c] - s[c] * s[c] / (double)R;
     m2[c] = v > 0 ? v : 0;
   }
+}
+
+KERNEL void stats_impl(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2,
+                       double *acc) {
+  if (S == 1)
+    rows_stats(x, N, C, mean, m2, acc);
+  else
+    plane_stats(x, N, C, S, mean, m2, acc);
 }
 
 /*
@@ -356,153 +472,227 @@ static void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
  * near it) and then the remainder lo, so that |mean| >> std loses nothing;
  * the fused x*a + (b - mean*a) would cancel catastrophically.
  */
-KERNEL void plane_normalize_body(const float *x, float *y, size_t N, size_t C, size_t S,
-                                 const float *aff, const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t S,
+                            const float *aff, const int relu) {
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S;
-      float *q = y + (n * C + c) * S;
-      const float hi = H[c], lo = L[c], a = A[c], b = B[c];
-      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
+      float *o = y + (n * C + c) * S;
+      const aff8_t k8 = aff8_splat(aff, C, c);
       size_t i = 0;
-      for (; i + VL <= S; i += VL) {
-        v4f v = aff4(load4(p + i), hv, lv, av, bv);
-        store4(q + i, relu ? relu4(v) : v);
+      for (; i + 16 <= S; i += 16) {
+        const v8f v0 = fwd8(ld8f(p + i), k8), v1 = fwd8(ld8f(p + i + 8), k8);
+        st8f(o + i, relu ? relu8(v0) : v0);
+        st8f(o + i + 8, relu ? relu8(v1) : v1);
+      }
+      for (; i + 8 <= S; i += 8) {
+        const v8f v = fwd8(ld8f(p + i), k8);
+        st8f(o + i, relu ? relu8(v) : v);
+      }
+      if (i + 4 <= S) {
+        const v4f v = fwd4(ld4f(p + i), aff4_splat(aff, C, c));
+        st4f(o + i, relu ? relu4(v) : v);
+        i += 4;
       }
       for (; i < S; i++) {
-        float v = aff1(p[i], hi, lo, a, b);
-        q[i] = relu ? relu1(v) : v;
+        const float v = fwd1(p[i], aff, C, c);
+        o[i] = relu ? relu1(v) : v;
       }
     }
 }
 
-KERNEL void rows_normalize_block(const float *x, float *y, size_t nr, size_t C, const float *aff,
-                                 const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
-  size_t c = 0;
-  for (; c + VL <= C; c += VL) {
-    const v4f hv = load4(H + c), lv = load4(L + c), av = load4(A + c), bv = load4(B + c);
-    for (size_t j = 0; j < nr; j++) {
-      v4f v = aff4(load4(x + j * C + c), hv, lv, av, bv);
-      store4(y + j * C + c, relu ? relu4(v) : v);
+KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const float *aff,
+                           const int relu) {
+  for (size_t r = 0; r < R; r += RB) {
+    const size_t nr = R - r < RB ? R - r : RB;
+    const float *xr = x + r * C;
+    float *yr = y + r * C;
+    size_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      const aff8_t k8 = aff8_at(aff, C, c);
+      for (size_t j = 0; j < nr; j++) {
+        const v8f v = fwd8(ld8f(xr + j * C + c), k8);
+        st8f(yr + j * C + c, relu ? relu8(v) : v);
+      }
     }
+    if (c + 4 <= C) {
+      const aff4_t k4 = aff4_at(aff, C, c);
+      for (size_t j = 0; j < nr; j++) {
+        const v4f v = fwd4(ld4f(xr + j * C + c), k4);
+        st4f(yr + j * C + c, relu ? relu4(v) : v);
+      }
+      c += 4;
+    }
+    for (; c < C; c++)
+      for (size_t j = 0; j < nr; j++) {
+        const float v = fwd1(xr[j * C + c], aff, C, c);
+        yr[j * C + c] = relu ? relu1(v) : v;
+      }
   }
-  for (; c < C; c++)
-    for (size_t j = 0; j < nr; j++) {
-      float v = aff1(x[j * C + c], H[c], L[c], A[c], B[c]);
-      y[j * C + c] = relu ? relu1(v) : v;
-    }
-}
-
-KERNEL void rows_normalize_body(const float *x, float *y, size_t R, size_t C, const float *aff,
-                                const int relu) {
-  size_t r = 0;
-  for (; r + RB <= R; r += RB) rows_normalize_block(x + r * C, y + r * C, RB, C, aff, relu);
-  if (r < R) rows_normalize_block(x + r * C, y + r * C, R - r, C, aff, relu);
 }
 
 /* One read of x, one write of y, for either layout. */
-static void normalize(const float *x, float *y, size_t N, size_t C, size_t S, const float *aff,
-                      int relu) {
+KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t S,
+                           const float *aff, int relu) {
   if (S == 1) {
-    if (relu) rows_normalize_body(x, y, N, C, aff, 1);
-    else rows_normalize_body(x, y, N, C, aff, 0);
+    if (relu)
+      rows_normalize(x, y, N, C, aff, 1);
+    else
+      rows_normalize(x, y, N, C, aff, 0);
   } else {
-    if (relu) plane_normalize_body(x, y, N, C, S, aff, 1);
-    else plane_normalize_body(x, y, N, C, S, aff, 0);
+    if (relu)
+      plane_normalize(x, y, N, C, S, aff, 1);
+    else
+      plane_normalize(x, y, N, C, S, aff, 0);
   }
 }
+
+/* Σg and Σg·(x - mu) for 4 values (as doubles) into a and b. */
+#define GSUMS4(xd4, gd4, mv, a, b)                                                                 \
+  do {                                                                                             \
+    const v4d g_ = (gd4);                                                                          \
+    (a) += g_;                                                                                     \
+    (b) += g_ * ((xd4) - (mv));                                                                    \
+  } while (0)
 
 /*
  * Per channel Σg and Σg·(x - mean), in double, one read of x and dy; g = dy,
- * or dy masked by the ReLU (aff: the forward's constants) when relu.
+ * or dy masked by the ReLU (aff: the forward's constants) when relu.  The
+ * sums are kept as the statistics' (stats_acc: s for Σg, q for Σg·(x -
+ * mean)), walked in either order with the same bits.
  */
-KERNEL void plane_grad_sums_body(const float *x, const float *dy, size_t N, size_t C, size_t S,
-                                 const double *mean, const float *aff, double *sdy, double *sdyx,
-                                 const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
-  for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
+KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const v4d mv,
+                                double mu, const float *aff, size_t C, size_t c, stats_acc *a,
+                                const int relu) {
+  const aff8_t k8 = aff8_splat(aff, C, c);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16) {
+    const v8f x0 = ld8f(p + i), x1 = ld8f(p + i + 8);
+    v8f g0 = ld8f(g + i), g1 = ld8f(g + i + 8);
+    if (relu) g0 = keep8(fwd8(x0, k8), g0), g1 = keep8(fwd8(x1, k8), g1);
+    GSUMS4(cvt_lo(x0), cvt_lo(g0), mv, a->s0, a->q0);
+    GSUMS4(cvt_hi(x0), cvt_hi(g0), mv, a->s1, a->q1);
+    GSUMS4(cvt_lo(x1), cvt_lo(g1), mv, a->s2, a->q2);
+    GSUMS4(cvt_hi(x1), cvt_hi(g1), mv, a->s3, a->q3);
+  }
+  for (; i + 4 <= S; i += 4) {
+    const v4f xv = ld4f(p + i);
+    v4f gv = ld4f(g + i);
+    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv);
+    GSUMS4(cvt4(xv), cvt4(gv), mv, a->s0, a->q0);
+  }
+  for (; i < S; i++) {
+    const float gi = relu ? keep1(fwd1(p[i], aff, C, c), g[i]) : g[i];
+    a->st += gi;
+    a->qt += (double)gi * ((double)p[i] - mu);
+  }
+}
+
+KERNEL void grad_sums_finish(const stats_acc *a, double *sdy, double *sdyx) {
+  *sdy = hsum4d((a->s0 + a->s1) + (a->s2 + a->s3)) + a->st;
+  *sdyx = hsum4d((a->q0 + a->q1) + (a->q2 + a->q3)) + a->qt;
+}
+
+/* acc: ACC_DOUBLES * C doubles of scratch. */
+KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
+                            const double *mean, const float *aff, double *sdy, double *sdyx,
+                            double *acc, const int relu) {
+  if (S < PLANE_STREAM_MIN) {
+    for (size_t c = 0; c < C; c++) {
+      stats_acc a;
+      memset(&a, 0, sizeof(a));
+      for (size_t n = 0; n < N; n++)
+        plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
+                            mean[c], aff, C, c, &a, relu);
+      grad_sums_finish(&a, sdy + c, sdyx + c);
+    }
+    return;
+  }
+  memset(acc, 0, STATS_ACC_DOUBLES * C * sizeof(double));
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
-      const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
-      const double mu = mean[c];
-      const v2d mv = {mu, mu};
-      const float hi = relu ? H[c] : 0, lo = relu ? L[c] : 0;
-      const float a = relu ? A[c] : 0, b = relu ? B[c] : 0;
-      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
-      v2d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
-      size_t i = 0;
-      for (; i + VL <= S; i += VL) {
-        v4f xv = load4(p + i), gv = load4(g + i);
-        if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
-        v2d g0 = lo2(gv), g1 = hi2(gv);
-        a0 += g0, a1 += g1;
-        b0 += g0 * (lo2(xv) - mv), b1 += g1 * (hi2(xv) - mv);
-      }
-      double at = hsum2(a0 + a1), bt = hsum2(b0 + b1);
-      for (; i < S; i++) {
-        float gi = relu ? keep1(aff1(p[i], hi, lo, a, b), g[i]) : g[i];
-        at += gi;
-        bt += (double)gi * ((double)p[i] - mu);
-      }
-      sdy[c] += at;
-      sdyx[c] += bt;
+      stats_acc a;
+      memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
+      plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
+                          mean[c], aff, C, c, &a, relu);
+      memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
-}
-
-KERNEL void rows_grad_sums_block(const float *x, const float *dy, size_t nr, size_t C,
-                                 const double *mean, const float *aff, double *sdy, double *sdyx,
-                                 const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
-  size_t c = 0;
-  for (; c + VL <= C; c += VL) {
-    const v2d m0 = load2d(mean + c), m1 = load2d(mean + c + 2);
-    v2d a0 = load2d(sdy + c), a1 = load2d(sdy + c + 2);
-    v2d b0 = load2d(sdyx + c), b1 = load2d(sdyx + c + 2);
-    v4f hv = {0}, lv = {0}, av = {0}, bv = {0};
-    if (relu) hv = load4(H + c), lv = load4(L + c), av = load4(A + c), bv = load4(B + c);
-    for (size_t j = 0; j < nr; j++) {
-      v4f xv = load4(x + j * C + c), gv = load4(dy + j * C + c);
-      if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
-      v2d g0 = lo2(gv), g1 = hi2(gv);
-      a0 += g0, a1 += g1;
-      b0 += g0 * (lo2(xv) - m0), b1 += g1 * (hi2(xv) - m1);
-    }
-    store2d(sdy + c, a0), store2d(sdy + c + 2, a1);
-    store2d(sdyx + c, b0), store2d(sdyx + c + 2, b1);
-  }
-  for (; c < C; c++) {
-    double at = sdy[c], bt = sdyx[c];
-    for (size_t j = 0; j < nr; j++) {
-      float xi = x[j * C + c], gi = dy[j * C + c];
-      if (relu) gi = keep1(aff1(xi, H[c], L[c], A[c], B[c]), gi);
-      at += gi;
-      bt += (double)gi * ((double)xi - mean[c]);
-    }
-    sdy[c] = at;
-    sdyx[c] = bt;
+  for (size_t c = 0; c < C; c++) {
+    stats_acc a;
+    memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
+    grad_sums_finish(&a, sdy + c, sdyx + c);
   }
 }
 
-KERNEL void rows_grad_sums_body(const float *x, const float *dy, size_t R, size_t C,
-                                const double *mean, const float *aff, double *sdy, double *sdyx,
-                                const int relu) {
+KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
+                           const double *mean, const float *aff, double *sdy, double *sdyx,
+                           const int relu) {
   for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
-  size_t r = 0;
-  for (; r + RB <= R; r += RB)
-    rows_grad_sums_block(x + r * C, dy + r * C, RB, C, mean, aff, sdy, sdyx, relu);
-  if (r < R) rows_grad_sums_block(x + r * C, dy + r * C, R - r, C, mean, aff, sdy, sdyx, relu);
+  for (size_t r = 0; r < R; r += RB) {
+    const size_t nr = R - r < RB ? R - r : RB;
+    const float *xr = x + r * C, *gr = dy + r * C;
+    size_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+      const v4d m0 = ld4d(mean + c), m1 = ld4d(mean + c + 4), m2 = ld4d(mean + c + 8),
+                m3 = ld4d(mean + c + 12);
+      v4d a0 = ld4d(sdy + c), a1 = ld4d(sdy + c + 4), a2 = ld4d(sdy + c + 8),
+          a3 = ld4d(sdy + c + 12);
+      v4d b0 = ld4d(sdyx + c), b1 = ld4d(sdyx + c + 4), b2 = ld4d(sdyx + c + 8),
+          b3 = ld4d(sdyx + c + 12);
+      for (size_t j = 0; j < nr; j++) {
+        const float *p = xr + j * C + c, *g = gr + j * C + c;
+        const v8f x0 = ld8f(p), x1 = ld8f(p + 8);
+        v8f g0 = ld8f(g), g1 = ld8f(g + 8);
+        if (relu) {
+          g0 = keep8(fwd8(x0, aff8_at(aff, C, c)), g0);
+          g1 = keep8(fwd8(x1, aff8_at(aff, C, c + 8)), g1);
+        }
+        GSUMS4(cvt_lo(x0), cvt_lo(g0), m0, a0, b0);
+        GSUMS4(cvt_hi(x0), cvt_hi(g0), m1, a1, b1);
+        GSUMS4(cvt_lo(x1), cvt_lo(g1), m2, a2, b2);
+        GSUMS4(cvt_hi(x1), cvt_hi(g1), m3, a3, b3);
+      }
+      st4d(sdy + c, a0), st4d(sdy + c + 4, a1), st4d(sdy + c + 8, a2), st4d(sdy + c + 12, a3);
+      st4d(sdyx + c, b0), st4d(sdyx + c + 4, b1), st4d(sdyx + c + 8, b2),
+          st4d(sdyx + c + 12, b3);
+    }
+    for (; c + 4 <= C; c += 4) {
+      const v4d m0 = ld4d(mean + c);
+      v4d a0 = ld4d(sdy + c), b0 = ld4d(sdyx + c);
+      for (size_t j = 0; j < nr; j++) {
+        const v4f xv = ld4f(xr + j * C + c);
+        v4f gv = ld4f(gr + j * C + c);
+        if (relu) gv = keep4(fwd4(xv, aff4_at(aff, C, c)), gv);
+        GSUMS4(cvt4(xv), cvt4(gv), m0, a0, b0);
+      }
+      st4d(sdy + c, a0), st4d(sdyx + c, b0);
+    }
+    for (; c < C; c++) {
+      double at = sdy[c], bt = sdyx[c];
+      for (size_t j = 0; j < nr; j++) {
+        const float xi = xr[j * C + c];
+        const float gi = relu ? keep1(fwd1(xi, aff, C, c), gr[j * C + c]) : gr[j * C + c];
+        at += gi;
+        bt += (double)gi * ((double)xi - mean[c]);
+      }
+      sdy[c] = at, sdyx[c] = bt;
+    }
+  }
 }
 
-static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
-                      const double *mean, const float *aff, double *sdy, double *sdyx, int relu) {
+KERNEL void grad_sums_impl(const float *x, const float *dy, size_t N, size_t C, size_t S,
+                           const double *mean, const float *aff, double *sdy, double *sdyx,
+                           double *acc, int relu) {
   if (S == 1) {
-    if (relu) rows_grad_sums_body(x, dy, N, C, mean, aff, sdy, sdyx, 1);
-    else rows_grad_sums_body(x, dy, N, C, mean, aff, sdy, sdyx, 0);
+    if (relu)
+      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 1);
+    else
+      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 0);
   } else {
-    if (relu) plane_grad_sums_body(x, dy, N, C, S, mean, aff, sdy, sdyx, 1);
-    else plane_grad_sums_body(x, dy, N, C, S, mean, aff, sdy, sdyx, 0);
+    if (relu)
+      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 1);
+    else
+      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 0);
   }
 }
 
@@ -510,72 +700,171 @@ static void grad_sums(const float *x, const float *dy, size_t N, size_t C, size_
  * dx = k*(g - c1) - ((x - hi) - lo)*q (mean split as in normalize), g as in
  * grad_sums; kcq = [k(C) c1(C) q(C)] floats.
  */
-KERNEL void plane_grad_input_body(const float *x, const float *dy, float *dx, size_t N, size_t C,
-                                  size_t S, const float *aff, const float *kcq, const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+KERNEL v8f dx8(v8f x, v8f g, v8f h, v8f l, v8f k, v8f c1, v8f q) {
+  return k * (g - c1) - ((x - h) - l) * q;
+}
+KERNEL v4f dx4(v4f x, v4f g, v4f h, v4f l, v4f k, v4f c1, v4f q) {
+  return k * (g - c1) - ((x - h) - l) * q;
+}
+KERNEL float dx1(float x, float g, float h, float l, float k, float c1, float q) {
+  return k * (g - c1) - ((x - h) - l) * q;
+}
+
+KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C,
+                             size_t S, const float *aff, const float *kcq, const int relu) {
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
       float *o = dx + (n * C + c) * S;
-      const float hi = H[c], lo = L[c], a = A[c], b = B[c];
+      const aff8_t k8 = aff8_splat(aff, C, c);
       const float kf = kcq[c], cf = kcq[C + c], qf = kcq[2 * C + c];
-      const v4f hv = splat4(hi), lv = splat4(lo), av = splat4(a), bv = splat4(b);
-      const v4f kv = splat4(kf), cv = splat4(cf), qv = splat4(qf);
+      const v8f kv = splat8(kf), cv = splat8(cf), qv = splat8(qf);
       size_t i = 0;
-      for (; i + VL <= S; i += VL) {
-        v4f xv = load4(p + i), gv = load4(g + i);
-        if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
-        store4(o + i, kv * (gv - cv) - ((xv - hv) - lv) * qv);
+      for (; i + 8 <= S; i += 8) {
+        const v8f xv = ld8f(p + i);
+        v8f gv = ld8f(g + i);
+        if (relu) gv = keep8(fwd8(xv, k8), gv);
+        st8f(o + i, dx8(xv, gv, k8.h, k8.l, kv, cv, qv));
+      }
+      if (i + 4 <= S) {
+        const aff4_t k4 = aff4_splat(aff, C, c);
+        const v4f xv = ld4f(p + i);
+        v4f gv = ld4f(g + i);
+        if (relu) gv = keep4(fwd4(xv, k4), gv);
+        st4f(o + i, dx4(xv, gv, k4.h, k4.l, splat4(kf), splat4(cf), splat4(qf)));
+        i += 4;
       }
       for (; i < S; i++) {
-        float gi = relu ? keep1(aff1(p[i], hi, lo, a, b), g[i]) : g[i];
-        o[i] = kf * (gi - cf) - ((p[i] - hi) - lo) * qf;
+        const float gi = relu ? keep1(fwd1(p[i], aff, C, c), g[i]) : g[i];
+        o[i] = dx1(p[i], gi, aff[c], aff[C + c], kf, cf, qf);
       }
     }
 }
 
-KERNEL void rows_grad_input_block(const float *x, const float *dy, float *dx, size_t nr, size_t C,
-                                  const float *aff, const float *kcq, const int relu) {
-  const float *H = aff, *L = aff + C, *A = aff + 2 * C, *B = aff + 3 * C;
+KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R, size_t C,
+                            const float *aff, const float *kcq, const int relu) {
   const float *K = kcq, *C1 = kcq + C, *Q = kcq + 2 * C;
-  size_t c = 0;
-  for (; c + VL <= C; c += VL) {
-    const v4f hv = load4(H + c), lv = load4(L + c);
-    const v4f kv = load4(K + c), cv = load4(C1 + c), qv = load4(Q + c);
-    v4f av = {0}, bv = {0};
-    if (relu) av = load4(A + c), bv = load4(B + c);
-    for (size_t j = 0; j < nr; j++) {
-      v4f xv = load4(x + j * C + c), gv = load4(dy + j * C + c);
-      if (relu) gv = keep4(aff4(xv, hv, lv, av, bv), gv);
-      store4(dx + j * C + c, kv * (gv - cv) - ((xv - hv) - lv) * qv);
+  for (size_t r = 0; r < R; r += RB) {
+    const size_t nr = R - r < RB ? R - r : RB;
+    const float *xr = x + r * C, *gr = dy + r * C;
+    float *orow = dx + r * C;
+    size_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      const aff8_t k8 = aff8_at(aff, C, c);
+      const v8f kv = ld8f(K + c), cv = ld8f(C1 + c), qv = ld8f(Q + c);
+      for (size_t j = 0; j < nr; j++) {
+        const v8f xv = ld8f(xr + j * C + c);
+        v8f gv = ld8f(gr + j * C + c);
+        if (relu) gv = keep8(fwd8(xv, k8), gv);
+        st8f(orow + j * C + c, dx8(xv, gv, k8.h, k8.l, kv, cv, qv));
+      }
     }
+    if (c + 4 <= C) {
+      const aff4_t k4 = aff4_at(aff, C, c);
+      const v4f kv = ld4f(K + c), cv = ld4f(C1 + c), qv = ld4f(Q + c);
+      for (size_t j = 0; j < nr; j++) {
+        const v4f xv = ld4f(xr + j * C + c);
+        v4f gv = ld4f(gr + j * C + c);
+        if (relu) gv = keep4(fwd4(xv, k4), gv);
+        st4f(orow + j * C + c, dx4(xv, gv, k4.h, k4.l, kv, cv, qv));
+      }
+      c += 4;
+    }
+    for (; c < C; c++)
+      for (size_t j = 0; j < nr; j++) {
+        const float xi = xr[j * C + c];
+        const float gi = relu ? keep1(fwd1(xi, aff, C, c), gr[j * C + c]) : gr[j * C + c];
+        orow[j * C + c] = dx1(xi, gi, aff[c], aff[C + c], K[c], C1[c], Q[c]);
+      }
   }
-  for (; c < C; c++)
-    for (size_t j = 0; j < nr; j++) {
-      float xi = x[j * C + c], gi = dy[j * C + c];
-      if (relu) gi = keep1(aff1(xi, H[c], L[c], A[c], B[c]), gi);
-      dx[j * C + c] = K[c] * (gi - C1[c]) - ((xi - H[c]) - L[c]) * Q[c];
-    }
 }
 
-KERNEL void rows_grad_input_body(const float *x, const float *dy, float *dx, size_t R, size_t C,
-                                 const float *aff, const float *kcq, const int relu) {
-  size_t r = 0;
-  for (; r + RB <= R; r += RB)
-    rows_grad_input_block(x + r * C, dy + r * C, dx + r * C, RB, C, aff, kcq, relu);
-  if (r < R) rows_grad_input_block(x + r * C, dy + r * C, dx + r * C, R - r, C, aff, kcq, relu);
-}
-
-static void grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C, size_t S,
-                       const float *aff, const float *kcq, int relu) {
+KERNEL void grad_input_impl(const float *x, const float *dy, float *dx, size_t N, size_t C,
+                            size_t S, const float *aff, const float *kcq, int relu) {
   if (S == 1) {
-    if (relu) rows_grad_input_body(x, dy, dx, N, C, aff, kcq, 1);
-    else rows_grad_input_body(x, dy, dx, N, C, aff, kcq, 0);
+    if (relu)
+      rows_grad_input(x, dy, dx, N, C, aff, kcq, 1);
+    else
+      rows_grad_input(x, dy, dx, N, C, aff, kcq, 0);
   } else {
-    if (relu) plane_grad_input_body(x, dy, dx, N, C, S, aff, kcq, 1);
-    else plane_grad_input_body(x, dy, dx, N, C, S, aff, kcq, 0);
+    if (relu)
+      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 1);
+    else
+      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 0);
   }
 }
+
+/* ---- dispatch ------------------------------------------------------------------ */
+
+/*
+ * Each kernel entry point below exists twice: *_generic with the build's
+ * flags and, on x86 with GCC or Clang, *_avx2 compiled for AVX2 (256-bit
+ * vectors; no FMA, which would round differently).  The AVX2 ones run when
+ * the CPU has AVX2; sbn__bn_kernel_path forces one (tests compare them bit
+ * for bit).
+ */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define SBN_BN_AVX2 1
+#define AVX2_TARGET __attribute__((target("avx2")))
+#else
+#define SBN_BN_AVX2 0
+#define AVX2_TARGET
+#endif
+
+static atomic_int kernel_path = -1; /* -1: not chosen yet; 0: generic; 1: AVX2 */
+
+static int cpu_path(void) {
+#if SBN_BN_AVX2
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+static int use_avx2(void) {
+  int p = atomic_load_explicit(&kernel_path, memory_order_relaxed);
+  if (p < 0) {
+    p = cpu_path();
+    atomic_store_explicit(&kernel_path, p, memory_order_relaxed);
+  }
+  return p == 1;
+}
+
+/* Not in the API: -1 chooses by the CPU again, 0 forces the generic
+ * kernels, 1 the AVX2 ones (when the CPU has AVX2).  Returns the path now in
+ * use (0 or 1), or -1 (nothing changed) when want is 1 without AVX2. */
+int sbn__bn_kernel_path(int want);
+int sbn__bn_kernel_path(int want) {
+  if (want == 1 && cpu_path() != 1) return -1;
+  atomic_store(&kernel_path, want < 0 ? cpu_path() : want ? 1 : 0);
+  return use_avx2();
+}
+
+#define BN_KERNEL(name, params, args)                                                              \
+  static void name##_generic params { name##_impl args; }                                          \
+  AVX2_TARGET static void name##_avx2 params { name##_impl args; }                                 \
+  static void name params {                                                                        \
+    if (SBN_BN_AVX2 && use_avx2())                                                                 \
+      name##_avx2 args;                                                                            \
+    else                                                                                           \
+      name##_generic args;                                                                         \
+  }
+
+BN_KERNEL(stats,
+          (const float *x, size_t N, size_t C, size_t S, double *mean, double *m2, double *acc),
+          (x, N, C, S, mean, m2, acc))
+BN_KERNEL(normalize,
+          (const float *x, float *y, size_t N, size_t C, size_t S, const float *aff, int relu),
+          (x, y, N, C, S, aff, relu))
+BN_KERNEL(grad_sums,
+          (const float *x, const float *dy, size_t N, size_t C, size_t S, const double *mean,
+           const float *aff, double *sdy, double *sdyx, double *acc, int relu),
+          (x, dy, N, C, S, mean, aff, sdy, sdyx, acc, relu))
+BN_KERNEL(grad_input,
+          (const float *x, const float *dy, float *dx, size_t N, size_t C, size_t S,
+           const float *aff, const float *kcq, int relu),
+          (x, dy, dx, N, C, S, aff, kcq, relu))
 
 /* ---- forward ----------------------------------------------------------------- */
 
@@ -601,13 +890,13 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   sbn_group *sync = (is_sync && use_batch && !group_local(b->group)) ? b->group : NULL;
 
   sbn_tensor *y = NULL;
-  /* 9C doubles (the last 3C: row statistics' scratch), then 4C floats. */
-  double *work = malloc(9 * C * sizeof(double) + 4 * C * sizeof(float));
+  /* 6C doubles, the statistics' scratch (ACC_DOUBLES * C), then 4C floats. */
+  double *work = malloc((6 + ACC_DOUBLES) * C * sizeof(double) + 4 * C * sizeof(float));
   if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' forward", identity(b));
   double *mean = work, *m2 = work + C, *invstd = work + 2 * C;
   double *scale = work + 3 * C, *shift = work + 4 * C, *gmean = work + 5 * C;
   double *acc = work + 6 * C;
-  float *aff = (float *)(work + 9 * C);
+  float *aff = (float *)(work + (6 + ACC_DOUBLES) * C);
   if ((rc = sbn__tensor_new_uninit(sbn_tensor_ndim(x), sbn_tensor_shape(x), &y)) != SBN_OK) {
     free(work);
     return rc;
@@ -615,10 +904,7 @@ static int bn_forward(sbn_module *m, sbn_tensor *x, sbn_tensor **out) {
   const float *xd = sbn_tensor_cdata(x);
   uint64_t n = (uint64_t)N * S; /* N rows when S = 1 (channels-last) */
   if (use_batch) {
-    if (S == 1)
-      rows_stats(xd, N, C, mean, m2, acc);
-    else
-      plane_stats(xd, N, C, S, mean, m2);
+    stats(xd, N, C, S, mean, m2, acc);
     if (sync) {
       uint64_t gn = 0;
       /* gm2 goes to scale (free until normalization). */
@@ -700,12 +986,13 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
   split_shape(b, x, &N, &S);
   const int relu = !!(b->flags & SBN_BN_FUSED_RELU);
   sbn_tensor *dx = NULL;
-  /* 7C doubles, then 3C floats. */
-  double *work = malloc(7 * C * sizeof(double) + 3 * C * sizeof(float));
+  /* 7C doubles, the sums' scratch (ACC_DOUBLES * C), then 3C floats. */
+  double *work = malloc((7 + ACC_DOUBLES) * C * sizeof(double) + 3 * C * sizeof(float));
   if (!work) return sbn__fail(SBN_ENOMEM, "out of memory in '%s' backward", identity(b));
   double *sdy = work, *sdyx = work + C, *gdy = work + 2 * C, *gdyx = work + 3 * C;
   double *k = work + 4 * C, *c1 = work + 5 * C, *q = work + 6 * C;
-  float *kcq = (float *)(work + 7 * C);
+  double *acc = work + 7 * C;
+  float *kcq = (float *)(work + (7 + ACC_DOUBLES) * C);
   if ((rc = sbn__tensor_new_uninit(sbn_tensor_ndim(x), sbn_tensor_shape(x), &dx)) != SBN_OK) {
     free(work);
     return rc;
@@ -714,7 +1001,7 @@ static int bn_backward(sbn_module *m, sbn_tensor *dy, sbn_tensor **out) {
   /* With the fused ReLU, dy is masked by the forward's y > 0 inside both
    * passes; everything below is then BatchNorm's backward of the masked dy. */
   grad_sums(sbn_tensor_cdata(x), sbn_tensor_cdata(dy), N, C, S, mean, b->saved_aff, sdy, sdyx,
-            relu);
+            acc, relu);
   for (size_t c = 0; c < C; c++) sdyx[c] *= invstd[c]; /* now Σ dy·x̂ */
   const float *w = t.w ? sbn_tensor_cdata(t.w) : NULL;
   if (b->saved_batch) {
@@ -867,7 +1154,7 @@ static int check_options(const sbn_bn_options *o) {
                      o->flags & ~KNOWN_FLAGS, SBN_BN_CHANNELS_LAST, SBN_BN_FUSED_RELU);
   for (size_t i = 0; i < sizeof(o->reserved) / sizeof(o->reserved[0]); i++)
     if (o->reserved[i]) return sbn__fail(SBN_EINVAL, "batchnorm options reserved[%zu] is set", i);
-  if (o->num_features > SIZE_MAX / (16 * sizeof(double)))
+  if (o->num_features > SIZE_MAX / (64 * sizeof(double)))
     return sbn__fail(SBN_EINVAL, "num_features %zu is too large", o->num_features);
   return check_layer_name(o->name);
 }
