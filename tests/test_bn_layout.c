@@ -745,6 +745,36 @@ START_TEST(test_dispatch_paths_agree) {
 }
 END_TEST
 
+/* ---- model check ----------------------------------------------------------------- */
+
+/* The model description carries the flags (only when set, so a plain layer's
+ * line is unchanged): ranks that differ in layout or fused ReLU mismatch. */
+START_TEST(test_model_check_flags) {
+  static const struct {
+    unsigned flags;
+    const char *tail;
+  } r[] = {{0, " 1 1 0\n"},
+           {CL, " 1 1 0 channels_last\n"},
+           {RELU, " 1 1 0 fused_relu\n"},
+           {CL | RELU, " 1 1 0 channels_last fused_relu\n"}};
+  char *texts[4];
+  for (size_t k = 0; k < 4; k++) {
+    sbn_module *m = make_layer(1, 16, r[k].flags, 0);
+    size_t len;
+    char want[160];
+    ck_assert_int_eq(sbn_model_description(m, &texts[k], &len), SBN_OK);
+    snprintf(want, sizeof(want), "bn 16 1.0000000000000001e-05 0.90000000000000002%s", r[k].tail);
+    ck_assert_str_eq(texts[k], want);
+    ck_assert_uint_eq(len, strlen(want));
+    ck_assert_int_eq(sbn_check_model(NULL, m), SBN_OK);
+    sbn_module_free(m);
+  }
+  for (size_t a = 0; a < 4; a++)
+    for (size_t b = a + 1; b < 4; b++) ck_assert_str_ne(texts[a], texts[b]);
+  for (size_t k = 0; k < 4; k++) sbn_free(texts[k]);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bn_layout");
   TCase *tc = tcase_create("reference");
@@ -760,6 +790,7 @@ int main(void) {
   tcase_add_test(to, test_repr);
   tcase_add_test(to, test_convert_and_state_dict);
   tcase_add_test(to, test_dispatch_paths_agree);
+  tcase_add_test(to, test_model_check_flags);
   suite_add_tcase(s, to);
   TCase *td = tcase_create("distributed");
   tcase_set_timeout(td, 60);

@@ -63,9 +63,13 @@ SBN_API int sbn_model_description(sbn_module *root, char **out, size_t *len) {
     sbn_bn_options o;
     if (sbn_bn_kind(l.items[i]) != 1) continue;
     sbn_bn_get_options(l.items[i], &o);
-    /* %.17g: the exact doubles, so ranks compare bit patterns. */
-    sbn__strbuf_printf(&b, "%s %zu %.17g %.17g %d %d %d\n", o.name, o.num_features, o.eps,
-                       o.momentum, o.affine, o.track_running_stats, o.freeze);
+    /* %.17g: the exact doubles, so ranks compare bit patterns.  The flags
+     * follow only when set, so a plain layer's line keeps its old form;
+     * ranks that differ in layout or in the fused ReLU then mismatch. */
+    sbn__strbuf_printf(&b, "%s %zu %.17g %.17g %d %d %d%s%s\n", o.name, o.num_features, o.eps,
+                       o.momentum, o.affine, o.track_running_stats, o.freeze,
+                       o.flags & SBN_BN_CHANNELS_LAST ? " channels_last" : "",
+                       o.flags & SBN_BN_FUSED_RELU ? " fused_relu" : "");
   }
   sbn_named_list_release(&l);
   if (b.failed || !b.s) {
