@@ -12,6 +12,11 @@
  * training mode); backward is timed alone after an untimed forward.  The
  * library allocates the output tensor on every call, as a user sees it.
  * The baselines use plain stores (no non-temporal tricks) like a kernel.
+ *
+ * Every shape runs in four variants over the same data: NCHW and
+ * channels-last (NHWC, the layer's SBN_BN_CHANNELS_LAST, input (N,H,W,C)),
+ * each without and with the fused ReLU (SBN_BN_FUSED_RELU), against the
+ * same baselines.  "shape" is always (N,C,H,W).
  */
 #define _GNU_SOURCE
 #include "bench.h"
@@ -134,15 +139,17 @@ static void fill(float *p, size_t n, unsigned seed) {
   }
 }
 
-static void emit_kernel(const char *shape, const char *op, size_t n, int streams,
-                        double med_s, int base, const double base_s[N_BASE], int reps) {
+static void emit_kernel(const char *shape, const char *layout, int relu, const char *op, size_t n,
+                        int streams, double med_s, int base, const double base_s[N_BASE],
+                        int reps) {
   double bytes = (double)n * 4.0 * streams;
   double gbps = bytes / med_s / 1e9;
   double bgbps = (double)n * 4.0 * base_streams[base] / base_s[base] / 1e9;
   jline j;
   j_begin(&j, "kernel");
   j_str(&j, "shape", shape);
-  j_str(&j, "layout", "NCHW");
+  j_str(&j, "layout", layout);
+  j_bool(&j, "fused_relu", relu);
   j_str(&j, "op", op);
   j_int(&j, "threads", 1);
   j_int(&j, "reps", reps);
@@ -155,12 +162,94 @@ static void emit_kernel(const char *shape, const char *op, size_t n, int streams
   j_emit(&j);
 }
 
+/* forward_train, backward and forward_eval of one layer variant; t: reps
+ * doubles of scratch.  0 on success. */
+static int bench_variant(const char *sh, const size_t shape[4], const char *layout,
+                         unsigned flags, sbn_tensor *x, sbn_tensor *dy, size_t n,
+                         const double base_s[N_BASE], double *t, int reps) {
+  sbn_tensor *y = NULL, *dx = NULL;
+  sbn_module *bn = NULL;
+  const int relu = !!(flags & SBN_BN_FUSED_RELU);
+  bench_stats s;
+  int rc = -1;
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, shape[1]);
+  o.flags = flags;
+  int st = sbn_batchnorm_new(&o, &bn);
+  if (st != SBN_OK) {
+    note("kernel: sbn_batchnorm_new: %s", sbn_last_error());
+    goto out;
+  }
+  /* forward, training: statistics + normalize. */
+  sbn_module_train(bn, 1, 1);
+  for (int r = -2; r < reps; r++) {
+    double t0 = now_s();
+    st = sbn_module_forward(bn, x, &y);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, layout, relu, "forward_train", n, 2, s.p50, B_COPY, base_s, reps);
+
+  /* backward, timed alone after an untimed forward. */
+  for (int r = -2; r < reps; r++) {
+    st = sbn_module_forward(bn, x, &y);
+    if (st != SBN_OK) {
+      note("kernel: forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    double t0 = now_s();
+    st = sbn_module_backward(bn, dy, &dx);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: backward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(dx);
+    dx = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, layout, relu, "backward", n, 3, s.p50, B_ADD, base_s, reps);
+
+  /* forward, eval: normalize with the running statistics. */
+  sbn_module_eval(bn);
+  for (int r = -2; r < reps; r++) {
+    double t0 = now_s();
+    st = sbn_module_forward(bn, x, &y);
+    double t1 = now_s();
+    if (st != SBN_OK) {
+      note("kernel: eval forward: %s", sbn_last_error());
+      goto out;
+    }
+    sbn_tensor_free(y);
+    y = NULL;
+    if (r >= 0)
+      t[r] = t1 - t0;
+  }
+  stats_compute(t, reps, &s);
+  emit_kernel(sh, layout, relu, "forward_eval", n, 2, s.p50, B_COPY, base_s, reps);
+  rc = 0;
+out:
+  sbn_module_free(bn);
+  return rc;
+}
+
 static int bench_shape(const size_t shape[4], int reps) {
   char sh[64];
   snprintf(sh, sizeof(sh), "(%zu,%zu,%zu,%zu)", shape[0], shape[1], shape[2], shape[3]);
   size_t n = shape[0] * shape[1] * shape[2] * shape[3];
-  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL;
-  sbn_module *bn = NULL;
+  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *xcl = NULL, *dycl = NULL;
   float *b1 = malloc(n * sizeof(float)), *b2 = malloc(n * sizeof(float));
   double *t = malloc(sizeof(double) * (size_t)reps);
   int rc = -1;
@@ -190,8 +279,9 @@ static int bench_shape(const size_t shape[4], int reps) {
     j_emit(&j);
   }
 
-  /* What the library pays per call for a new zero-filled output tensor
-   * (allocation, zeroing, page faults): part of every op below. */
+  /* What a new zero-filled tensor of this size costs (allocation, zeroing,
+   * page faults).  The kernels allocate their outputs uninitialized from the
+   * buffer cache, so they do not pay the zeroing; this row is for scale. */
   for (int r = -2; r < reps; r++) {
     double t0 = now_s();
     int a = sbn_tensor_new(4, shape, &y);
@@ -218,75 +308,28 @@ static int bench_shape(const size_t shape[4], int reps) {
     j_emit(&j);
   }
 
-  sbn_bn_options o;
-  sbn_bn_options_init(&o, shape[1]);
-  int st = sbn_batchnorm_new(&o, &bn);
-  if (st != SBN_OK) {
-    note("kernel: sbn_batchnorm_new: %s", sbn_last_error());
+  static const struct {
+    const char *layout;
+    unsigned flags;
+  } variants[] = {{"NCHW", 0},
+                  {"NHWC", SBN_BN_CHANNELS_LAST},
+                  {"NCHW", SBN_BN_FUSED_RELU},
+                  {"NHWC", SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU}};
+  /* NHWC views of the same data: (N, H, W, C). */
+  const size_t cl_shape[4] = {shape[0], shape[2], shape[3], shape[1]};
+  if (sbn_tensor_view(4, cl_shape, sbn_tensor_data(x), &xcl) != SBN_OK ||
+      sbn_tensor_view(4, cl_shape, sbn_tensor_data(dy), &dycl) != SBN_OK)
     goto out;
-  }
-  /* forward, training: statistics + normalize. */
-  sbn_module_train(bn, 1, 1);
-  for (int r = -2; r < reps; r++) {
-    double t0 = now_s();
-    st = sbn_module_forward(bn, x, &y);
-    double t1 = now_s();
-    if (st != SBN_OK) {
-      note("kernel: forward: %s", sbn_last_error());
+  for (size_t v = 0; v < sizeof(variants) / sizeof(variants[0]); v++) {
+    const int cl = !!(variants[v].flags & SBN_BN_CHANNELS_LAST);
+    if (bench_variant(sh, shape, variants[v].layout, variants[v].flags, cl ? xcl : x,
+                      cl ? dycl : dy, n, base_s, t, reps) != 0)
       goto out;
-    }
-    sbn_tensor_free(y);
-    y = NULL;
-    if (r >= 0)
-      t[r] = t1 - t0;
   }
-  stats_compute(t, reps, &s);
-  emit_kernel(sh, "forward_train", n, 2, s.p50, B_COPY, base_s, reps);
-
-  /* backward, timed alone after an untimed forward. */
-  for (int r = -2; r < reps; r++) {
-    st = sbn_module_forward(bn, x, &y);
-    if (st != SBN_OK) {
-      note("kernel: forward: %s", sbn_last_error());
-      goto out;
-    }
-    sbn_tensor_free(y);
-    y = NULL;
-    double t0 = now_s();
-    st = sbn_module_backward(bn, dy, &dx);
-    double t1 = now_s();
-    if (st != SBN_OK) {
-      note("kernel: backward: %s", sbn_last_error());
-      goto out;
-    }
-    sbn_tensor_free(dx);
-    dx = NULL;
-    if (r >= 0)
-      t[r] = t1 - t0;
-  }
-  stats_compute(t, reps, &s);
-  emit_kernel(sh, "backward", n, 3, s.p50, B_ADD, base_s, reps);
-
-  /* forward, eval: normalize with the running statistics. */
-  sbn_module_eval(bn);
-  for (int r = -2; r < reps; r++) {
-    double t0 = now_s();
-    st = sbn_module_forward(bn, x, &y);
-    double t1 = now_s();
-    if (st != SBN_OK) {
-      note("kernel: eval forward: %s", sbn_last_error());
-      goto out;
-    }
-    sbn_tensor_free(y);
-    y = NULL;
-    if (r >= 0)
-      t[r] = t1 - t0;
-  }
-  stats_compute(t, reps, &s);
-  emit_kernel(sh, "forward_eval", n, 2, s.p50, B_COPY, base_s, reps);
   rc = 0;
 out:
-  sbn_module_free(bn);
+  sbn_tensor_free(xcl);
+  sbn_tensor_free(dycl);
   sbn_tensor_free(x);
   sbn_tensor_free(dy);
   free(b1);
