@@ -250,7 +250,12 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
-#define RB 8 /* rows per sweep in the row kernels */
+#define RB 8 /* rows per sweep in the row kernels' sums */
+/* Rows per sweep in the row kernels' element-wise passes: 8 for wide rows
+ * (the constants stay in registers), 1 for narrow ones, where a sweep of
+ * a few rows of a few cache lines each was slower than streaming row by row
+ * (measured; the results do not depend on it). */
+#define RBE(C) ((C) >= 128 ? 8 : 1)
 #define KERNEL static inline __attribute__((always_inline))
 
 KERNEL v4f ld4f(const float *p) {
@@ -503,11 +508,20 @@ KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t
 
 KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const float *aff,
                            const int relu) {
-  for (size_t r = 0; r < R; r += RB) {
-    const size_t nr = R - r < RB ? R - r : RB;
+  const size_t rbe = RBE(C);
+  for (size_t r = 0; r < R; r += rbe) {
+    const size_t nr = R - r < rbe ? R - r : rbe;
     const float *xr = x + r * C;
     float *yr = y + r * C;
     size_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+      const aff8_t k0 = aff8_at(aff, C, c), k1 = aff8_at(aff, C, c + 8);
+      for (size_t j = 0; j < nr; j++) {
+        const v8f v0 = fwd8(ld8f(xr + j * C + c), k0), v1 = fwd8(ld8f(xr + j * C + c + 8), k1);
+        st8f(yr + j * C + c, relu ? relu8(v0) : v0);
+        st8f(yr + j * C + c + 8, relu ? relu8(v1) : v1);
+      }
+    }
     for (; c + 8 <= C; c += 8) {
       const aff8_t k8 = aff8_at(aff, C, c);
       for (size_t j = 0; j < nr; j++) {
@@ -744,11 +758,24 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
 KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R, size_t C,
                             const float *aff, const float *kcq, const int relu) {
   const float *K = kcq, *C1 = kcq + C, *Q = kcq + 2 * C;
-  for (size_t r = 0; r < R; r += RB) {
-    const size_t nr = R - r < RB ? R - r : RB;
+  const size_t rbe = RBE(C);
+  for (size_t r = 0; r < R; r += rbe) {
+    const size_t nr = R - r < rbe ? R - r : rbe;
     const float *xr = x + r * C, *gr = dy + r * C;
     float *orow = dx + r * C;
     size_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+      const aff8_t k0 = aff8_at(aff, C, c), k1 = aff8_at(aff, C, c + 8);
+      const v8f kv0 = ld8f(K + c), cv0 = ld8f(C1 + c), qv0 = ld8f(Q + c);
+      const v8f kv1 = ld8f(K + c + 8), cv1 = ld8f(C1 + c + 8), qv1 = ld8f(Q + c + 8);
+      for (size_t j = 0; j < nr; j++) {
+        const v8f x0 = ld8f(xr + j * C + c), x1 = ld8f(xr + j * C + c + 8);
+        v8f g0 = ld8f(gr + j * C + c), g1 = ld8f(gr + j * C + c + 8);
+        if (relu) g0 = keep8(fwd8(x0, k0), g0), g1 = keep8(fwd8(x1, k1), g1);
+        st8f(orow + j * C + c, dx8(x0, g0, k0.h, k0.l, kv0, cv0, qv0));
+        st8f(orow + j * C + c + 8, dx8(x1, g1, k1.h, k1.l, kv1, cv1, qv1));
+      }
+    }
     for (; c + 8 <= C; c += 8) {
       const aff8_t k8 = aff8_at(aff, C, c);
       const v8f kv = ld8f(K + c), cv = ld8f(C1 + c), qv = ld8f(Q + c);
