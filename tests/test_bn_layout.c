@@ -653,8 +653,9 @@ END_TEST
 
 /* ---- kernel dispatch ------------------------------------------------------------ */
 
-/* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2;
- * returns the path in use, or -1 when 1 is asked for without AVX2. */
+/* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2,
+ * 2 AVX2+FMA; returns the path in use, or -1 when the CPU or the build
+ * lacks the one asked for. */
 int sbn__bn_kernel_path(int want);
 
 /* One training forward and backward, and an eval forward, on path. */
@@ -703,10 +704,11 @@ static void run_free(run_out *o) {
 }
 
 /*
- * The generic and the AVX2 kernels give the same bits (a SyncBatchNorm rank
- * computes the same values on any CPU): every layout and family, the fused
- * ReLU, shapes with every kind of tail, small planes and streamed ones, and
- * |mean| >> std.  On a CPU without AVX2 only the generic path runs.
+ * The generic, AVX2 and AVX2+FMA kernels give the same bits (a
+ * SyncBatchNorm rank computes the same values on any CPU): every layout and
+ * family, the fused ReLU, shapes with every kind of tail, small planes and
+ * streamed ones, and |mean| >> std.  Paths the CPU lacks are skipped (on a
+ * CPU without AVX2 only the generic one runs, against itself).
  */
 START_TEST(test_dispatch_paths_agree) {
   static const struct {
@@ -727,20 +729,26 @@ START_TEST(test_dispatch_paths_agree) {
       {4, {3, 5, 7, 37}, 37, CL | RELU, 1e4f},
       {3, {9, 11, 64}, 64, CL, 0.5f},
   };
-  const int avx2 = sbn__bn_kernel_path(1) == 1;
+  int paths[3], np = 0;
+  for (int p = 0; p <= 2; p++)
+    if (sbn__bn_kernel_path(p) == p) paths[np++] = p;
   ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
+  ck_assert_int_ge(np, 1);
   for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
     run_out g = run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
-    run_out v = run_path(avx2 ? 1 : 0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
-    ck_assert_msg(bitwise_equal(g.y, v.y), "case %zu: y differs", i);
-    ck_assert_msg(bitwise_equal(g.dx, v.dx), "case %zu: dx differs", i);
-    ck_assert_msg(bitwise_equal(g.ye, v.ye), "case %zu: eval y differs", i);
-    ck_assert_msg(bitwise_equal(g.rm, v.rm), "case %zu: running_mean differs", i);
-    ck_assert_msg(bitwise_equal(g.rv, v.rv), "case %zu: running_var differs", i);
-    ck_assert_msg(bitwise_equal(g.gw, v.gw), "case %zu: dweight differs", i);
-    ck_assert_msg(bitwise_equal(g.gb, v.gb), "case %zu: dbias differs", i);
+    for (int j = 0; j < np; j++) {
+      run_out v = run_path(paths[j], k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
+      const int p = paths[j];
+      ck_assert_msg(bitwise_equal(g.y, v.y), "case %zu path %d: y differs", i, p);
+      ck_assert_msg(bitwise_equal(g.dx, v.dx), "case %zu path %d: dx differs", i, p);
+      ck_assert_msg(bitwise_equal(g.ye, v.ye), "case %zu path %d: eval y differs", i, p);
+      ck_assert_msg(bitwise_equal(g.rm, v.rm), "case %zu path %d: running_mean differs", i, p);
+      ck_assert_msg(bitwise_equal(g.rv, v.rv), "case %zu path %d: running_var differs", i, p);
+      ck_assert_msg(bitwise_equal(g.gw, v.gw), "case %zu path %d: dweight differs", i, p);
+      ck_assert_msg(bitwise_equal(g.gb, v.gb), "case %zu path %d: dbias differs", i, p);
+      run_free(&v);
+    }
     run_free(&g);
-    run_free(&v);
   }
 }
 END_TEST

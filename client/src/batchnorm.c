@@ -286,6 +286,27 @@ KERNEL v4f splat4(float f) { return (v4f){f, f, f, f}; }
 KERNEL v4d splat4d(double d) { return (v4d){d, d, d, d}; }
 KERNEL double hsum4d(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
+/*
+ * a + b, or with fm (the AVX2+FMA kernels) fma(b, 1, a): b * 1 is exact, so
+ * the FMA rounds a + b once, exactly like the addition, and gives the same
+ * bits; it only runs on the multiply-add units, which the sums' additions
+ * would otherwise queue behind (see "dispatch").  Only with optimization,
+ * where the branch for fm = 0 is gone before GCC checks the builtin's ISA.
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__OPTIMIZE__)
+#define SBN_BN_FMA 1
+#include <immintrin.h> /* declares the builtin */
+#else
+#define SBN_BN_FMA 0
+#endif
+KERNEL v4d acc_add(v4d a, v4d b, const int fm) {
+#if SBN_BN_FMA
+  if (fm) return __builtin_ia32_vfmaddpd256(b, splat4d(1.0), a);
+#endif
+  (void)fm;
+  return a + b;
+}
+
 /* The normalization of one value, 8, 4 and 1 at a time: the same operations. */
 KERNEL v8f aff8(v8f x, v8f h, v8f l, v8f a, v8f b) { return ((x - h) - l) * a + b; }
 KERNEL v4f aff4(v4f x, v4f h, v4f l, v4f a, v4f b) { return ((x - h) - l) * a + b; }
@@ -331,7 +352,7 @@ KERNEL float fwd1(float x, const float *aff, size_t C, size_t c) {
 #define STATS4(xv4, kv, s, q)                                                                      \
   do {                                                                                             \
     const v4d d_ = cvt4(xv4) - (kv);                                                               \
-    (s) += d_;                                                                                     \
+    (s) = acc_add((s), d_, fm);                                                                    \
     (q) += d_ * d_;                                                                                \
   } while (0)
 
@@ -356,7 +377,7 @@ typedef struct {
 /* Scratch of the statistics and of the backward's sums, per channel. */
 #define ACC_DOUBLES STATS_ACC_DOUBLES
 
-KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a) {
+KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a, const int fm) {
   const v4d kv = splat4d(k);
   size_t i = 0;
   for (; i + 16 <= S; i += 16) {
@@ -383,7 +404,7 @@ KERNEL void stats_finish(const stats_acc *a, float k, size_t count, double *mean
 
 /* acc: STATS_ACC_DOUBLES * C doubles of scratch. */
 KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2,
-                        double *acc) {
+                        double *acc, const int fm) {
   const size_t count = N * S;
   for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
   if (count == 0) return;
@@ -391,7 +412,7 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memset(&a, 0, sizeof(a));
-      for (size_t n = 0; n < N; n++) plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a);
+      for (size_t n = 0; n < N; n++) plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a, fm);
       stats_finish(&a, x[c * S], count, mean + c, m2 + c);
     }
     return;
@@ -401,7 +422,7 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
-      plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a);
+      plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a, fm);
       memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
   for (size_t c = 0; c < C; c++) {
@@ -413,7 +434,7 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
 
 /* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
 KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
-                       double *acc) {
+                       double *acc, const int fm) {
   for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
   if (R == 0) return;
   double *K = acc, *s = acc + C, *q = acc + 2 * C;
@@ -464,11 +485,11 @@ KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
 }
 
 KERNEL void stats_impl(const float *x, size_t N, size_t C, size_t S, double *mean, double *m2,
-                       double *acc) {
+                       double *acc, const int fm) {
   if (S == 1)
-    rows_stats(x, N, C, mean, m2, acc);
+    rows_stats(x, N, C, mean, m2, acc, fm);
   else
-    plane_stats(x, N, C, S, mean, m2, acc);
+    plane_stats(x, N, C, S, mean, m2, acc, fm);
 }
 
 /*
@@ -547,7 +568,8 @@ KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const f
 
 /* One read of x, one write of y, for either layout. */
 KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t S,
-                           const float *aff, int relu) {
+                           const float *aff, int relu, const int fm) {
+  (void)fm;
   if (S == 1) {
     if (relu)
       rows_normalize(x, y, N, C, aff, 1);
@@ -565,7 +587,7 @@ KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t 
 #define GSUMS4(xd4, gd4, mv, a, b)                                                                 \
   do {                                                                                             \
     const v4d g_ = (gd4);                                                                          \
-    (a) += g_;                                                                                     \
+    (a) = acc_add((a), g_, fm);                                                                    \
     (b) += g_ * ((xd4) - (mv));                                                                    \
   } while (0)
 
@@ -577,7 +599,7 @@ KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t 
  */
 KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const v4d mv,
                                 double mu, const float *aff, size_t C, size_t c, stats_acc *a,
-                                const int relu) {
+                                const int relu, const int fm) {
   const aff8_t k8 = aff8_splat(aff, C, c);
   size_t i = 0;
   for (; i + 16 <= S; i += 16) {
@@ -610,14 +632,14 @@ KERNEL void grad_sums_finish(const stats_acc *a, double *sdy, double *sdyx) {
 /* acc: ACC_DOUBLES * C doubles of scratch. */
 KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C, size_t S,
                             const double *mean, const float *aff, double *sdy, double *sdyx,
-                            double *acc, const int relu) {
+                            double *acc, const int relu, const int fm) {
   if (S < PLANE_STREAM_MIN) {
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memset(&a, 0, sizeof(a));
       for (size_t n = 0; n < N; n++)
         plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
-                            mean[c], aff, C, c, &a, relu);
+                            mean[c], aff, C, c, &a, relu, fm);
       grad_sums_finish(&a, sdy + c, sdyx + c);
     }
     return;
@@ -628,7 +650,7 @@ KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C,
       stats_acc a;
       memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
       plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
-                          mean[c], aff, C, c, &a, relu);
+                          mean[c], aff, C, c, &a, relu, fm);
       memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
   for (size_t c = 0; c < C; c++) {
@@ -640,7 +662,7 @@ KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C,
 
 KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
                            const double *mean, const float *aff, double *sdy, double *sdyx,
-                           const int relu) {
+                           const int relu, const int fm) {
   for (size_t c = 0; c < C; c++) sdy[c] = sdyx[c] = 0;
   for (size_t r = 0; r < R; r += RB) {
     const size_t nr = R - r < RB ? R - r : RB;
@@ -696,17 +718,17 @@ KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
 
 KERNEL void grad_sums_impl(const float *x, const float *dy, size_t N, size_t C, size_t S,
                            const double *mean, const float *aff, double *sdy, double *sdyx,
-                           double *acc, int relu) {
+                           double *acc, int relu, const int fm) {
   if (S == 1) {
     if (relu)
-      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 1);
+      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 1, fm);
     else
-      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 0);
+      rows_grad_sums(x, dy, N, C, mean, aff, sdy, sdyx, 0, fm);
   } else {
     if (relu)
-      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 1);
+      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 1, fm);
     else
-      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 0);
+      plane_grad_sums(x, dy, N, C, S, mean, aff, sdy, sdyx, acc, 0, fm);
   }
 }
 
@@ -807,7 +829,8 @@ KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R
 }
 
 KERNEL void grad_input_impl(const float *x, const float *dy, float *dx, size_t N, size_t C,
-                            size_t S, const float *aff, const float *kcq, int relu) {
+                            size_t S, const float *aff, const float *kcq, int relu, const int fm) {
+  (void)fm;
   if (S == 1) {
     if (relu)
       rows_grad_input(x, dy, dx, N, C, aff, kcq, 1);
@@ -824,55 +847,71 @@ KERNEL void grad_input_impl(const float *x, const float *dy, float *dx, size_t N
 /* ---- dispatch ------------------------------------------------------------------ */
 
 /*
- * Each kernel entry point below exists twice: *_generic with the build's
- * flags and, on x86 with GCC or Clang, *_avx2 compiled for AVX2 (256-bit
- * vectors; no FMA, which would round differently).  The AVX2 ones run when
- * the CPU has AVX2; sbn__bn_kernel_path forces one (tests compare them bit
- * for bit).
+ * Each kernel entry point below exists up to three times: *_generic with
+ * the build's flags; on x86 with GCC or Clang, *_avx2 compiled for AVX2
+ * (256-bit vectors); and with GCC, *_fma for AVX2 and FMA, where some of the
+ * sums' additions run as fma(b, 1, a) (acc_add).  None contracts a*b + c
+ * (the pragma at the top), so all three give the same bits.  The best the
+ * CPU has runs; sbn__bn_kernel_path forces one (tests compare them bit for
+ * bit).
  */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define SBN_BN_AVX2 1
 #define AVX2_TARGET __attribute__((target("avx2")))
+#define FMA_TARGET __attribute__((target("avx2,fma")))
 #else
 #define SBN_BN_AVX2 0
 #define AVX2_TARGET
+#define FMA_TARGET
 #endif
 
-static atomic_int kernel_path = -1; /* -1: not chosen yet; 0: generic; 1: AVX2 */
+enum { PATH_GENERIC, PATH_AVX2, PATH_FMA };
+static atomic_int kernel_path = -1; /* -1: not chosen yet */
 
+/* The best path this CPU (and this build) has. */
 static int cpu_path(void) {
 #if SBN_BN_AVX2
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") ? 1 : 0;
+  if (!__builtin_cpu_supports("avx2")) return PATH_GENERIC;
+  if (SBN_BN_FMA && __builtin_cpu_supports("fma")) return PATH_FMA;
+  return PATH_AVX2;
 #else
-  return 0;
+  return PATH_GENERIC;
 #endif
 }
 
-static int use_avx2(void) {
+static int path(void) {
   int p = atomic_load_explicit(&kernel_path, memory_order_relaxed);
   if (p < 0) {
     p = cpu_path();
     atomic_store_explicit(&kernel_path, p, memory_order_relaxed);
   }
-  return p == 1;
+  return p;
 }
 
 /* Not in the API: -1 chooses by the CPU again, 0 forces the generic
- * kernels, 1 the AVX2 ones (when the CPU has AVX2).  Returns the path now in
- * use (0 or 1), or -1 (nothing changed) when want is 1 without AVX2. */
+ * kernels, 1 the AVX2 ones, 2 the AVX2+FMA ones.  Returns the path now in
+ * use, or -1 (nothing changed) when the CPU or the build lacks the one
+ * asked for. */
 int sbn__bn_kernel_path(int want);
 int sbn__bn_kernel_path(int want) {
-  if (want == 1 && cpu_path() != 1) return -1;
-  atomic_store(&kernel_path, want < 0 ? cpu_path() : want ? 1 : 0);
-  return use_avx2();
+  const int best = cpu_path();
+  if (want > best || want > PATH_FMA) return -1;
+  atomic_store(&kernel_path, want < 0 ? best : want);
+  return path();
 }
 
+#define WITH_FM0(...) (__VA_ARGS__, 0)
+#define WITH_FM1(...) (__VA_ARGS__, 1)
 #define BN_KERNEL(name, params, args)                                                              \
-  static void name##_generic params { name##_impl args; }                                          \
-  AVX2_TARGET static void name##_avx2 params { name##_impl args; }                                 \
+  static void name##_generic params { name##_impl WITH_FM0 args; }                                 \
+  AVX2_TARGET static void name##_avx2 params { name##_impl WITH_FM0 args; }                        \
+  FMA_TARGET static void name##_fma params { name##_impl WITH_FM1 args; }                          \
   static void name params {                                                                        \
-    if (SBN_BN_AVX2 && use_avx2())                                                                 \
+    const int p_ = SBN_BN_AVX2 ? path() : PATH_GENERIC;                                            \
+    if (SBN_BN_FMA && p_ == PATH_FMA)                                                              \
+      name##_fma args;                                                                             \
+    else if (p_ >= PATH_AVX2)                                                                      \
       name##_avx2 args;                                                                            \
     else                                                                                           \
       name##_generic args;                                                                         \
