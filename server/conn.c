@@ -101,6 +101,7 @@ static void conn_on_close(uv_handle_t *h) {
   sbn__framer_release(&conn->rx);
   sbn__msg_free(conn->hello_env);
   free(conn);
+  sbn__http_conn_freed(c);
 }
 
 static void conn_close_handles(sbn__srv_conn *conn) {
@@ -178,6 +179,8 @@ static void conn_on_write(uv_write_t *req, int status) {
   sbn__srv_write *w = (sbn__srv_write *)req;
   sbn__srv_conn *conn = req->data;
   conn->queued -= w->len;
+  if (status == 0)
+    conn->coord->metrics.bytes_out += w->len;
   sbn__srv_wbuf_unref(w->wb);
   free(w);
   if (status < 0 && status != UV_ECANCELED)
@@ -194,6 +197,8 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
   uv_buf_t buf = uv_buf_init((char *)wb->data, (unsigned)wb->len);
   /* Most replies fit in the socket buffer: then nothing is queued at all. */
   int n = uv_try_write((uv_stream_t *)&conn->tcp, &buf, 1);
+  if (n > 0)
+    conn->coord->metrics.bytes_out += (uint64_t)n;
   if (n >= 0 && (size_t)n == wb->len)
     return;
   if (n < 0 && n != UV_EAGAIN) {
@@ -245,6 +250,7 @@ void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, s
   va_end(ap);
   SBN_LOGW("conn %llu %s: error %s: %s", (unsigned long long)conn->id, conn->peer,
            sbn_strerror(code), msg);
+  sbn__obs_proto_error(conn->coord, code);
   sbn__srv_wbuf *wb = sbn__srv_error_encode(code, msg, ranks, nranks, seq, phase, layer);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
@@ -312,6 +318,7 @@ static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     sbn__srv_conn_close(conn, 0, "read failed: %s", uv_strerror((int)nread));
     return;
   }
+  conn->coord->metrics.bytes_in += (uint64_t)nread;
   sbn__framer_commit(&conn->rx, (size_t)nread);
   conn_drain(conn);
   /*
@@ -468,6 +475,7 @@ void sbn__srv_conn_accept(sbn__coord *c) {
   conn->coord = c;
   conn->id = ++c->next_conn_id;
   c->nconns++;
+  c->metrics.accepted++;
   conn->tcp.data = conn;
   conn->timer.data = conn;
   sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame ? SBN_SRV_HELLO_MAX_FRAME

@@ -22,6 +22,7 @@
 #include "frame.h"
 #include "map.h"
 #include "msg.h"
+#include "observe.h"
 
 /* Hello limits (the client's SBN_JOB_MAX / SBN_WORLD_MAX, the same numbers). */
 #define SBN_SRV_JOB_MAX 128
@@ -75,6 +76,10 @@ struct sbn__coord {
   /* Reused by allreduce for its double accumulator; grows, never shrinks. */
   double *scratch;
   size_t scratch_len;
+  /* Observability (observe.h): counters, the HTTP server, its address. */
+  sbn__metrics metrics;
+  sbn__http *http;
+  char metrics_addr[80];
 };
 
 struct sbn__srv_conn {
@@ -132,6 +137,7 @@ struct sbn__srv_job {
   sbn__srv_rank *ranks;   /* [world] */
   sbn__srv_map groups;    /* members -> sbn__srv_group */
   sbn__srv_round *rounds; /* open rounds, a list */
+  sbn__flight *flight;    /* its last rounds, allocated at the first one ended */
 };
 
 /*
@@ -169,7 +175,9 @@ struct sbn__srv_round {
   uint32_t nhave;           /* contributions so far */
   uint32_t ref;             /* group index of the first contributor, the reference */
   int dead;                 /* failed or completed; only the close callback remains */
+  uint64_t t0;              /* uv_hrtime() of the first contribution */
   uint32_t *arrived;        /* [n] group indices in arrival order */
+  uint32_t *t_us;           /* [n] by group index: arrival, microseconds after t0 */
   Sbn__Envelope *contrib[]; /* [n] by group index, NULL until it arrives */
 };
 

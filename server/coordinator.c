@@ -32,6 +32,10 @@ void sbn__coord_config_init(sbn__coord_config *cfg) {
   cfg->max_channels = SBN_MAX_CHANNELS;
   cfg->max_rounds = SBN_COORD_MAX_ROUNDS_DEFAULT;
   cfg->max_queued = SBN_COORD_MAX_QUEUED_DEFAULT;
+  snprintf(cfg->metrics_host, sizeof(cfg->metrics_host), "%s", SBN_DEFAULT_HOST);
+  cfg->metrics_port = -1;
+  cfg->stall_warn_ms = SBN_COORD_STALL_WARN_AUTO;
+  cfg->flight_rounds = SBN_COORD_FLIGHT_ROUNDS_DEFAULT;
 }
 
 int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **out) {
@@ -57,8 +61,13 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
     SBN_LOGE("timeouts must be at least 1 ms");
     return SBN_EINVAL;
   }
-  if (cfg->port < 0 || cfg->port > 65535) {
-    SBN_LOGE("port %d is outside [0, 65535]", cfg->port);
+  if (cfg->port < 0 || cfg->port > 65535 || cfg->metrics_port < -1 || cfg->metrics_port > 65535) {
+    SBN_LOGE("port %d (metrics %d) is outside [0, 65535]", cfg->port, cfg->metrics_port);
+    return SBN_EINVAL;
+  }
+  if (cfg->flight_rounds > SBN_COORD_FLIGHT_ROUNDS_MAX) {
+    SBN_LOGE("flight recorder of %u rounds is more than %u", (unsigned)cfg->flight_rounds,
+             SBN_COORD_FLIGHT_ROUNDS_MAX);
     return SBN_EINVAL;
   }
   sbn__coord *c = calloc(1, sizeof(*c));
@@ -67,6 +76,9 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
   c->loop = loop;
   c->cfg = *cfg;
   c->auth = cfg->secret.len > 0;
+  if (c->cfg.stall_warn_ms == SBN_COORD_STALL_WARN_AUTO)
+    c->cfg.stall_warn_ms = c->cfg.round_timeout_ms / 2;
+  c->metrics.start_unix_s = (uint64_t)time(NULL);
   /* The seed only has to differ between runs; see map.c. */
   uint64_t seed = uv_hrtime() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL);
   sbn__srv_map_init(&c->jobs, seed);
@@ -184,6 +196,17 @@ int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
            (unsigned)c->cfg.max_rounds, (unsigned)c->cfg.max_channels,
            (unsigned long long)c->cfg.max_queued, (unsigned)c->cfg.frame_timeout_ms,
            (unsigned)c->cfg.keepalive_s);
+  if (c->cfg.stall_warn_ms > 0 && c->cfg.stall_warn_ms < c->cfg.round_timeout_ms)
+    SBN_LOGI("stall warning after %u ms; flight recorder keeps %u rounds per job",
+             (unsigned)c->cfg.stall_warn_ms, (unsigned)c->cfg.flight_rounds);
+  else
+    SBN_LOGI("no stall warning; flight recorder keeps %u rounds per job",
+             (unsigned)c->cfg.flight_rounds);
+  if (c->cfg.metrics_port >= 0 &&
+      sbn__http_start(c, c->metrics_addr, sizeof(c->metrics_addr)) != SBN_OK) {
+    uv_close((uv_handle_t *)&c->listener, NULL);
+    return SBN_EIO;
+  }
   if (c->auth)
     SBN_LOGI("authentication: workers must prove they hold the shared secret (%zu bytes)",
              c->cfg.secret.len);
@@ -212,6 +235,15 @@ void sbn__coord_stop(sbn__coord *c) {
   sbn__srv_jobs_shutdown(c);
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     sbn__srv_conn_close(conn, 1, "the coordinator is shutting down");
+  sbn__http_stopping(c);
+}
+
+const char *sbn__coord_metrics_addr(const sbn__coord *c) {
+  return c->metrics_addr;
+}
+
+void sbn__coord_dump(sbn__coord *c) {
+  sbn__flight_dump_all(c);
 }
 
 void sbn__coord_free(sbn__coord *c) {
@@ -220,6 +252,7 @@ void sbn__coord_free(sbn__coord *c) {
   sbn__srv_job_free_all(c);
   sbn__srv_map_release(&c->jobs);
   free(c->scratch);
+  sbn__http_free(c);
   sbn__secret_wipe(&c->cfg.secret);
   free(c);
 }

@@ -48,6 +48,11 @@
 #define SBN_COORD_MAX_QUEUED_CEILING (16ull * 1024u * 1024u * 1024u)
 /* The upper end of the count limits' ranges. */
 #define SBN_COORD_COUNT_LIMIT_MAX 1000000u
+/* --stall-warn: this value means half the round timeout; 0 turns it off. */
+#define SBN_COORD_STALL_WARN_AUTO UINT32_MAX
+/* Rounds the flight recorder keeps per job (--flight-rounds), and its ceiling. */
+#define SBN_COORD_FLIGHT_ROUNDS_DEFAULT 64u
+#define SBN_COORD_FLIGHT_ROUNDS_MAX 4096u
 
 typedef struct sbn__coord_config {
   char host[SBN_HOST_MAX + 1]; /* address to bind, numeric or a name */
@@ -74,6 +79,13 @@ typedef struct sbn__coord_config {
    */
   sbn__secret secret;
   int insecure;
+  /* Metrics and health over HTTP on metrics_host:metrics_port; -1 = off. */
+  char metrics_host[SBN_HOST_MAX + 1];
+  int metrics_port;
+  /* An open round logs a warning naming its missing ranks after this long
+   * (0 = never; SBN_COORD_STALL_WARN_AUTO = half of round_timeout_ms). */
+  uint32_t stall_warn_ms;
+  uint32_t flight_rounds; /* rounds recorded per job; 0 = no recorder */
 } sbn__coord_config;
 
 typedef struct sbn__coord sbn__coord;
@@ -103,6 +115,15 @@ int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen);
  * closes every handle, so the loop ends.  Safe to call more than once.
  */
 void sbn__coord_stop(sbn__coord *c);
+
+/*
+ * The metrics address actually bound ("127.0.0.1:9100"), or "" when there
+ * is no metrics server.
+ */
+const char *sbn__coord_metrics_addr(const sbn__coord *c);
+
+/* Logs every job's recent and open rounds (the flight recorder; SIGUSR1). */
+void sbn__coord_dump(sbn__coord *c);
 
 /* Frees c after its loop has run out of handles.  NULL is a no-op. */
 void sbn__coord_free(sbn__coord *c);

@@ -102,6 +102,7 @@ static void job_free(sbn__srv_job *job) {
   sbn__srv_map_del(&job->coord->jobs, &job->node);
   job->coord->njobs--;
   SBN_LOGI("job '%s' ended (generation %llu)", job->name, (unsigned long long)job->generation);
+  sbn__flight_free(job);
   free(job->ranks);
   free(job);
 }
@@ -206,6 +207,7 @@ void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   sbn__srv_wbuf_unref(wb);
   SBN_LOGW("conn %llu %s: hello rejected (%s): %s", (unsigned long long)conn->id, conn->peer,
            sbn_strerror(code), msg);
+  sbn__obs_reject(conn->coord, code);
   sbn__srv_conn_close(conn, 1, "hello rejected");
 }
 

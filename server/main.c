@@ -2,8 +2,9 @@
  * main.c - sbn-coordinator: command line, signals, and the loop.
  *
  * Everything else lives in the coordinator object (coordinator.h), so this
- * file only turns flags into a configuration and SIGINT/SIGTERM into a clean
- * stop.
+ * file only turns flags into a configuration, SIGINT/SIGTERM into a clean
+ * stop, SIGUSR1 into a flight recorder dump, and tells systemd (when it
+ * started us) that the coordinator is ready and when it stops.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -16,6 +17,7 @@
 #include "coordinator.h"
 #include "frame.h"
 #include "log.h"
+#include "observe.h"
 #include "sbn/sbn.h"
 #include "util.h"
 
@@ -27,8 +29,10 @@
 
 typedef struct app {
   uv_loop_t loop;
-  uv_signal_t sigint, sigterm;
+  uv_signal_t sigint, sigterm, sigusr1, sighup;
   sbn__coord *coord;
+  sbn__notify notify;
+  int want_notify; /* --notify: warn when NOTIFY_SOCKET is missing */
 } app;
 
 static void usage(FILE *out) {
@@ -53,6 +57,14 @@ static void usage(FILE *out) {
           "  --max-rounds N        open rounds per job (default %u)\n"
           "  --max-queued BYTES    replies queued for a worker that does not read, at\n"
           "                        least %llu (default %llu)\n"
+          "  --metrics [HOST:]PORT serve /metrics, /healthz and /debug/rounds over HTTP\n"
+          "                        (off by default; HOST defaults to %s)\n"
+          "  --stall-warn MS       warn about a round open this long, naming the missing\n"
+          "                        ranks; 0 = never (default: half the round timeout)\n"
+          "  --flight-rounds N     rounds the flight recorder keeps per job, 0..%u\n"
+          "                        (default %u); SIGUSR1 logs them\n"
+          "  --notify              expect NOTIFY_SOCKET (systemd Type=notify); the\n"
+          "                        notification is sent whenever it is set\n"
           "  --log-level LEVEL     error, warn, info or debug (default info)\n"
           "  --help                show this help\n"
           "  --version             show the version\n",
@@ -62,7 +74,8 @@ static void usage(FILE *out) {
           SBN_MAX_FRAME_DEFAULT, SBN_COORD_MAX_CONNS_DEFAULT, SBN_COORD_MAX_JOBS_DEFAULT,
           SBN_COORD_MAX_GROUPS_DEFAULT, SBN_MAX_CHANNELS, SBN_MAX_CHANNELS,
           SBN_COORD_MAX_ROUNDS_DEFAULT, (unsigned long long)SBN_COORD_MAX_QUEUED_FLOOR,
-          (unsigned long long)SBN_COORD_MAX_QUEUED_DEFAULT);
+          (unsigned long long)SBN_COORD_MAX_QUEUED_DEFAULT, SBN_DEFAULT_HOST,
+          SBN_COORD_FLIGHT_ROUNDS_MAX, SBN_COORD_FLIGHT_ROUNDS_DEFAULT);
 }
 
 static int bad_flag(const char *fmt, const char *flag, const char *value) {
@@ -86,7 +99,7 @@ typedef struct num_flag {
  * --help/--version, EXIT_USAGE for a bad flag).  Flags take their value as
  * the next argument or after '='.
  */
-static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
+static int parse_args(int argc, char **argv, sbn__coord_config *cfg, int *want_notify) {
   const num_flag nums[] = {
       {"--round-timeout", 1, UINT32_MAX, "a number of milliseconds", &cfg->round_timeout_ms, NULL},
       {"--hello-timeout", 1, UINT32_MAX, "a number of milliseconds", &cfg->hello_timeout_ms, NULL},
@@ -101,6 +114,8 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
       {"--max-rounds", 1, SBN_COORD_COUNT_LIMIT_MAX, "a count", &cfg->max_rounds, NULL},
       {"--max-queued", SBN_COORD_MAX_QUEUED_FLOOR, SBN_COORD_MAX_QUEUED_CEILING, "a byte count",
        NULL, &cfg->max_queued},
+      {"--stall-warn", 0, UINT32_MAX - 1, "a number of milliseconds", &cfg->stall_warn_ms, NULL},
+      {"--flight-rounds", 0, SBN_COORD_FLIGHT_ROUNDS_MAX, "a count", &cfg->flight_rounds, NULL},
   };
   const size_t nnums = sizeof(nums) / sizeof(nums[0]);
   for (int i = 1; i < argc; i++) {
@@ -127,12 +142,17 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
       cfg->insecure = 1;
       continue;
     }
+    if (strcmp(flag, "--notify") == 0 && value == NULL) {
+      *want_notify = 1;
+      continue;
+    }
     const num_flag *nf = NULL;
     for (size_t k = 0; k < nnums; k++)
       if (strcmp(flag, nums[k].name) == 0)
         nf = &nums[k];
     int takes_value = nf != NULL || strcmp(flag, "--listen") == 0 ||
-                      strcmp(flag, "--log-level") == 0 || strcmp(flag, "--secret-file") == 0;
+                      strcmp(flag, "--log-level") == 0 || strcmp(flag, "--secret-file") == 0 ||
+                      strcmp(flag, "--metrics") == 0;
     if (!takes_value)
       return bad_flag("unknown option '%s'%s", arg, "");
     if (value == NULL) {
@@ -157,6 +177,21 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg) {
         fprintf(stderr, "sbn-coordinator: --listen: %s\n", err);
         return EXIT_USAGE;
       }
+    } else if (strcmp(flag, "--metrics") == 0) {
+      /* A bare port means loopback: metrics are not authenticated. */
+      char err[256];
+      int port = -1;
+      uint64_t v;
+      snprintf(cfg->metrics_host, sizeof(cfg->metrics_host), "%s", SBN_DEFAULT_HOST);
+      if (sbn__parse_u64(value, 0, 65535, &v) == 0) {
+        port = (int)v;
+      } else if (sbn__parse_hostport(value, cfg->metrics_host, &port, err, sizeof(err)) != 0) {
+        fprintf(stderr, "sbn-coordinator: --metrics: %s\n", err);
+        return EXIT_USAGE;
+      }
+      if (port < 0)
+        return bad_flag("%s: '%s' has no port (HOST:PORT or PORT)", flag, value);
+      cfg->metrics_port = port;
     } else if (strcmp(flag, "--secret-file") == 0) {
       char err[512];
       /* The path is named in messages, the content never. */
@@ -200,16 +235,39 @@ static void raise_fd_limit(uint32_t max_conns) {
 static void on_signal(uv_signal_t *s, int signum) {
   app *a = s->data;
   SBN_LOGI("received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
+  sbn__notify_send(&a->notify, "STOPPING=1\nSTATUS=shutting down");
   sbn__coord_stop(a->coord);
   /* With the signal handles gone the loop ends once the coordinator's do. */
   uv_close((uv_handle_t *)&a->sigint, NULL);
   uv_close((uv_handle_t *)&a->sigterm, NULL);
+  uv_close((uv_handle_t *)&a->sigusr1, NULL);
+  uv_close((uv_handle_t *)&a->sighup, NULL);
+  sbn__notify_close(&a->notify);
+}
+
+static void on_sigusr1(uv_signal_t *s, int signum) {
+  app *a = s->data;
+  (void)signum;
+  sbn__coord_dump(a->coord);
+}
+
+/*
+ * Nothing is re-read on SIGHUP: every setting is a flag, and the jobs' state
+ * lives only in this process.  Changing the configuration is a restart
+ * (workers then restart their job with a new generation).
+ */
+static void on_sighup(uv_signal_t *s, int signum) {
+  (void)s;
+  (void)signum;
+  SBN_LOGW("received SIGHUP: there is nothing to reload; restart the coordinator to change its "
+           "configuration (running jobs must then restart with a new generation)");
 }
 
 int main(int argc, char **argv) {
   sbn__coord_config cfg;
   sbn__coord_config_init(&cfg);
-  int rc = parse_args(argc, argv, &cfg);
+  int want_notify = 0;
+  int rc = parse_args(argc, argv, &cfg, &want_notify);
   if (rc >= 0)
     return rc;
   /* A peer that vanishes must cost a write error, not the process. */
@@ -218,6 +276,7 @@ int main(int argc, char **argv) {
 
   app a;
   memset(&a, 0, sizeof(a));
+  a.want_notify = want_notify;
   if (uv_loop_init(&a.loop) != 0) {
     SBN_LOGE("cannot create the event loop");
     return EXIT_FAILURE;
@@ -233,14 +292,27 @@ int main(int argc, char **argv) {
   if (sbn__coord_start(a.coord, addr, sizeof(addr)) != 0) {
     status = EXIT_FAILURE;
   } else {
-    a.sigint.data = a.sigterm.data = &a;
+    a.sigint.data = a.sigterm.data = a.sigusr1.data = a.sighup.data = &a;
     uv_signal_init(&a.loop, &a.sigint);
     uv_signal_init(&a.loop, &a.sigterm);
+    uv_signal_init(&a.loop, &a.sigusr1);
+    uv_signal_init(&a.loop, &a.sighup);
     uv_signal_start(&a.sigint, on_signal, SIGINT);
     uv_signal_start(&a.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&a.sigusr1, on_sigusr1, SIGUSR1);
+    uv_signal_start(&a.sighup, on_sighup, SIGHUP);
     /* Tests and launchers wait for exactly this line to learn the port. */
     printf("sbn-coordinator listening on %s\n", addr);
     fflush(stdout);
+    if (sbn__notify_init(&a.notify, &a.loop)) {
+      char msg[2 * ADDR_MAX];
+      const char *maddr = sbn__coord_metrics_addr(a.coord);
+      snprintf(msg, sizeof(msg), "READY=1\nSTATUS=listening on %s%s%s", addr,
+               maddr[0] ? ", metrics on " : "", maddr);
+      sbn__notify_send(&a.notify, msg);
+    } else if (a.want_notify) {
+      SBN_LOGW("--notify: NOTIFY_SOCKET is not set, so there is no service manager to notify");
+    }
   }
   uv_run(&a.loop, UV_RUN_DEFAULT);
   sbn__coord_free(a.coord);

@@ -36,19 +36,34 @@ static void round_on_close(uv_handle_t *h) {
 
 static void round_on_timeout(uv_timer_t *t);
 
+/* --stall-warn: the round is still open; warn, then wait for the timeout. */
+static void round_on_stall(uv_timer_t *t) {
+  sbn__srv_round *r = t->data;
+  const sbn__coord_config *cfg = &r->group->job->coord->cfg;
+  sbn__obs_round_stalled(r);
+  uv_timer_start(&r->timer, round_on_timeout, cfg->round_timeout_ms - cfg->stall_warn_ms, 0);
+}
+
 static sbn__srv_round *round_new(sbn__srv_group *g, uint64_t seq) {
   sbn__srv_job *job = g->job;
+  const sbn__coord_config *cfg = &job->coord->cfg;
   size_t n = g->n;
-  sbn__srv_round *r = calloc(1, sizeof(*r) + n * sizeof(Sbn__Envelope *) + n * sizeof(uint32_t));
+  sbn__srv_round *r =
+      calloc(1, sizeof(*r) + n * sizeof(Sbn__Envelope *) + 2 * n * sizeof(uint32_t));
   if (r == NULL)
     return NULL;
   r->arrived = (uint32_t *)(r->contrib + n);
+  r->t_us = r->arrived + n;
+  r->t0 = uv_hrtime();
   r->group = g;
   r->seq = seq;
   r->n = (uint32_t)n;
   r->timer.data = r;
   uv_timer_init(job->coord->loop, &r->timer);
-  uv_timer_start(&r->timer, round_on_timeout, job->coord->cfg.round_timeout_ms, 0);
+  if (cfg->stall_warn_ms > 0 && cfg->stall_warn_ms < cfg->round_timeout_ms)
+    uv_timer_start(&r->timer, round_on_stall, cfg->stall_warn_ms, 0);
+  else
+    uv_timer_start(&r->timer, round_on_timeout, cfg->round_timeout_ms, 0);
   r->job_next = job->rounds;
   if (job->rounds != NULL)
     job->rounds->job_prev = r;
@@ -150,6 +165,7 @@ static void round_fail_msg(sbn__srv_round *r, int code, const uint32_t *ranks, s
   SBN_LOGW("round failed: job '%s' %s seq %llu layer '%s' (%s): %s: %s", job->name, gname,
            (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase), sbn_strerror(code),
            msg);
+  sbn__obs_round_end(r, code);
   sbn__srv_wbuf *wb =
       sbn__srv_error_encode(code, msg, ranks, nranks, r->seq, ref->phase, ref->layer);
   group_tomb_set(g, r->seq, code, msg, ranks, nranks);
@@ -631,6 +647,7 @@ static void round_complete(sbn__srv_round *r) {
     SBN_LOGD("round complete: job '%s' %s seq %llu layer '%s' (%s, %zu channels)", job->name, gname,
              (unsigned long long)r->seq, ref->layer, sbn__phase_name(ref->phase), C);
   }
+  sbn__obs_round_end(r, SBN_OK);
   round_detach(r);
   for (uint32_t i = 0; i < r->n; i++) {
     sbn__srv_conn *c = job->ranks[sbn__srv_group_rank(g, i)].conn;
@@ -732,6 +749,8 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
   /* Filed first, so that a failure below reaches the sender with the rest. */
   r->contrib[idx] = env;
   r->arrived[r->nhave++] = idx;
+  uint64_t since_us = (uv_hrtime() - r->t0) / 1000u;
+  r->t_us[idx] = since_us < UINT32_MAX ? (uint32_t)since_us : UINT32_MAX - 1;
   conn->round = r;
   job->n_waiting++;
   env = NULL;

@@ -24,6 +24,10 @@ long long test_now_ms(void) {
 }
 
 int coord_start(coord_proc *cp, const char *const *extra_args) {
+  return coord_start_log(cp, extra_args, NULL);
+}
+
+int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *stderr_path) {
   int pfd[2];
   const char *argv[COORD_MAX_ARGS];
   int argc = 0;
@@ -58,7 +62,11 @@ int coord_start(coord_proc *cp, const char *const *extra_args) {
     /* A test that dies (a failed assertion) takes its coordinator along. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(pfd[1], STDOUT_FILENO);
-    if (getenv("SBN_TEST_QUIET")) {
+    if (stderr_path != NULL) {
+      int lf = open(stderr_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (lf >= 0)
+        dup2(lf, STDERR_FILENO);
+    } else if (getenv("SBN_TEST_QUIET")) {
       int dn = open("/dev/null", O_WRONLY);
       if (dn >= 0)
         dup2(dn, STDERR_FILENO);

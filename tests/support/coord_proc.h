@@ -24,6 +24,10 @@ typedef struct coord_proc {
  */
 int coord_start(coord_proc *cp, const char *const *extra_args);
 
+/* coord_start() with the coordinator's stderr written to stderr_path
+ * (created or truncated), for tests that read its log. */
+int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *stderr_path);
+
 /*
  * Sends sig (SIGTERM for a clean stop) and waits at most timeout_ms.
  * Returns the exit status as waitpid() gives it, or -1 on timeout (the
