@@ -587,6 +587,55 @@ START_TEST(rounds_bound_to_their_job) {
 }
 END_TEST
 
+START_TEST(proof_depends_on_every_field) {
+  /* Pure: every transcript field and the direction change the proof. */
+  sbn__secret k;
+  load_secret(&k);
+  uint8_t nw[32], nc[32], base[32], other[32];
+  memset(nw, 1, sizeof(nw));
+  memset(nc, 2, sizeof(nc));
+  ck_assert_int_eq(sbn__auth_proof(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, base), SBN_OK);
+  ck_assert_int_eq(sbn__auth_proof(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, other), SBN_OK);
+  ck_assert(memcmp(base, other, 32) == 0);
+  ck_assert(sbn__auth_check(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, base, 32));
+  struct {
+    int dir;
+    const char *job;
+    uint32_t rank, world;
+    uint64_t gen;
+    int flip_w, flip_c;
+  } v[] = {{SBN_AUTH_COORDINATOR, "job", 1, 4, 9, 0, 0}, {SBN_AUTH_WORKER, "jo", 1, 4, 9, 0, 0},
+           {SBN_AUTH_WORKER, "job", 2, 4, 9, 0, 0},      {SBN_AUTH_WORKER, "job", 1, 5, 9, 0, 0},
+           {SBN_AUTH_WORKER, "job", 1, 4, 8, 0, 0},      {SBN_AUTH_WORKER, "job", 1, 4, 9, 1, 0},
+           {SBN_AUTH_WORKER, "job", 1, 4, 9, 0, 1}};
+  for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+    uint8_t w2[32], c2[32];
+    memcpy(w2, nw, 32);
+    memcpy(c2, nc, 32);
+    w2[31] ^= (uint8_t)v[i].flip_w;
+    c2[0] ^= (uint8_t)v[i].flip_c;
+    ck_assert_int_eq(
+        sbn__auth_proof(&k, v[i].dir, w2, c2, v[i].job, v[i].rank, v[i].world, v[i].gen, other),
+        SBN_OK);
+    ck_assert_msg(memcmp(base, other, 32) != 0, "variant %zu gives the same proof", i);
+    ck_assert(!sbn__auth_check(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, other, 32));
+  }
+  /* Another key, a truncated or empty proof. */
+  sbn__secret k2 = k;
+  k2.key[0] ^= 1;
+  ck_assert(!sbn__auth_check(&k2, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, base, 32));
+  ck_assert(!sbn__auth_check(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, base, 31));
+  ck_assert(!sbn__auth_check(&k, SBN_AUTH_WORKER, nw, nc, "job", 1, 4, 9, NULL, 0));
+  /* Nonces differ from call to call. */
+  ck_assert_int_eq(sbn__auth_nonce(nw), SBN_OK);
+  ck_assert_int_eq(sbn__auth_nonce(nc), SBN_OK);
+  ck_assert(memcmp(nw, nc, 32) != 0);
+  sbn__secret_wipe(&k);
+  sbn__secret_wipe(&k2);
+  ck_assert_uint_eq(k.len, 0);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("auth");
   TCase *tc = tcase_create("auth");
@@ -601,6 +650,7 @@ int main(void) {
   tcase_add_test(tc, secret_files_checked);
   tcase_add_test(tc, loopback_only_without_secret);
   tcase_add_test(tc, rounds_bound_to_their_job);
+  tcase_add_test(tc, proof_depends_on_every_field);
   suite_add_tcase(s, tc);
   return run_suite(s);
 }
