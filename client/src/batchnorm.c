@@ -242,7 +242,10 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  */
 /* The 32-byte vectors never cross a call (every helper is always_inline),
  * so GCC's note that their ABI differs without AVX does not apply. */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wunknown-warning-option"
+#pragma clang diagnostic ignored "-Wpsabi"
+#elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 typedef float v8f __attribute__((vector_size(32)));
