@@ -6,6 +6,7 @@
  * stop, SIGUSR1 into a flight recorder dump, and tells systemd (when it
  * started us) that the coordinator is ready and when it stops.
  */
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -263,6 +264,21 @@ static void on_sighup(uv_signal_t *s, int signum) {
            "configuration (running jobs must then restart with a new generation)");
 }
 
+/*
+ * Allreduce chunks make the coordinator allocate and free blocks of several
+ * MiB every round (decoded contributions, the encoded reply).  By default
+ * glibc serves those with mmap or trims them off the heap top again, so each
+ * round pays a page fault per 4 KiB touched: most of its time.  Keeping such
+ * blocks in the heap makes steady-state rounds fault-free; the price is that
+ * up to SBN_SRV_TRIM_THRESHOLD of freed memory stays with the process.
+ */
+#define SBN_SRV_MMAP_THRESHOLD (64 * 1024 * 1024)
+#define SBN_SRV_TRIM_THRESHOLD (256 * 1024 * 1024)
+static void keep_large_blocks(void) {
+  mallopt(M_MMAP_THRESHOLD, SBN_SRV_MMAP_THRESHOLD);
+  mallopt(M_TRIM_THRESHOLD, SBN_SRV_TRIM_THRESHOLD);
+}
+
 int main(int argc, char **argv) {
   sbn__coord_config cfg;
   sbn__coord_config_init(&cfg);
@@ -273,6 +289,7 @@ int main(int argc, char **argv) {
   /* A peer that vanishes must cost a write error, not the process. */
   signal(SIGPIPE, SIG_IGN);
   raise_fd_limit(cfg.max_conns);
+  keep_large_blocks();
 
   app a;
   memset(&a, 0, sizeof(a));
