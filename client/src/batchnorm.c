@@ -208,13 +208,14 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
 
 /*
  * The kernels use GCC/Clang vector extensions: 8 floats (v8f) and 4
- * doubles (v4d) at a time, written once and compiled twice (see "dispatch"
- * below): for the x86-64 baseline (SSE2, where the compiler splits each
- * 32-byte operation in two 16-byte ones) and with AVX2 enabled, chosen at
- * run time.  Both are the same source with the same operations in the same
- * order, and floating-point contraction is off for this file (no FMA), so
- * every path gives the same bits: a SyncBatchNorm rank computes the same
- * values whatever its CPU.  The element-wise kernels do exactly the scalar
+ * doubles (v4d) at a time, written once and compiled up to three times
+ * (see "dispatch" below): for the x86-64 baseline (SSE2, where the compiler
+ * splits each 32-byte operation in two 16-byte ones), with AVX2, and with
+ * AVX2+FMA, chosen at run time.  All are the same source with the same
+ * operations in the same order, floating-point contraction is off for this
+ * file, and the FMA path uses the FMA only as an exact addition (acc_add),
+ * so every path gives the same bits: a SyncBatchNorm rank computes the
+ * same values whatever its CPU.  The element-wise kernels do exactly the scalar
  * operations, so a value's result does not depend on its position; the
  * sums have a fixed order, so every run gives the same bits.
  *
@@ -222,14 +223,16 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  *   - plane kernels (S > 1): N*C contiguous planes of S values, inner loop
  *     over S (NCHW inputs with a spatial size).  A channel's sums run over
  *     its N planes in 16 double lanes (four v4d accumulators per sum: the
- *     additions' latency is hidden), folded once per channel;
+ *     additions' latency is hidden), folded once per channel (see
+ *     plane_stats for the two walking orders);
  *   - row kernels (S == 1): R rows of C contiguous values, inner loop over
  *     C with per-channel partial sums kept in double arrays across rows
  *     (channels-last inputs as (R, C), and NCHW inputs without spatial
- *     size, which are the same layout).  RB rows are handled per sweep of
- *     16 channels so the partial sums are loaded and stored once per RB
+ *     size, which are the same layout).  The sums handle RB rows per sweep
+ *     of 16 channels so the partial sums are loaded and stored once per RB
  *     rows; each channel's sum still adds the rows in order, so the result
- *     does not depend on the blocking.
+ *     does not depend on the blocking (nor on RBE, the element-wise
+ *     passes' rows per sweep).
  * The normalization's per-channel constants are floats: y = ((x - hi) - lo)
  * * a + b with hi = float(mean), lo = float(mean - hi) (the exact
  * subtraction of the mean, see normalize), a = float(weight * invstd),
