@@ -24,14 +24,19 @@ int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out,
 
 Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err,
                                size_t errlen) {
-  Sbn__Envelope *env = sbn__envelope__unpack(NULL, len, body);
+  return sbn__msg_decode_with(NULL, body, len, err, errlen);
+}
+
+Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body,
+                                    size_t len, char *err, size_t errlen) {
+  Sbn__Envelope *env = sbn__envelope__unpack(alloc, len, body);
   if (env == NULL) {
     snprintf(err, errlen, "frame body of %zu bytes is not a valid message", len);
     return NULL;
   }
   if (env->body_case == SBN__ENVELOPE__BODY__NOT_SET) {
     snprintf(err, errlen, "message has no body");
-    sbn__envelope__free_unpacked(env, NULL);
+    sbn__envelope__free_unpacked(env, alloc);
     return NULL;
   }
   return env;

@@ -27,6 +27,10 @@ int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out,
  */
 Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err,
                                size_t errlen);
+/* The same with the allocator the envelope's memory comes from (NULL =
+ * malloc); free such an envelope through that allocator too. */
+Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body,
+                                    size_t len, char *err, size_t errlen);
 void sbn__msg_free(Sbn__Envelope *env);
 
 /* "forward", "backward", ... for logs and messages. */

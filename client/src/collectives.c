@@ -25,7 +25,7 @@ static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op)
   } else {
     memcpy(buf, r->fvals, n * sizeof(float));
   }
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return rc;
 }
 
@@ -128,12 +128,12 @@ SBN_API int sbn_broadcast(sbn_group *g, void *buf, size_t len, int root) {
       rc = sbn__fail(SBN_EMISMATCH,
                      "broadcast from group rank %d carried %zu bytes, this rank expected %zu",
                      root, r->blob.len, k);
-      sbn__msg_free(reply);
+      sbn__conn_release(reply);
       return rc;
     }
     if (!is_root)
       memcpy(p + off, r->blob.data, k);
-    sbn__msg_free(reply);
+    sbn__conn_release(reply);
     off += k;
   } while (off < len);
   return SBN_OK;
@@ -145,6 +145,6 @@ SBN_API int sbn_barrier(sbn_group *g) {
   sbn__round_req req = {.phase = SBN__PHASE__PHASE_BARRIER, .layer = "barrier"};
   Sbn__Envelope *reply;
   int rc = sbn__round(g, &req, &reply);
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return rc;
 }

@@ -27,11 +27,69 @@
 /* Bytes asked of one recv(). */
 #define SBN_RECV_CHUNK (64 * 1024)
 
+/* ---- the reply arena ---------------------------------------------------- */
+
+#define SBN_ARENA_ALIGN 16
+
+static void *arena_alloc(void *ud, size_t size) {
+  sbn__arena *a = ud;
+  size = (size + SBN_ARENA_ALIGN - 1) & ~(size_t)(SBN_ARENA_ALIGN - 1);
+  a->want += size;
+  if (size <= a->cap - a->used) {
+    void *p = a->buf + a->used;
+    a->used += size;
+    return p;
+  }
+  if (a->nspill == a->spill_cap) {
+    size_t ncap = a->spill_cap ? 2 * a->spill_cap : 8;
+    void **ns = realloc(a->spill, ncap * sizeof(*ns));
+    if (ns == NULL)
+      return NULL;
+    a->spill = ns;
+    a->spill_cap = ncap;
+  }
+  void *p = malloc(size);
+  if (p != NULL)
+    a->spill[a->nspill++] = p;
+  return p;
+}
+
+static void arena_free(void *ud, void *p) {
+  (void)ud;
+  (void)p; /* everything goes at the next reset */
+}
+
+/* Forgets the last message; grows the buffer if it did not fit. */
+static void arena_reset(sbn__arena *a) {
+  for (size_t i = 0; i < a->nspill; i++)
+    free(a->spill[i]);
+  a->nspill = 0;
+  if (a->want > a->cap) {
+    size_t ncap = a->want + a->want / 4;
+    free(a->buf);
+    a->buf = malloc(ncap);
+    a->cap = a->buf ? ncap : 0;
+  }
+  a->used = a->want = 0;
+}
+
+static void arena_release(sbn__arena *a) {
+  arena_reset(a);
+  free(a->spill);
+  free(a->buf);
+  memset(a, 0, sizeof(*a));
+}
+
+/* ---- the connection --------------------------------------------------------- */
+
 void sbn__conn_init(sbn__conn *c) {
   memset(c, 0, sizeof(*c));
   c->fd = -1;
   c->max_frame = SBN_MAX_FRAME_DEFAULT;
   sbn__framer_init(&c->rx, SBN_MAX_FRAME_CEILING);
+  c->alloc.alloc = arena_alloc;
+  c->alloc.free = arena_free;
+  c->alloc.allocator_data = &c->arena;
 }
 
 void sbn__conn_close(sbn__conn *c) {
@@ -39,6 +97,10 @@ void sbn__conn_close(sbn__conn *c) {
     close(c->fd);
   c->fd = -1;
   sbn__framer_release(&c->rx);
+  arena_release(&c->arena);
+  free(c->tx);
+  c->tx = NULL;
+  c->tx_cap = 0;
 }
 
 int sbn__conn_kill(sbn__conn *c, int code, const char *msg) {
@@ -151,15 +213,24 @@ int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms)
   if (c->fd < 0)
     return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
                         : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
-  uint8_t *buf;
-  size_t len;
-  int rc = sbn__msg_encode(env, c->max_frame, &buf, &len);
-  if (rc == SBN_ETOOBIG)
-    return sbn__fail(rc, "message of %zu bytes exceeds the coordinator's frame limit "
-                         "of %u bytes",
-                     sbn__envelope__get_packed_size(env), (unsigned)c->max_frame);
-  if (rc != SBN_OK)
-    return sbn__fail(rc, "cannot encode message: out of memory");
+  /* Encode into the connection's buffer, kept from one message to the next. */
+  size_t body = sbn__envelope__get_packed_size(env);
+  if (body > c->max_frame)
+    return sbn__fail(SBN_ETOOBIG,
+                     "message of %zu bytes exceeds the coordinator's frame limit of %u bytes",
+                     body, (unsigned)c->max_frame);
+  size_t len = SBN_FRAME_HEADER_SIZE + body;
+  if (len > c->tx_cap) {
+    uint8_t *nb = realloc(c->tx, len);
+    if (nb == NULL)
+      return sbn__fail(SBN_ENOMEM, "cannot encode a message of %zu bytes: out of memory", len);
+    c->tx = nb;
+    c->tx_cap = len;
+  }
+  uint8_t *buf = c->tx;
+  int rc;
+  sbn__frame_header_write(buf, (uint32_t)body);
+  sbn__envelope__pack(env, buf + SBN_FRAME_HEADER_SIZE);
   size_t off = 0;
   while (off < len) {
     ssize_t n = send(c->fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -173,7 +244,6 @@ int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms)
       rc = wait_fd(c, POLLOUT, deadline_ms);
       if (rc == SBN_OK)
         continue;
-      free(buf);
       /* A partial frame is on the wire: the stream is unusable now. */
       return sbn__conn_kill(c, rc == SBN_ETIMEDOUT ? SBN_ETIMEDOUT : SBN_EIO,
                             rc == SBN_ETIMEDOUT
@@ -183,10 +253,8 @@ int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms)
     char msg[200];
     snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s",
              strerror(errno));
-    free(buf);
     return sbn__conn_kill(c, SBN_ECLOSED, msg);
   }
-  free(buf);
   return SBN_OK;
 }
 
@@ -201,7 +269,8 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
     int r = sbn__framer_next(&c->rx, &body, &len);
     if (r > 0) {
       char err[160];
-      Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+      arena_reset(&c->arena); /* the previous reply is released by now */
+      Sbn__Envelope *env = sbn__msg_decode_with(&c->alloc, body, len, err, sizeof(err));
       if (env == NULL) {
         char msg[200];
         snprintf(msg, sizeof(msg), "bad message from the coordinator: %s", err);

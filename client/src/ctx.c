@@ -69,7 +69,7 @@ static int answer_challenge(sbn_ctx *ctx, const sbn__secret *secret, const uint8
                             uint8_t *nonce_c, Sbn__Envelope **reply, uint64_t deadline_ms) {
   const Sbn__Challenge *ch = (*reply)->challenge;
   if (secret == NULL) {
-    sbn__msg_free(*reply);
+    sbn__conn_release(*reply);
     *reply = NULL;
     return sbn__fail(SBN_EAUTH,
                      "coordinator requires a shared secret and rank %d of job '%s' has none: "
@@ -78,13 +78,13 @@ static int answer_challenge(sbn_ctx *ctx, const sbn__secret *secret, const uint8
                      ctx->rank, ctx->job);
   }
   if (ch->nonce.len != SBN_AUTH_NONCE_SIZE) {
-    sbn__msg_free(*reply);
+    sbn__conn_release(*reply);
     *reply = NULL;
     return sbn__fail(SBN_EPROTO, "coordinator's challenge has a nonce of %zu bytes, not %u",
                      ch->nonce.len, SBN_AUTH_NONCE_SIZE);
   }
   memcpy(nonce_c, ch->nonce.data, SBN_AUTH_NONCE_SIZE);
-  sbn__msg_free(*reply);
+  sbn__conn_release(*reply);
   *reply = NULL;
   uint8_t mac[SBN_AUTH_MAC_SIZE];
   if (sbn__auth_proof(secret, SBN_AUTH_WORKER, nonce_w, nonce_c, ctx->job, (uint32_t)ctx->rank,
@@ -142,7 +142,7 @@ static int handshake(sbn_ctx *ctx, const sbn__secret *secret, uint64_t deadline_
   }
   if (reply->body_case != SBN__ENVELOPE__BODY_WELCOME) {
     rc = hello_refused(ctx, reply);
-    sbn__msg_free(reply);
+    sbn__conn_release(reply);
     return rc;
   }
   Sbn__Welcome *w = reply->welcome;
@@ -151,7 +151,7 @@ static int handshake(sbn_ctx *ctx, const sbn__secret *secret, uint64_t deadline_
        !sbn__auth_check(secret, SBN_AUTH_COORDINATOR, nonce_w, nonce_c, ctx->job,
                         (uint32_t)ctx->rank, (uint32_t)ctx->world_size, ctx->generation,
                         w->proof.data, w->proof.len))) {
-    sbn__msg_free(reply);
+    sbn__conn_release(reply);
     return sbn__fail(SBN_EAUTH,
                      challenged ? "coordinator's proof is wrong: it does not hold this worker's "
                                   "secret; refusing it"
@@ -162,7 +162,7 @@ static int handshake(sbn_ctx *ctx, const sbn__secret *secret, uint64_t deadline_
   ctx->round_timeout_ms = w->round_timeout_ms;
   if (ctx->timeout_ms == 0)
     ctx->timeout_ms = (int)(w->round_timeout_ms + SBN_ROUND_MARGIN_MS);
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return SBN_OK;
 }
 

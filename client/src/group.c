@@ -220,7 +220,7 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
        * connection: the job restarted, the coordinator is shutting down. */
       if (in->error->seq == seq || in->error->phase == SBN__PHASE__PHASE_UNSPECIFIED) {
         rc = error_from_reply(in->error);
-        sbn__msg_free(in);
+        sbn__conn_release(in);
         return rc;
       }
       break;
@@ -232,7 +232,7 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
       out.pong = &pong;
       rc = sbn__conn_send(&ctx->conn, &out, deadline);
       if (rc != SBN_OK) {
-        sbn__msg_free(in);
+        sbn__conn_release(in);
         return rc;
       }
       break;
@@ -240,7 +240,7 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
     default:
       break; /* pong, or something newer than us: ignore */
     }
-    sbn__msg_free(in);
+    sbn__conn_release(in);
   }
 }
 
@@ -291,7 +291,7 @@ SBN_API int sbn_sync_stats(sbn_group *g, const char *layer, size_t C, uint64_t c
   rc = take_pair(reply->result, C, layer, gmean, gm2);
   if (rc == SBN_OK)
     *gcount = reply->result->count;
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return rc;
 }
 
@@ -314,7 +314,7 @@ SBN_API int sbn_sync_sums(sbn_group *g, const char *layer, size_t C, const doubl
   if (rc != SBN_OK)
     return rc;
   rc = take_pair(reply->result, C, layer, gsum_a, gsum_b);
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return rc;
 }
 
@@ -327,6 +327,6 @@ int sbn__group_model_check(sbn_group *g, const char *text, size_t len) {
                         .blob = text, .blob_len = len};
   Sbn__Envelope *reply;
   int rc = sbn__round(g, &req, &reply);
-  sbn__msg_free(reply);
+  sbn__conn_release(reply);
   return rc;
 }

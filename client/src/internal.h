@@ -22,10 +22,27 @@ int sbn__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* Clears the last error (successful calls need not call this). */
 void sbn__clear_error(void);
 
+/*
+ * Memory for decoded replies: one buffer reused for every message, so that a
+ * steady stream of rounds allocates nothing (large allreduce replies would
+ * otherwise cost fresh pages, and page faults, every round).  What does not
+ * fit goes to malloc until the next reset, which then grows the buffer.
+ */
+typedef struct sbn__arena {
+  uint8_t *buf;
+  size_t cap, used, want;
+  void **spill;
+  size_t nspill, spill_cap;
+} sbn__arena;
+
 /* A connection to the coordinator (conn.c).  fd < 0 means none. */
 typedef struct sbn__conn {
   int fd;
   sbn__framer rx;
+  uint8_t *tx;      /* encode buffer, reused */
+  size_t tx_cap;
+  sbn__arena arena; /* decoded replies */
+  ProtobufCAllocator alloc;
   uint32_t max_frame; /* the coordinator's, from its welcome */
   int spin_us;
   /* Once the connection fails it stays failed: later calls get this. */
@@ -38,8 +55,13 @@ void sbn__conn_init(sbn__conn *c);
 int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_ms);
 /* Encodes env and writes the whole frame before deadline_ms. */
 int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms);
-/* Receives one envelope before deadline_ms; free it with sbn__msg_free. */
+/*
+ * Receives one envelope before deadline_ms.  It lives in the connection's
+ * arena: valid until the next sbn__conn_recv or sbn__conn_close on c.
+ * sbn__conn_release() marks where the caller is done with it (a no-op).
+ */
 int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms);
+static inline void sbn__conn_release(Sbn__Envelope *env) { (void)env; }
 /* Marks the connection failed with code and message; returns code. */
 int sbn__conn_kill(sbn__conn *c, int code, const char *msg);
 void sbn__conn_close(sbn__conn *c);
