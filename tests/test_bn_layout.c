@@ -18,6 +18,7 @@
 #include "refdata.h"
 #include "sbn/sbn.h"
 #include "workers.h"
+#include "internal.h" /* sbn__bn_kernel_path */
 
 /* ---- helpers ------------------------------------------------------------------ */
 
@@ -656,7 +657,6 @@ END_TEST
 /* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2,
  * 2 AVX2+FMA; returns the path in use, or -1 when the CPU or the build
  * lacks the one asked for. */
-int sbn__bn_kernel_path(int want);
 
 /* One training forward and backward, and an eval forward, on path. */
 typedef struct run_out {

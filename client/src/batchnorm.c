@@ -899,7 +899,6 @@ static int path(void) {
  * kernels, 1 the AVX2 ones, 2 the AVX2+FMA ones.  Returns the path now in
  * use, or -1 (nothing changed) when the CPU or the build lacks the one
  * asked for. */
-int sbn__bn_kernel_path(int want);
 int sbn__bn_kernel_path(int want) {
   const int best = cpu_path();
   if (want > best || want > PATH_FMA) return -1;

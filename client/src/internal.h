@@ -135,4 +135,11 @@ void sbn__buf_put(void *p, size_t bytes);
  * that a kernel overwrites completely. */
 int sbn__tensor_new_uninit(int ndim, const size_t *shape, sbn_tensor **out);
 
+/*
+ * For tests: forces the BatchNorm kernel path (0 generic, 1 AVX2, 2 AVX2 +
+ * FMA; -1 = the best the CPU has) and returns the one in use.  Every path
+ * gives the same bits.
+ */
+int sbn__bn_kernel_path(int want);
+
 #endif /* SBN_CLIENT_INTERNAL_H */

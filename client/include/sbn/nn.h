@@ -145,7 +145,8 @@ SBN_API int sbn_module_name_layers(sbn_module *root, const char *prefix);
 /*
  * Compares root's SyncBatchNorm layers across the members of g before
  * training: one line per layer in named_modules order,
- * "name C eps momentum affine track freeze", sent to the coordinator, which
+ * "name C eps momentum affine track freeze", followed by " channels_last"
+ * and/or " fused_relu" when those flags are set, sent to the coordinator, which
  * answers SBN_EMISMATCH naming the first difference.  NULL g (or a group of
  * one): SBN_OK with no network.
  */
