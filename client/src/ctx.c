@@ -257,6 +257,7 @@ SBN_API int sbn_finalize(sbn_ctx *ctx) {
   free(ctx->world->members);
   free(ctx->world);
   free(ctx->lat);
+  sbn_tensor_cache_trim(); /* documented in sbn/tensor.h */
   free(ctx);
   return rc;
 }
