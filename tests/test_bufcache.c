@@ -65,11 +65,25 @@ START_TEST(test_limits) {
 }
 END_TEST
 
+START_TEST(test_finalize_trims) {
+  sbn_tensor_cache_set_limit(64 * MIB);
+  sbn_tensor_free(make(MIB / 4));
+  ck_assert_uint_eq(sbn_tensor_cache_bytes(), MIB);
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  sbn_ctx *ctx;
+  ck_assert_int_eq(sbn_init(&cfg, &ctx), SBN_OK);
+  ck_assert_int_eq(sbn_finalize(ctx), SBN_OK);
+  ck_assert_uint_eq(sbn_tensor_cache_bytes(), 0);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bufcache");
   TCase *tc = tcase_create("bufcache");
   tcase_add_test(tc, test_reuse_and_zero);
   tcase_add_test(tc, test_limits);
+  tcase_add_test(tc, test_finalize_trims);
   suite_add_tcase(s, tc);
   return run_suite(s);
 }
