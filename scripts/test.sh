@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what is missing (Debian), builds sbn twice (plain, and with
-# AddressSanitizer + UndefinedBehaviorSanitizer) and runs every test in both.
+# Installs what is missing (Debian), builds sbn twice (Release, the build the
+# demo and users get, and AddressSanitizer + UndefinedBehaviorSanitizer) and
+# runs every test in both.
 #   ./scripts/test.sh            everything
 #   SBN_TEST_FAST=1 ./scripts/test.sh   plain build only
 set -euo pipefail
@@ -10,19 +11,19 @@ sbn_install_deps
 
 jobs=$(nproc 2>/dev/null || echo 2)
 run_suite() {
-  local dir=$1; shift
-  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  local dir=$1 type=$2; shift 2
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
   (cd "$dir" && ctest --output-on-failure -j "$jobs" --timeout 300)
 }
 
-echo "== plain build"
-run_suite build
+echo "== Release build"
+run_suite build Release
 if [ -z "${SBN_TEST_FAST:-}" ]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    run_suite build-asan -DSBN_SANITIZE=ON
+    run_suite build-asan RelWithDebInfo -DSBN_SANITIZE=ON
 fi
 if [ -z "${SBN_TEST_FAST:-}" ]; then
   # A short libFuzzer run (15 s + 10 s) with ASan + UBSan; the long runs are

@@ -76,7 +76,7 @@ int sbn__tensor_new_uninit(int ndim, const size_t *shape, sbn_tensor **out) {
 
 SBN_API int sbn_tensor_from_data(int ndim, const size_t *shape, const float *data,
                                  sbn_tensor **out) {
-  sbn_tensor *t;
+  sbn_tensor *t = NULL;
   if (!out) return sbn__fail(SBN_EINVAL, "tensor output pointer is NULL");
   int rc = new_owner(ndim, shape, &t);
   if (rc != SBN_OK) return rc;
