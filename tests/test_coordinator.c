@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "raw_peer.h"
 #include "frame.h"
 #include "msg.h"
 #include "sbn/status.h"
@@ -80,150 +81,20 @@ static void stop_ok(void) {
 
 /* A raw protocol peer */
 
-typedef struct peer {
-  int fd;
-  sbn__framer rx;
-  uint32_t rank;
-} peer;
+/* The raw-socket peer of tests/support/raw_peer.h, on this test's coordinator. */
+typedef rp peer;
 
-static peer *peer_open(void) {
-  peer *p = calloc(1, sizeof(*p));
-  ck_assert_ptr_nonnull(p);
-  sbn__framer_init(&p->rx, SBN_MAX_FRAME_CEILING);
-  p->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  ck_assert_int_ge(p->fd, 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof(a));
-  a.sin_family = AF_INET;
-  a.sin_port = htons((uint16_t)cp.port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  int rc = connect(p->fd, (struct sockaddr *)&a, sizeof(a));
-  ck_assert(rc == 0 || errno == EINPROGRESS);
-  struct pollfd pf = {.fd = p->fd, .events = POLLOUT};
-  ck_assert_int_eq(poll(&pf, 1, IO_TIMEOUT_MS), 1);
-  int err = 0;
-  socklen_t el = sizeof(err);
-  getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &el);
-  ck_assert_msg(err == 0, "connect: %s", strerror(err));
-  int one = 1;
-  setsockopt(p->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  return p;
-}
-
-static void peer_close(peer *p) {
-  if (p == NULL)
-    return;
-  if (p->fd >= 0)
-    close(p->fd);
-  sbn__framer_release(&p->rx);
-  free(p);
-}
-
-static void send_raw(peer *p, const void *data, size_t len) {
-  const uint8_t *d = data;
-  long long deadline = test_now_ms() + IO_TIMEOUT_MS;
-  while (len > 0) {
-    ssize_t n = send(p->fd, d, len, MSG_NOSIGNAL);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      struct pollfd pf = {.fd = p->fd, .events = POLLOUT};
-      ck_assert_msg(test_now_ms() < deadline, "send timed out");
-      poll(&pf, 1, 50);
-      continue;
-    }
-    ck_assert_msg(n > 0, "send: %s", strerror(errno));
-    d += n;
-    len -= (size_t)n;
-  }
-}
-
-static void send_env(peer *p, const Sbn__Envelope *env) {
-  uint8_t *buf;
-  size_t len;
-  ck_assert_int_eq(sbn__msg_encode(env, SBN_MAX_FRAME_CEILING, &buf, &len), SBN_OK);
-  send_raw(p, buf, len);
-  free(buf);
-}
-
-/*
- * The next frame body within timeout_ms: returns 1 (body is malloc'd),
- * 0 on timeout, -1 when the connection ended or the stream is bad.
- */
-static int recv_frame(peer *p, int timeout_ms, uint8_t **body, size_t *len) {
-  long long deadline = test_now_ms() + timeout_ms;
-  for (;;) {
-    const uint8_t *b;
-    size_t l;
-    int rc = sbn__framer_next(&p->rx, &b, &l);
-    if (rc == 1) {
-      *body = malloc(l ? l : 1);
-      memcpy(*body, b, l);
-      *len = l;
-      return 1;
-    }
-    if (rc < 0)
-      return -1;
-    long long left = deadline - test_now_ms();
-    if (left <= 0)
-      return 0;
-    struct pollfd pf = {.fd = p->fd, .events = POLLIN};
-    int pr = poll(&pf, 1, (int)left);
-    if (pr < 0 && errno == EINTR)
-      continue;
-    if (pr == 0)
-      return 0;
-    uint8_t *space;
-    long room = sbn__framer_space(&p->rx, 64 * 1024, &space);
-    ck_assert_int_gt(room, 0);
-    ssize_t n = recv(p->fd, space, (size_t)room, 0);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN))
-      continue;
-    if (n <= 0)
-      return -1;
-    sbn__framer_commit(&p->rx, (size_t)n);
-  }
-}
-
-static Sbn__Envelope *recv_env(peer *p, int timeout_ms) {
-  uint8_t *body;
-  size_t len;
-  int rc = recv_frame(p, timeout_ms, &body, &len);
-  ck_assert_msg(rc == 1, "rank %u: no message within %d ms (%s)", (unsigned)p->rank, timeout_ms,
-                rc == 0 ? "timeout" : "connection closed");
-  char err[160];
-  Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
-  ck_assert_msg(env != NULL, "undecodable reply: %s", err);
-  free(body);
-  return env;
-}
+static peer *peer_open(void) { return rp_open(cp.port, 0); }
 
 /* Nothing arrives for QUIET_MS. */
 static void expect_quiet(peer *p) {
   uint8_t *body;
   size_t len;
-  int rc = recv_frame(p, QUIET_MS, &body, &len);
+  int rc = rp_recv_frame(p, QUIET_MS, &body, &len);
   if (rc == 1)
     free(body);
   ck_assert_msg(rc == 0, "rank %u got %s while it should wait", (unsigned)p->rank,
                 rc == 1 ? "a message" : "closed");
-}
-
-/* The coordinator closes p within timeout_ms (frames before that are skipped). */
-static int wait_closed(peer *p, int timeout_ms) {
-  long long deadline = test_now_ms() + timeout_ms;
-  for (int i = 0; i < 100; i++) {
-    long long left = deadline - test_now_ms();
-    if (left <= 0)
-      return 0;
-    uint8_t *body;
-    size_t len;
-    int rc = recv_frame(p, (int)left, &body, &len);
-    if (rc == -1)
-      return 1;
-    if (rc == 0)
-      return 0;
-    free(body);
-  }
-  return 0;
 }
 
 static Sbn__Envelope *hello_raw(peer *p, uint32_t version, const char *job, uint32_t rank,
@@ -239,8 +110,8 @@ static Sbn__Envelope *hello_raw(peer *p, uint32_t version, const char *job, uint
   env.body_case = SBN__ENVELOPE__BODY_HELLO;
   env.hello = &h;
   p->rank = rank;
-  send_env(p, &env);
-  return recv_env(p, IO_TIMEOUT_MS);
+  rp_send(p, &env);
+  return rp_recv(p, IO_TIMEOUT_MS);
 }
 
 static peer *join_gen(const char *job, uint32_t rank, uint32_t world, uint64_t gen) {
@@ -271,7 +142,7 @@ static void expect_reject(Sbn__Envelope *r, int code, const char *n1, const char
 
 /* Receives an Error with code whose message holds needle; returns it. */
 static Sbn__Envelope *expect_error(peer *p, int code, const char *needle, int timeout_ms) {
-  Sbn__Envelope *e = recv_env(p, timeout_ms);
+  Sbn__Envelope *e = rp_recv(p, timeout_ms);
   ck_assert_msg(e->body_case == SBN__ENVELOPE__BODY_ERROR, "rank %u: wanted an error, got %d",
                 (unsigned)p->rank, e->body_case);
   ck_assert_msg(e->error->code == code, "rank %u: error %d (%s), wanted %d", (unsigned)p->rank,
@@ -323,7 +194,7 @@ static void send_contrib(peer *p, const contrib *c) {
   m.op = (Sbn__ReduceOp)c->op;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &m;
-  send_env(p, &env);
+  rp_send(p, &env);
 }
 
 static void send_forward(peer *p, uint64_t seq, const char *layer, uint32_t C, uint64_t count,
@@ -343,7 +214,7 @@ static void send_forward(peer *p, uint64_t seq, const char *layer, uint32_t C, u
 static Sbn__Envelope *expect_result(peer *p, uint64_t seq, uint8_t **body, size_t *blen) {
   uint8_t *raw;
   size_t len;
-  int rc = recv_frame(p, IO_TIMEOUT_MS, &raw, &len);
+  int rc = rp_recv_frame(p, IO_TIMEOUT_MS, &raw, &len);
   ck_assert_msg(rc == 1, "rank %u: no result (%d)", (unsigned)p->rank, rc);
   char err[160];
   Sbn__Envelope *e = sbn__msg_decode(raw, len, err, sizeof(err));
@@ -406,14 +277,14 @@ START_TEST(hello_welcome) {
   ping.nonce = 0xDEADBEEFCAFEull;
   env.body_case = SBN__ENVELOPE__BODY_PING;
   env.ping = &ping;
-  send_env(q, &env);
-  r = recv_env(q, IO_TIMEOUT_MS);
+  rp_send(q, &env);
+  r = rp_recv(q, IO_TIMEOUT_MS);
   ck_assert_int_eq(r->body_case, SBN__ENVELOPE__BODY_PONG);
   ck_assert_uint_eq(r->pong->nonce, 0xDEADBEEFCAFEull);
   sbn__msg_free(r);
-  peer_close(p);
-  peer_close(q);
-  peer_close(z);
+  rp_close(p);
+  rp_close(q);
+  rp_close(z);
   stop_ok();
 }
 END_TEST
@@ -425,9 +296,9 @@ START_TEST(header_wrong_version_closes) {
   sbn__frame_header_write(hdr, 4);
   hdr[5] = 2;
   memset(hdr + SBN_FRAME_HEADER_SIZE, 0, 4);
-  send_raw(p, hdr, sizeof(hdr));
-  ck_assert(wait_closed(p, IO_TIMEOUT_MS));
-  peer_close(p);
+  rp_send_raw(p, hdr, sizeof(hdr));
+  ck_assert(rp_wait_closed(p, IO_TIMEOUT_MS));
+  rp_close(p);
   stop_ok();
 }
 END_TEST
@@ -436,45 +307,45 @@ START_TEST(hello_rejects) {
   start_coord(NULL);
   peer *p = peer_open();
   expect_reject(hello_raw(p, 2, "j", 0, 2, 0), SBN_EVERSION, "version 2", NULL);
-  ck_assert(wait_closed(p, IO_TIMEOUT_MS));
-  peer_close(p);
+  ck_assert(rp_wait_closed(p, IO_TIMEOUT_MS));
+  rp_close(p);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 5, 4, 0), SBN_EINVAL, "rank 5",
                 "world size 4");
-  peer_close(p);
+  rp_close(p);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 0, 0, 0), SBN_EINVAL, "world size 0", NULL);
-  peer_close(p);
+  rp_close(p);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "", 0, 1, 0), SBN_EINVAL, "empty", NULL);
-  peer_close(p);
+  rp_close(p);
   char longjob[200];
   memset(longjob, 'x', sizeof(longjob) - 1);
   longjob[sizeof(longjob) - 1] = '\0';
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, longjob, 0, 1, 0), SBN_EINVAL, "199 bytes",
                 NULL);
-  peer_close(p);
+  rp_close(p);
   peer *a = join("j", 1, 4);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 1, 4, 0), SBN_EDUPLICATE, "rank 1",
                 "already connected");
-  peer_close(p);
+  rp_close(p);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "j", 2, 8, 0), SBN_EMISMATCH, "world size 8",
                 "world size 4");
-  peer_close(p);
+  rp_close(p);
   /* The good connection is unaffected by all of that. */
   Sbn__Ping ping = SBN__PING__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
   ping.nonce = 7;
   env.body_case = SBN__ENVELOPE__BODY_PING;
   env.ping = &ping;
-  send_env(a, &env);
-  Sbn__Envelope *r = recv_env(a, IO_TIMEOUT_MS);
+  rp_send(a, &env);
+  Sbn__Envelope *r = rp_recv(a, IO_TIMEOUT_MS);
   ck_assert_int_eq(r->body_case, SBN__ENVELOPE__BODY_PONG);
   sbn__msg_free(r);
-  peer_close(a);
+  rp_close(a);
   stop_ok();
 }
 END_TEST
@@ -486,8 +357,8 @@ START_TEST(hello_order_and_generations) {
   double one = 1;
   send_forward(p, 0, "bn", 1, 1, &one, &one);
   sbn__msg_free(expect_error(p, SBN_EPROTO, "expected hello", IO_TIMEOUT_MS));
-  ck_assert(wait_closed(p, IO_TIMEOUT_MS));
-  peer_close(p);
+  ck_assert(rp_wait_closed(p, IO_TIMEOUT_MS));
+  rp_close(p);
   /* A second hello: the same. */
   p = join("g", 0, 2);
   peer *b = join("g", 1, 2);
@@ -495,22 +366,22 @@ START_TEST(hello_order_and_generations) {
   ck_assert_int_eq(r->body_case, SBN__ENVELOPE__BODY_ERROR);
   ck_assert_int_eq(r->error->code, SBN_EPROTO);
   sbn__msg_free(r);
-  ck_assert(wait_closed(p, IO_TIMEOUT_MS));
-  peer_close(p);
+  ck_assert(rp_wait_closed(p, IO_TIMEOUT_MS));
+  rp_close(p);
   /* A lost rank cannot come back within its generation. */
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "g", 0, 2, 0), SBN_EREJECTED, "rank 0",
                 "new generation");
-  peer_close(p);
+  rp_close(p);
   /* A newer generation restarts the job: old connections are told and closed. */
   peer *a2 = join_gen("g", 0, 2, 1);
   sbn__msg_free(expect_error(b, SBN_EPEERLOST, "restarted with generation 1", IO_TIMEOUT_MS));
-  ck_assert(wait_closed(b, IO_TIMEOUT_MS));
-  peer_close(b);
+  ck_assert(rp_wait_closed(b, IO_TIMEOUT_MS));
+  rp_close(b);
   p = peer_open();
   expect_reject(hello_raw(p, SBN_PROTOCOL_VERSION, "g", 1, 2, 0), SBN_EREJECTED,
                 "stale generation 0", NULL);
-  peer_close(p);
+  rp_close(p);
   peer *b2 = join_gen("g", 1, 2, 1);
   /* And the restarted job works. */
   double m = 2, q = 0;
@@ -518,8 +389,8 @@ START_TEST(hello_order_and_generations) {
   send_forward(b2, 0, "bn", 1, 1, &m, &q);
   sbn__msg_free(expect_result(a2, 0, NULL, NULL));
   sbn__msg_free(expect_result(b2, 0, NULL, NULL));
-  peer_close(a2);
-  peer_close(b2);
+  rp_close(a2);
+  rp_close(b2);
   stop_ok();
 }
 END_TEST
@@ -591,7 +462,7 @@ static void fwd_round(const char *job, const int *order, const fwd_data *d,
     ck_assert_str_eq(e->result->layer, "layer1.bn");
     fwd_check(d, e->result);
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
 }
 
@@ -652,7 +523,7 @@ START_TEST(forward_subgroup_and_many_rounds) {
   /* Rank 1 was never involved and got nothing. */
   expect_quiet(p[1]);
   for (int r = 0; r < 3; r++)
-    peer_close(p[r]);
+    rp_close(p[r]);
   stop_ok();
 }
 END_TEST
@@ -680,7 +551,7 @@ START_TEST(backward_sums) {
       ck_assert(e->result->b[c] == b[0][c] + b[1][c]);
     }
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   stop_ok();
 }
@@ -794,7 +665,7 @@ START_TEST(allreduce_broadcast_barrier) {
     ck_assert_int_eq(e->result->phase, SBN__PHASE__PHASE_BARRIER);
     ck_assert_uint_eq(e->result->n_a + e->result->n_fvals + e->result->blob.len, 0);
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   stop_ok();
 }
@@ -836,7 +707,7 @@ START_TEST(model_check) {
     ck_assert_uint_eq(e->error->ranks[0], 0);
     ck_assert_uint_eq(e->error->ranks[1], 2);
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   stop_ok();
 }
@@ -876,7 +747,7 @@ START_TEST(mismatched_channels) {
                                "rank 0 at layer 'bn2'",
                                IO_TIMEOUT_MS));
   for (int r = 0; r < 3; r++)
-    peer_close(p[r]);
+    rp_close(p[r]);
   stop_ok();
 }
 END_TEST
@@ -904,7 +775,7 @@ START_TEST(tombstone_for_late_member) {
     send_forward(p[r], 1, "bn1", 4, 1, v, q);
   for (int r = 0; r < 3; r++) {
     sbn__msg_free(expect_result(p[r], 1, NULL, NULL));
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   stop_ok();
 }
@@ -961,7 +832,7 @@ START_TEST(bad_stats_and_shapes) {
     Sbn__Envelope *e = expect_result(p[r], 1, NULL, NULL);
     ck_assert_uint_eq(e->result->count, 6);
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   stop_ok();
 }
@@ -979,7 +850,7 @@ START_TEST(deadlock_detected) {
     ck_assert_uint_eq(e->error->seq, r == 0 ? 1 : 0);
     ck_assert_uint_eq(e->error->n_ranks, 2);
     sbn__msg_free(e);
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
   /* Rank 1 enters group {0,1} while 0 and 2 wait for it in WORLD. */
   peer *w[3];
@@ -1005,7 +876,7 @@ START_TEST(deadlock_detected) {
     ck_assert_msg(strstr(e->error->message, "group 0,1") && strstr(e->error->message, "world"),
                   "%s", e->error->message);
     sbn__msg_free(e);
-    peer_close(w[r]);
+    rp_close(w[r]);
   }
   stop_ok();
 }
@@ -1051,9 +922,9 @@ START_TEST(peer_lost_mid_round) {
   }
   for (int r = 0; r < 2; r++) {
     sbn__msg_free(expect_result(p[r], 0, NULL, NULL));
-    peer_close(p[r]);
+    rp_close(p[r]);
   }
-  peer_close(p[2]);
+  rp_close(p[2]);
   stop_ok();
 }
 END_TEST
@@ -1082,7 +953,7 @@ START_TEST(round_timeout) {
   send_forward(p[1], 7, "bn5", 1, 1, &v, &q);
   sbn__msg_free(expect_error(p[1], SBN_ETIMEDOUT, "waiting for rank 1", 300));
   for (int r = 0; r < 3; r++)
-    peer_close(p[r]);
+    rp_close(p[r]);
   stop_ok();
 }
 END_TEST
@@ -1109,48 +980,48 @@ START_TEST(garbage_closes_only_its_connection) {
   uint8_t hdr[SBN_FRAME_HEADER_SIZE + 20];
   memset(hdr, 0, sizeof(hdr));
   sbn__frame_header_write(hdr, 200);
-  send_raw(half, hdr, sizeof(hdr));
+  rp_send_raw(half, hdr, sizeof(hdr));
   long long t_half = test_now_ms();
   /* Random bytes. */
   peer *junk = peer_open();
   uint8_t noise[4096];
   for (size_t i = 0; i < sizeof(noise); i++)
     noise[i] = (uint8_t)(rnd() * 256);
-  send_raw(junk, noise, sizeof(noise));
+  rp_send_raw(junk, noise, sizeof(noise));
   healthy_rounds(a, b, &seq, 10);
-  ck_assert(wait_closed(junk, IO_TIMEOUT_MS));
+  ck_assert(rp_wait_closed(junk, IO_TIMEOUT_MS));
   /* An oversized length. */
   peer *big = peer_open();
   sbn__frame_header_write(hdr, 0xFFFFFFF0u);
-  send_raw(big, hdr, SBN_FRAME_HEADER_SIZE);
+  rp_send_raw(big, hdr, SBN_FRAME_HEADER_SIZE);
   healthy_rounds(a, b, &seq, 10);
-  ck_assert(wait_closed(big, IO_TIMEOUT_MS));
+  ck_assert(rp_wait_closed(big, IO_TIMEOUT_MS));
   /* A welcomed worker that sends what only the coordinator sends. */
   peer *rogue = join("rogue", 0, 1);
   Sbn__Result res = SBN__RESULT__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
   env.body_case = SBN__ENVELOPE__BODY_RESULT;
   env.result = &res;
-  send_env(rogue, &env);
+  rp_send(rogue, &env);
   sbn__msg_free(expect_error(rogue, SBN_EPROTO, "must not send result", IO_TIMEOUT_MS));
-  ck_assert(wait_closed(rogue, IO_TIMEOUT_MS));
+  ck_assert(rp_wait_closed(rogue, IO_TIMEOUT_MS));
   /* A welcomed worker whose next frame is garbage. */
   peer *broken = join("rogue", 0, 1);
-  send_raw(broken, noise, 64);
-  ck_assert(wait_closed(broken, IO_TIMEOUT_MS));
+  rp_send_raw(broken, noise, 64);
+  ck_assert(rp_wait_closed(broken, IO_TIMEOUT_MS));
   healthy_rounds(a, b, &seq, 10);
   /* The half frame is still pending, then closed by the hello timeout. */
-  ck_assert(wait_closed(half, 4000));
+  ck_assert(rp_wait_closed(half, 4000));
   long long held = test_now_ms() - t_half;
   ck_assert_msg(held >= 1300, "half frame closed after %lld ms", held);
   healthy_rounds(a, b, &seq, 10);
-  peer_close(half);
-  peer_close(junk);
-  peer_close(big);
-  peer_close(rogue);
-  peer_close(broken);
-  peer_close(a);
-  peer_close(b);
+  rp_close(half);
+  rp_close(junk);
+  rp_close(big);
+  rp_close(rogue);
+  rp_close(broken);
+  rp_close(a);
+  rp_close(b);
   stop_ok();
 }
 END_TEST
@@ -1163,13 +1034,13 @@ START_TEST(goodbye_then_peer_left) {
   g.reason = "done";
   env.body_case = SBN__ENVELOPE__BODY_GOODBYE;
   env.goodbye = &g;
-  send_env(b, &env);
-  ck_assert(wait_closed(b, IO_TIMEOUT_MS));
+  rp_send(b, &env);
+  ck_assert(rp_wait_closed(b, IO_TIMEOUT_MS));
   double v = 1, q = 0;
   send_forward(a, 0, "bn", 1, 1, &v, &q);
   sbn__msg_free(expect_error(a, SBN_EPEERLOST, "rank 1 of job 'bye' left", 500));
-  peer_close(a);
-  peer_close(b);
+  rp_close(a);
+  rp_close(b);
   stop_ok();
 }
 END_TEST
@@ -1187,11 +1058,11 @@ START_TEST(sigterm_with_open_round) {
   Sbn__Envelope *e = expect_error(a, SBN_ESHUTDOWN, "shutting down", 1000);
   ck_assert_uint_eq(e->error->seq, 3);
   sbn__msg_free(e);
-  ck_assert(wait_closed(a, 1000));
+  ck_assert(rp_wait_closed(a, 1000));
   sbn__msg_free(expect_error(b, SBN_ESHUTDOWN, "shutting down", 1000));
-  ck_assert(wait_closed(b, 1000));
-  peer_close(a);
-  peer_close(b);
+  ck_assert(rp_wait_closed(b, 1000));
+  rp_close(a);
+  rp_close(b);
 }
 END_TEST
 
@@ -1208,8 +1079,8 @@ START_TEST(max_frame_after_welcome) {
   /* 300 channels of doubles do not fit in 2048 bytes: that connection ends. */
   send_forward(a, 1, "bn", 300, 9, m, q);
   sbn__msg_free(expect_error(a, SBN_ETOOBIG, "limit of 2048", IO_TIMEOUT_MS));
-  ck_assert(wait_closed(a, IO_TIMEOUT_MS));
-  peer_close(a);
+  ck_assert(rp_wait_closed(a, IO_TIMEOUT_MS));
+  rp_close(a);
   stop_ok();
 }
 END_TEST
