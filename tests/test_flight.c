@@ -32,30 +32,10 @@ static int mport;
 static const double mean[C] = {1, 2, 3}, m2[C] = {1, 1, 1};
 
 static void start(const char *const *extra) {
-  const char *args[32] = {"--metrics", "0"};
-  int n = 2;
-  for (int i = 0; extra && extra[i]; i++)
-    args[n++] = extra[i];
-  args[n] = NULL;
-  temp_log_path(log_path, sizeof(log_path));
-  ck_assert_int_eq(coord_start_log(&coord, args, log_path), 0);
-  mport = log_metrics_port(log_path);
-  ck_assert_int_gt(mport, 0);
+  mport = observed_start(&coord, "0", extra, log_path, sizeof(log_path));
 }
 
-static void stop(void) {
-  int st = coord_stop(&coord, SIGTERM, 5000);
-  ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "status %d", st);
-  unlink(log_path);
-}
-
-static void expect_result(rp *p) {
-  Sbn__Envelope *e = rp_recv(p, RP_IO_TIMEOUT_MS);
-  ck_assert_msg(e->body_case == SBN__ENVELOPE__BODY_RESULT, "rank %u: wanted a result, got %s",
-                (unsigned)p->rank,
-                e->body_case == SBN__ENVELOPE__BODY_ERROR ? e->error->message : "other");
-  sbn__msg_free(e);
-}
+static void stop(void) { observed_stop(&coord, log_path); }
 
 /* One forward round of 3 ranks in which rank 2 comes LATE_MS late. */
 static void round3(rp **p, uint64_t seq, const char *layer) {
@@ -64,7 +44,7 @@ static void round3(rp **p, uint64_t seq, const char *layer) {
   usleep(LATE_MS * 1000);
   rp_forward(p[2], seq, layer, C, 4, mean, m2);
   for (int r = 0; r < 3; r++)
-    expect_result(p[r]);
+    rp_expect_result(p[r]);
 }
 
 static int count_lines(const char *s) {
@@ -182,8 +162,8 @@ START_TEST(stall_warned_once_then_completes) {
   usleep(3 * SETTLE_MS * 1000);
   ck_assert_int_eq(log_count(log_path, "round stalled:"), 1);
   rp_forward(b, 1, "layer4.bn", C, 4, mean, m2);
-  expect_result(a);
-  expect_result(b);
+  rp_expect_result(a);
+  rp_expect_result(b);
   ck_assert_int_eq(log_count(log_path, "round failed"), 0);
   ck_assert(scrape(mport, "sbn_rounds_stalled_total") == 1);
   ck_assert(scrape(mport, "sbn_rounds_total{phase=\"forward\",outcome=\"ok\"}") == 1);
@@ -212,8 +192,8 @@ START_TEST(sigusr1_dumps_all_jobs) {
   for (uint64_t seq = 1; seq <= 3; seq++) {
     rp_forward(a, seq, "a.bn", C, 4, mean, m2);
     rp_forward(b, seq, "b.bn", C, 4, mean, m2);
-    expect_result(a);
-    expect_result(b);
+    rp_expect_result(a);
+    rp_expect_result(b);
   }
   ck_assert_int_eq(kill(coord.pid, SIGUSR1), 0);
   ck_assert(log_wait(log_path, "flight recorder dump requested: 2 jobs", LOG_WAIT_MS));
@@ -227,7 +207,7 @@ START_TEST(sigusr1_dumps_all_jobs) {
                    1);
   /* The coordinator serves on after the dump. */
   rp_forward(a, 4, "a.bn", C, 4, mean, m2);
-  expect_result(a);
+  rp_expect_result(a);
   rp_close(a);
   rp_close(b);
   stop();
@@ -239,7 +219,7 @@ START_TEST(recorder_off) {
   start(args);
   rp *a = rp_join(coord.port, "off", 0, 1);
   rp_forward(a, 1, "bn", C, 4, mean, m2);
-  expect_result(a);
+  rp_expect_result(a);
   char *r = http_get(mport, "/debug/rounds");
   ck_assert_int_eq(http_status(r), 200);
   ck_assert_ptr_nonnull(strstr(http_body(r), "job 'off' generation 0 world 1: 0 recorded rounds"));

@@ -36,30 +36,10 @@ static int mport;
 static const double mean[C] = {1, 2, 3, 4}, m2[C] = {1, 1, 1, 1};
 
 static void start(const char *const *extra) {
-  const char *args[32] = {"--metrics", "127.0.0.1:0"};
-  int n = 2;
-  for (int i = 0; extra && extra[i]; i++)
-    args[n++] = extra[i];
-  args[n] = NULL;
-  temp_log_path(log_path, sizeof(log_path));
-  ck_assert_int_eq(coord_start_log(&coord, args, log_path), 0);
-  mport = log_metrics_port(log_path);
-  ck_assert_int_gt(mport, 0);
+  mport = observed_start(&coord, "127.0.0.1:0", extra, log_path, sizeof(log_path));
 }
 
-static void stop(void) {
-  int st = coord_stop(&coord, SIGTERM, 5000);
-  ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "status %d", st);
-  unlink(log_path);
-}
-
-static void expect_result(rp *p) {
-  Sbn__Envelope *e = rp_recv(p, RP_IO_TIMEOUT_MS);
-  ck_assert_msg(e->body_case == SBN__ENVELOPE__BODY_RESULT, "rank %u: wanted a result, got %s",
-                (unsigned)p->rank,
-                e->body_case == SBN__ENVELOPE__BODY_ERROR ? e->error->message : "other");
-  sbn__msg_free(e);
-}
+static void stop(void) { observed_stop(&coord, log_path); }
 
 #define FWD_OK "sbn_rounds_total{phase=\"forward\",outcome=\"ok\"}"
 
@@ -74,8 +54,8 @@ START_TEST(rounds_counted) {
   for (uint64_t seq = 1; seq <= 5; seq++) {
     rp_forward(a, seq, "bn1", C, 8, mean, m2);
     rp_forward(b, seq, "bn1", C, 8, mean, m2);
-    expect_result(a);
-    expect_result(b);
+    rp_expect_result(a);
+    rp_expect_result(b);
   }
   char *resp = http_get(mport, "/metrics");
   ck_assert_int_eq(http_status(resp), 200);
@@ -249,7 +229,7 @@ START_TEST(bad_requests_dropped) {
   usleep(SETTLE_MS * 1000);
   for (uint64_t seq = 1; seq <= 3; seq++) {
     rp_forward(a, seq, "bn", C, 2, mean, m2);
-    expect_result(a);
+    rp_expect_result(a);
   }
   ck_assert(scrape(mport, FWD_OK) == 3);
   int st = wait_child(pid, HTTP_DROP_WAIT_MS + 2000);

@@ -215,3 +215,11 @@ void rp_expect_reject(rp *p, int code, const char *needle) {
                   needle);
   sbn__msg_free(r);
 }
+
+void rp_expect_result(rp *p) {
+  Sbn__Envelope *e = rp_recv(p, RP_IO_TIMEOUT_MS);
+  ck_assert_msg(e->body_case == SBN__ENVELOPE__BODY_RESULT, "rank %u: wanted a result, got %s",
+                (unsigned)p->rank,
+                e->body_case == SBN__ENVELOPE__BODY_ERROR ? e->error->message : "other");
+  sbn__msg_free(e);
+}

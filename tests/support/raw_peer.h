@@ -42,6 +42,8 @@ void rp_forward(rp *p, uint64_t seq, const char *layer, uint32_t C, uint64_t cou
                 const double *mean, const double *m2);
 /* Receives an Error (asserts it, its code, and that its message holds needle). */
 Sbn__Envelope *rp_expect_error(rp *p, int code, const char *needle, int timeout_ms);
+/* Receives a Result (asserts it; an Error's message is shown). */
+void rp_expect_result(rp *p);
 /* Receives a Reject likewise. */
 void rp_expect_reject(rp *p, int code, const char *needle);
 

@@ -3,6 +3,8 @@
 #include "scrape.h"
 
 #include <arpa/inet.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <check.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -164,4 +166,24 @@ void temp_log_path(char *out, size_t len) {
   int fd = mkstemp(out);
   ck_assert_int_ge(fd, 0);
   close(fd);
+}
+
+int observed_start(coord_proc *cp, const char *metrics_addr, const char *const *extra,
+                   char *log_path, size_t log_len) {
+  const char *args[32] = {"--metrics", metrics_addr};
+  int n = 2;
+  for (int i = 0; extra && extra[i] && n < 31; i++)
+    args[n++] = extra[i];
+  args[n] = NULL;
+  temp_log_path(log_path, log_len);
+  ck_assert_int_eq(coord_start_log(cp, args, log_path), 0);
+  int port = log_metrics_port(log_path);
+  ck_assert_int_gt(port, 0);
+  return port;
+}
+
+void observed_stop(coord_proc *cp, const char *log_path) {
+  int st = coord_stop(cp, SIGTERM, 5000);
+  ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "status %d", st);
+  unlink(log_path);
 }

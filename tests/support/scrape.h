@@ -43,4 +43,15 @@ int log_metrics_port(const char *path);
 /* A fresh temporary file name for a coordinator log (the file is created). */
 void temp_log_path(char *out, size_t len);
 
+struct coord_proc;
+/*
+ * Starts a coordinator with "--metrics metrics_addr" and the extra arguments,
+ * its stderr logged to a fresh file (path written to log_path), and returns
+ * the metrics port read from that log.  Asserts on failure.
+ */
+int observed_start(struct coord_proc *cp, const char *metrics_addr, const char *const *extra,
+                   char *log_path, size_t log_len);
+/* SIGTERM, asserts a clean exit 0, removes the log. */
+void observed_stop(struct coord_proc *cp, const char *log_path);
+
 #endif
