@@ -534,22 +534,6 @@ typedef struct darg {
 } darg;
 
 /* The block [start, start+len) along axis of a reference array. */
-static sbn_tensor *slice_tensor(const ref_file *r, const char *name, int axis, size_t start,
-                                size_t len) {
-  const ref_array *a = ref_get(r, name);
-  size_t shape[SBN_MAX_DIMS], outer = 1, inner = 1;
-  memcpy(shape, a->shape, sizeof(shape));
-  shape[axis] = len;
-  for (int d = 0; d < axis; d++) outer *= a->shape[d];
-  for (int d = axis + 1; d < a->ndim; d++) inner *= a->shape[d];
-  sbn_tensor *t;
-  if (sbn_tensor_new(a->ndim, shape, &t) != SBN_OK) return NULL;
-  for (size_t o = 0; o < outer; o++)
-    memcpy(sbn_tensor_data(t) + o * len * inner, a->data + (o * a->shape[axis] + start) * inner,
-           len * inner * sizeof(float));
-  return t;
-}
-
 static int dcheck(dshared *sh, int rank, const char *what, const sbn_tensor *got,
                   const sbn_tensor *want) {
   long at = ref_worst(sbn_tensor_cdata(got), sbn_tensor_cdata(want), sbn_tensor_numel(got));
@@ -590,14 +574,14 @@ static int dist_worker(int rank, void *ap, void *sp) {
   b = ref_tensor(ref, "bias");
   TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "weight"), w), "weight");
   TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "bias"), b), "bias");
-  x = slice_tensor(ref, "x", dc->axis, start, len);
-  dy = slice_tensor(ref, "dy", dc->axis, start, len);
+  x = ref_slice(ref, "x", dc->axis, start, len);
+  dy = ref_slice(ref, "dy", dc->axis, start, len);
   TRY(sbn_module_call(bn, x, &y), "forward");
   TRY(sbn_module_backward(bn, dy, &dx), "backward");
-  want = slice_tensor(ref, "y", dc->axis, start, len);
+  want = ref_slice(ref, "y", dc->axis, start, len);
   if (dcheck(sh, rank, "y", y, want)) goto out;
   sbn_tensor_free(want);
-  want = slice_tensor(ref, "dx", dc->axis, start, len);
+  want = ref_slice(ref, "dx", dc->axis, start, len);
   if (dcheck(sh, rank, "dx", dx, want)) goto out;
   sbn_tensor_free(want);
   want = ref_tensor(ref, "rm");

@@ -85,3 +85,26 @@ long ref_worst(const float *got, const float *ref, size_t n) {
   }
   return at;
 }
+
+sbn_tensor *ref_slice(const ref_file *r, const char *name, int axis, size_t start, size_t len) {
+  const ref_array *a = NULL;
+  for (size_t i = 0; i < r->n && a == NULL; i++)
+    if (strcmp(r->a[i].name, name) == 0)
+      a = &r->a[i];
+  if (a == NULL || axis < 0 || axis >= a->ndim || start + len > a->shape[axis])
+    return NULL;
+  size_t shape[SBN_MAX_DIMS], outer = 1, inner = 1;
+  memcpy(shape, a->shape, sizeof(shape));
+  shape[axis] = len;
+  for (int d = 0; d < axis; d++)
+    outer *= a->shape[d];
+  for (int d = axis + 1; d < a->ndim; d++)
+    inner *= a->shape[d];
+  sbn_tensor *t;
+  if (sbn_tensor_new(a->ndim, shape, &t) != SBN_OK)
+    return NULL;
+  for (size_t o = 0; o < outer; o++)
+    memcpy(sbn_tensor_data(t) + o * len * inner, a->data + (o * a->shape[axis] + start) * inner,
+           len * inner * sizeof(float));
+  return t;
+}

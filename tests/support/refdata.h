@@ -32,6 +32,13 @@ const ref_array *ref_get(const ref_file *r, const char *name);
 /* A new tensor holding a copy of the array. */
 sbn_tensor *ref_tensor(const ref_file *r, const char *name);
 
+/*
+ * A new tensor holding the block [start, start+len) along axis of array
+ * name (a rank's slice of a global batch), or NULL when out of memory.
+ * Safe to call in forked workers (no assertions).
+ */
+sbn_tensor *ref_slice(const ref_file *r, const char *name, int axis, size_t start, size_t len);
+
 /* The spec's tolerance: |got - ref| <= 5e-6 + 5e-6 |ref|. */
 #define REF_ATOL 5e-6
 #define REF_RTOL 5e-6
