@@ -3,8 +3,8 @@
  * and SBN_BN_FUSED_RELU against PyTorch float64 references written by
  * tests/data/gen_reference.py (layout_*.bin, dist_cl_relu.bin; see its
  * header): channels-last rank 2..5 with |mean| = 1e4, the fused ReLU in both
- * layouts in train, eval and freeze, and a 2-rank (and 4-rank) distributed
- * case through a real coordinator.  The NCHW path on transposed data is an
+ * layouts in train, eval and freeze (the distributed cases, 2 and 4 ranks
+ * through a real coordinator, are in test_syncbn_dist.c).  The NCHW path on transposed data is an
  * additional check only.  Tolerance: the spec's 5e-6 + 5e-6 |ref|.
  */
 #include <check.h>
@@ -506,136 +506,6 @@ START_TEST(test_convert_and_state_dict) {
 }
 END_TEST
 
-/* ---- distributed: channels-last + fused ReLU on slices of a batch --------------- */
-
-typedef struct dist_case {
-  int world;
-  int axis;
-  size_t sizes[WORKERS_MAX];
-} dist_case;
-
-static const dist_case dist_cases[] = {
-    {2, 0, {1, 2}}, /* along N */
-    {2, 2, {8, 8}}, /* along W */
-    {2, 1, {3, 1}}, /* along H, uneven */
-    {4, 2, {5, 0, 7, 4}}, /* 4 ranks, one empty */
-};
-#define DC 8 /* channels of dist_cl_relu.bin */
-
-typedef struct dshared {
-  float dweight[WORKERS_MAX][DC], dbias[WORKERS_MAX][DC];
-  char msg[WORKERS_MAX][300];
-} dshared;
-
-typedef struct darg {
-  const char *addr, *job;
-  const dist_case *dc;
-  const ref_file *ref;
-} darg;
-
-/* The block [start, start+len) along axis of a reference array. */
-static int dcheck(dshared *sh, int rank, const char *what, const sbn_tensor *got,
-                  const sbn_tensor *want) {
-  long at = ref_worst(sbn_tensor_cdata(got), sbn_tensor_cdata(want), sbn_tensor_numel(got));
-  if (at < 0) return 0;
-  snprintf(sh->msg[rank], 300, "%s: element %ld is %.9g, reference %.9g", what, at,
-           (double)sbn_tensor_cdata(got)[at], (double)sbn_tensor_cdata(want)[at]);
-  return 1;
-}
-
-#define TRY(call, what)                                                   \
-  do {                                                                    \
-    if ((call) != SBN_OK) {                                               \
-      snprintf(sh->msg[rank], 300, "%s: %s", what, sbn_last_error());     \
-      goto out;                                                           \
-    }                                                                     \
-  } while (0)
-
-static int dist_worker(int rank, void *ap, void *sp) {
-  const darg *a = ap;
-  const dist_case *dc = a->dc;
-  const ref_file *ref = a->ref;
-  dshared *sh = sp;
-  int failed = 1;
-  sbn_ctx *ctx = NULL;
-  sbn_module *bn = NULL;
-  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL, *want = NULL, *w = NULL, *b = NULL;
-  TRY(worker_connect(a->addr, a->job, rank, dc->world, &ctx), "init");
-  size_t start = 0;
-  for (int i = 0; i < rank; i++) start += dc->sizes[i];
-  size_t len = dc->sizes[rank];
-  sbn_bn_options o;
-  sbn_bn_options_init(&o, DC);
-  o.group = sbn_world(ctx);
-  o.name = "bn";
-  o.flags = SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU;
-  TRY(sbn_syncbatchnorm_new(&o, &bn), "syncbatchnorm_new");
-  w = ref_tensor(ref, "weight");
-  b = ref_tensor(ref, "bias");
-  TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "weight"), w), "weight");
-  TRY(sbn_tensor_copy(sbn_module_get_tensor(bn, "bias"), b), "bias");
-  x = ref_slice(ref, "x", dc->axis, start, len);
-  dy = ref_slice(ref, "dy", dc->axis, start, len);
-  TRY(sbn_module_call(bn, x, &y), "forward");
-  TRY(sbn_module_backward(bn, dy, &dx), "backward");
-  want = ref_slice(ref, "y", dc->axis, start, len);
-  if (dcheck(sh, rank, "y", y, want)) goto out;
-  sbn_tensor_free(want);
-  want = ref_slice(ref, "dx", dc->axis, start, len);
-  if (dcheck(sh, rank, "dx", dx, want)) goto out;
-  sbn_tensor_free(want);
-  want = ref_tensor(ref, "rm");
-  if (dcheck(sh, rank, "running_mean", sbn_module_get_tensor(bn, "running_mean"), want)) goto out;
-  sbn_tensor_free(want);
-  want = ref_tensor(ref, "rv");
-  if (dcheck(sh, rank, "running_var", sbn_module_get_tensor(bn, "running_var"), want)) goto out;
-  memcpy(sh->dweight[rank], sbn_tensor_cdata(sbn_tensor_grad(sbn_module_get_tensor(bn, "weight"))),
-         sizeof(sh->dweight[rank]));
-  memcpy(sh->dbias[rank], sbn_tensor_cdata(sbn_tensor_grad(sbn_module_get_tensor(bn, "bias"))),
-         sizeof(sh->dbias[rank]));
-  failed = 0;
-out:
-  sbn_tensor_free(x), sbn_tensor_free(dy), sbn_tensor_free(y), sbn_tensor_free(dx);
-  sbn_tensor_free(want), sbn_tensor_free(w), sbn_tensor_free(b);
-  sbn_module_free(bn);
-  sbn_finalize(ctx);
-  return failed;
-}
-
-static coord_proc coord;
-
-START_TEST(test_dist_slices) {
-  const dist_case *dc = &dist_cases[_i];
-  ref_file ref = ref_load("dist_cl_relu.bin");
-  const ref_array *xa = ref_get(&ref, "x");
-  ck_assert_uint_eq(xa->shape[xa->ndim - 1], DC);
-  size_t total = 0;
-  for (int i = 0; i < dc->world; i++) total += dc->sizes[i];
-  ck_assert_uint_eq(total, xa->shape[dc->axis]);
-  ck_assert_int_eq(coord_start(&coord, NULL), 0);
-  darg a = {coord.addr, unique_job(), dc, &ref};
-  worker_set ws;
-  ck_assert_int_eq(workers_start(&ws, dc->world, dist_worker, &a, sizeof(dshared)), 0);
-  int ok = workers_wait(&ws, 30000);
-  dshared *sh = ws.shared;
-  for (int r = 0; r < dc->world; r++)
-    ck_assert_msg(ws.status[r] == 0, "case %d (world %d, axis %d) rank %d: %s", _i, dc->world,
-                  dc->axis, r, sh->msg[r]);
-  ck_assert_int_eq(ok, dc->world);
-  float dw[DC] = {0}, db[DC] = {0};
-  for (int r = 0; r < dc->world; r++)
-    for (int c = 0; c < DC; c++) {
-      dw[c] += sh->dweight[r][c];
-      db[c] += sh->dbias[r][c];
-    }
-  assert_close(dw, ref_get(&ref, "dweight")->data, DC, "summed dweight");
-  assert_close(db, ref_get(&ref, "dbias")->data, DC, "summed dbias");
-  workers_release(&ws);
-  ref_free(&ref);
-  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
-}
-END_TEST
-
 /* ---- kernel dispatch ------------------------------------------------------------ */
 
 /* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2,
@@ -784,10 +654,5 @@ int main(void) {
   tcase_add_test(to, test_dispatch_paths_agree);
   tcase_add_test(to, test_model_check_flags);
   suite_add_tcase(s, to);
-  TCase *td = tcase_create("distributed");
-  tcase_set_timeout(td, 60);
-  tcase_add_loop_test(td, test_dist_slices, 0,
-                      (int)(sizeof(dist_cases) / sizeof(dist_cases[0])));
-  suite_add_tcase(s, td);
   return run_suite(s);
 }

@@ -31,25 +31,33 @@ typedef struct dist_case {
   int axis;                   /* the axis the batch is split along */
   size_t sizes[WORKERS_MAX];  /* slice length per group rank */
   int two_groups;             /* ranks {0,2} and {1,3} each run the whole case */
+  unsigned flags;             /* sbn_bn_options.flags */
 } dist_case;
+
+#define CL_RELU (SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU)
 
 static const dist_case cases[] = {
     /* the spec's acceptance case: (3,8,4,16) split along W */
-    {"dist_3x8x4x16.bin", 2, 3, {8, 8}, 0},
-    {"dist_3x8x4x16.bin", 4, 3, {5, 0, 7, 4}, 0},
+    {"dist_3x8x4x16.bin", 2, 3, {8, 8}, 0, 0},
+    {"dist_3x8x4x16.bin", 4, 3, {5, 0, 7, 4}, 0, 0},
     /* along N, uneven, one rank empty */
-    {"dist_3x8x4x16.bin", 4, 0, {1, 0, 2, 0}, 0},
-    {"dist_3x8x4x16.bin", 2, 0, {3, 0}, 0},
+    {"dist_3x8x4x16.bin", 4, 0, {1, 0, 2, 0}, 0, 0},
+    {"dist_3x8x4x16.bin", 2, 0, {3, 0}, 0, 0},
     /* 2-D, 3-D and 5-D inputs */
-    {"step_2d.bin", 4, 0, {3, 5, 0, 8}, 0},
-    {"step_3d.bin", 2, 2, {1, 3}, 0},
-    {"step_5d.bin", 2, 2, {1, 2}, 0},
-    {"step_5d.bin", 4, 3, {1, 1, 2, 0}, 0},
+    {"step_2d.bin", 4, 0, {3, 5, 0, 8}, 0, 0},
+    {"step_3d.bin", 2, 2, {1, 3}, 0, 0},
+    {"step_5d.bin", 2, 2, {1, 2}, 0, 0},
+    {"step_5d.bin", 4, 3, {1, 1, 2, 0}, 0, 0},
     /* |mean| = 1e4, std = 1 */
-    {"bigmean.bin", 4, 0, {1, 1, 1, 1}, 0},
-    {"bigmean.bin", 2, 3, {2, 3}, 0},
+    {"bigmean.bin", 4, 0, {1, 1, 1, 1}, 0, 0},
+    {"bigmean.bin", 2, 3, {2, 3}, 0, 0},
     /* subgroups of WORLD, two at once */
-    {"dist_3x8x4x16.bin", 4, 3, {6, 10}, 1},
+    {"dist_3x8x4x16.bin", 4, 3, {6, 10}, 1, 0},
+    /* channels-last (3,4,16,8) with the fused ReLU: along N, W, H (uneven), one empty */
+    {"dist_cl_relu.bin", 2, 0, {1, 2}, 0, CL_RELU},
+    {"dist_cl_relu.bin", 2, 2, {8, 8}, 0, CL_RELU},
+    {"dist_cl_relu.bin", 2, 1, {3, 1}, 0, CL_RELU},
+    {"dist_cl_relu.bin", 4, 2, {5, 0, 7, 4}, 0, CL_RELU},
 };
 
 typedef struct shared {
@@ -108,6 +116,7 @@ static int worker(int rank, void *ap, void *sp) {
   sbn_bn_options_init(&o, C);
   o.group = g;
   o.name = "bn";
+  o.flags = dc->flags;
   TRY(sbn_syncbatchnorm_new(&o, &bn), "syncbatchnorm_new");
   /* ref_slice, not ref_tensor: no Check assertions in a forked worker */
   w = ref_slice(ref, "weight", 0, 0, C);
