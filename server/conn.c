@@ -31,42 +31,29 @@
 #define SBN_SRV_KEEPALIVE_INTERVAL_S 10
 #define SBN_SRV_KEEPALIVE_PROBES 6
 
-/* A queued write of (the tail of) a shared buffer. */
-typedef struct sbn__srv_write {
-  uv_write_t req;
-  sbn__srv_wbuf *wb;
-  size_t len; /* bytes of wb this write carries, counted in conn->queued */
-} sbn__srv_write;
-
 static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env);
 
 /* Write buffers */
 
-sbn__srv_wbuf *sbn__srv_wbuf_encode(const Sbn__Envelope *env, uint32_t max_frame, int *rc) {
+sbn__srv_wbuf *sbn__srv_wbuf_encode(sbn__coord *c, const Sbn__Envelope *env, uint32_t max_frame,
+                                    int *rc) {
   size_t body = sbn__envelope__get_packed_size(env);
   if (body > max_frame) {
     *rc = SBN_ETOOBIG;
     return NULL;
   }
-  sbn__srv_wbuf *wb = malloc(sizeof(*wb) + SBN_FRAME_HEADER_SIZE + body);
+  sbn__srv_wbuf *wb = sbn__srv_pool_wbuf_get(c, SBN_FRAME_HEADER_SIZE + body);
   if (wb == NULL) {
     *rc = SBN_ENOMEM;
     return NULL;
   }
-  wb->refs = 1;
-  wb->len = SBN_FRAME_HEADER_SIZE + body;
   sbn__frame_header_write(wb->data, (uint32_t)body);
   sbn__envelope__pack(env, wb->data + SBN_FRAME_HEADER_SIZE);
   *rc = SBN_OK;
   return wb;
 }
 
-void sbn__srv_wbuf_unref(sbn__srv_wbuf *wb) {
-  if (wb != NULL && --wb->refs == 0)
-    free(wb);
-}
-
-sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *ranks,
+sbn__srv_wbuf *sbn__srv_error_encode(sbn__coord *c, int code, const char *msg, const uint32_t *ranks,
                                      size_t nranks, uint64_t seq, int phase, const char *layer) {
   Sbn__Error e = SBN__ERROR__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
@@ -81,7 +68,7 @@ sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *
   env.error = &e;
   int rc;
   /* Errors are small; the frame ceiling only guards a pathological message. */
-  return sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+  return sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, &rc);
 }
 
 /* Closing */
@@ -99,7 +86,8 @@ static void conn_on_close(uv_handle_t *h) {
     conn->next->prev = conn->prev;
   c->nconns--;
   sbn__framer_release(&conn->rx);
-  sbn__msg_free(conn->hello_env);
+  sbn__arena_release(&conn->arena);
+  sbn__arena_release(&conn->hello_arena);
   free(conn);
   sbn__http_conn_freed(c);
 }
@@ -175,6 +163,20 @@ static void conn_break(sbn__srv_conn *conn, const char *why, int err) {
   uv_timer_start(&conn->timer, conn_on_broken, 0, 0);
 }
 
+static sbn__srv_write *write_get(sbn__srv_conn *conn) {
+  if (conn->wrec_busy)
+    return sbn__srv_pool_write_get(conn->coord);
+  conn->wrec_busy = 1;
+  return &conn->wrec;
+}
+
+static void write_put(sbn__srv_conn *conn, sbn__srv_write *w) {
+  if (w == &conn->wrec)
+    conn->wrec_busy = 0;
+  else
+    sbn__srv_pool_write_put(conn->coord, w);
+}
+
 static void conn_on_write(uv_write_t *req, int status) {
   sbn__srv_write *w = (sbn__srv_write *)req;
   sbn__srv_conn *conn = req->data;
@@ -182,7 +184,7 @@ static void conn_on_write(uv_write_t *req, int status) {
   if (status == 0)
     conn->coord->metrics.bytes_out += w->len;
   sbn__srv_wbuf_unref(w->wb);
-  free(w);
+  write_put(conn, w);
   if (status < 0 && status != UV_ECANCELED)
     conn_break(conn, "write failed", status);
 }
@@ -220,7 +222,7 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
     conn_break(conn, why, 0);
     return;
   }
-  sbn__srv_write *w = malloc(sizeof(*w));
+  sbn__srv_write *w = write_get(conn);
   if (w == NULL) {
     /* Part of a frame may be out already: the stream cannot be saved. */
     conn_break(conn, "out of memory queueing a write", 0);
@@ -236,7 +238,7 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
   if (rc != 0) {
     conn->queued -= w->len;
     sbn__srv_wbuf_unref(wb);
-    free(w);
+    write_put(conn, w);
     conn_break(conn, "write failed", rc);
   }
 }
@@ -251,7 +253,8 @@ void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, s
   SBN_LOGW("conn %llu %s: error %s: %s", (unsigned long long)conn->id, conn->peer,
            sbn_strerror(code), msg);
   sbn__obs_proto_error(conn->coord, code);
-  sbn__srv_wbuf *wb = sbn__srv_error_encode(code, msg, ranks, nranks, seq, phase, layer);
+  sbn__srv_wbuf *wb =
+      sbn__srv_error_encode(conn->coord, code, msg, ranks, nranks, seq, phase, layer);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
 }
@@ -281,13 +284,17 @@ static void conn_drain(sbn__srv_conn *conn) {
       return;
     }
     char err[160];
-    Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+    ProtobufCAllocator pa = sbn__arena_allocator(&conn->arena);
+    Sbn__Envelope *env = sbn__msg_decode_with(&pa, body, len, err, sizeof(err));
     if (env == NULL) {
+      sbn__arena_reset(&conn->arena);
       sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "%s", err);
       sbn__srv_conn_close(conn, 1, "bad message: %s", err);
       return;
     }
     conn_dispatch(conn, env);
+    /* Whatever the handler did not take (by swapping arenas) goes now. */
+    sbn__arena_reset(&conn->arena);
   }
 }
 
@@ -361,33 +368,31 @@ static const char *body_name(int body_case) {
   }
 }
 
-/* Takes ownership of env. */
+/* Borrows env (see coord_internal.h). */
 static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env) {
   int kind = env->body_case;
   if (kind == SBN__ENVELOPE__BODY_HELLO) {
     if (conn->welcomed || conn->job != NULL || conn->hello_env != NULL) {
       sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "second hello on a connection");
       sbn__srv_conn_close(conn, 1, "second hello");
-      sbn__msg_free(env);
     } else {
-      sbn__srv_hello(conn, env); /* takes env */
+      sbn__srv_hello(conn, env);
     }
     return;
   }
   if (kind == SBN__ENVELOPE__BODY_PROOF && !conn->welcomed) {
-    sbn__srv_proof(conn, env); /* takes env */
+    sbn__srv_proof(conn, env);
     return;
   }
   if (!conn->welcomed) {
     sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "expected hello, got %s",
                         body_name(kind));
     sbn__srv_conn_close(conn, 1, "%s before hello", body_name(kind));
-    sbn__msg_free(env);
     return;
   }
   switch (kind) {
   case SBN__ENVELOPE__BODY_CONTRIBUTE:
-    sbn__srv_contribute(conn, env); /* takes env */
+    sbn__srv_contribute(conn, env);
     return;
   case SBN__ENVELOPE__BODY_PING: {
     Sbn__Pong pong = SBN__PONG__INIT;
@@ -396,7 +401,7 @@ static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env) {
     out.body_case = SBN__ENVELOPE__BODY_PONG;
     out.pong = &pong;
     int rc;
-    sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&out, SBN_MAX_FRAME_CEILING, &rc);
+    sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(conn->coord, &out, SBN_MAX_FRAME_CEILING, &rc);
     if (wb == NULL)
       sbn__srv_conn_close(conn, 0, "cannot answer ping: %s", sbn_strerror(rc));
     sbn__srv_conn_send(conn, wb);
@@ -417,7 +422,6 @@ static void conn_dispatch(sbn__srv_conn *conn, Sbn__Envelope *env) {
     sbn__srv_conn_close(conn, 1, "sent %s, which only the coordinator sends", body_name(kind));
     break;
   }
-  sbn__msg_free(env);
 }
 
 /* Accepting */
@@ -480,6 +484,8 @@ void sbn__srv_conn_accept(sbn__coord *c) {
   conn->timer.data = conn;
   sbn__framer_init(&conn->rx, SBN_SRV_HELLO_MAX_FRAME < c->cfg.max_frame ? SBN_SRV_HELLO_MAX_FRAME
                                                                          : c->cfg.max_frame);
+  sbn__arena_init(&conn->arena, SBN_SRV_ARENA_KEEP_MAX);
+  sbn__arena_init(&conn->hello_arena, 0);
   uv_tcp_init(c->loop, &conn->tcp);
   uv_timer_init(c->loop, &conn->timer);
   conn->handles_open = 2;

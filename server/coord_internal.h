@@ -9,6 +9,12 @@
  * job's rank table points back at the connection while it is attached.
  * Connection memory is freed only in the close callbacks of its handles, a
  * round's memory only in its timer's close callback.
+ *
+ * Steady state allocates nothing (pool.c): a connection decodes every
+ * message into its own arena, and a contribution filed in a round moves to
+ * that round's slot by swapping arenas; ended rounds (with their timers and
+ * slot arenas), encoded replies and queued-write records go back to the
+ * coordinator's pools, each bounded below.
  */
 #ifndef SBN_COORD_INTERNAL_H
 #define SBN_COORD_INTERNAL_H
@@ -18,6 +24,7 @@
 
 #include <uv.h>
 
+#include "arena.h"
 #include "coordinator.h"
 #include "frame.h"
 #include "map.h"
@@ -37,6 +44,21 @@
 /* How long a closing connection may take to flush what it was sent. */
 #define SBN_SRV_FLUSH_TIMEOUT_MS 2000u
 
+/*
+ * Pools (pool.c).  An arena keeps at most SBN_SRV_ARENA_KEEP_MAX bytes
+ * between messages: enough for a default allreduce chunk (SBN_CHUNK_FLOATS
+ * floats, 4 MiB) and its envelope; larger messages cost an allocation each.
+ * Idle rounds, encoded buffers and write records are kept up to these
+ * counts, and pooled rounds' arenas and pooled buffers up to these bytes;
+ * past them memory goes back to the system.
+ */
+#define SBN_SRV_ARENA_KEEP_MAX (8u << 20)
+#define SBN_SRV_POOL_ROUNDS_MAX 256u
+#define SBN_SRV_POOL_ROUND_BYTES_MAX (256u << 20)
+#define SBN_SRV_POOL_WBUFS_MAX 64u
+#define SBN_SRV_POOL_WBUF_BYTES_MAX (64u << 20)
+#define SBN_SRV_POOL_WRITES_MAX 1024u
+
 /* A rank's state within the current generation of its job. */
 enum sbn__srv_rank_state {
   SBN_RANK_NEVER = 0, /* not connected yet in this generation */
@@ -46,14 +68,25 @@ enum sbn__srv_rank_state {
 };
 
 /*
- * An encoded frame shared by every connection it is written to; freed when
- * the last write completes.  Results are encoded once per round.
+ * An encoded frame shared by every connection it is written to; back to its
+ * coordinator's pool when the last write completes.  Results are encoded
+ * once per round.
  */
 typedef struct sbn__srv_wbuf {
   unsigned refs;
-  size_t len;
+  size_t len, cap;
+  sbn__coord *coord;
+  struct sbn__srv_wbuf *next; /* in the pool */
   uint8_t data[];
 } sbn__srv_wbuf;
+
+/* A queued write of (the tail of) a shared buffer. */
+typedef struct sbn__srv_write {
+  uv_write_t req;
+  sbn__srv_wbuf *wb;
+  size_t len;                  /* bytes of wb this write carries, counted in conn->queued */
+  struct sbn__srv_write *next; /* in the pool */
+} sbn__srv_write;
 
 typedef struct sbn__srv_conn sbn__srv_conn;
 typedef struct sbn__srv_job sbn__srv_job;
@@ -80,6 +113,15 @@ struct sbn__coord {
   sbn__metrics metrics;
   sbn__http *http;
   char metrics_addr[80];
+  /* Pools (pool.c): singly linked free lists. */
+  sbn__srv_round *pool_rounds;
+  uint32_t pool_nrounds;
+  size_t pool_round_bytes; /* the pooled rounds' arena buffers */
+  sbn__srv_wbuf *pool_wbufs;
+  uint32_t pool_nwbufs;
+  size_t pool_wbuf_bytes;
+  sbn__srv_write *pool_writes;
+  uint32_t pool_nwrites;
 };
 
 struct sbn__srv_conn {
@@ -96,6 +138,8 @@ struct sbn__srv_conn {
   uint64_t id;
   char peer[64];
   sbn__framer rx;
+  sbn__arena arena;       /* every message is decoded here, reset after dispatch */
+  sbn__arena hello_arena; /* holds hello_env while the challenge is out */
   int handles_open; /* close callbacks still to come; free at 0 */
   int closing;      /* no reads, no writes, teardown done */
   int broken;       /* a write failed; closes on the next loop iteration */
@@ -103,6 +147,9 @@ struct sbn__srv_conn {
   int welcomed;
   int said_goodbye;
   uint64_t queued; /* bytes handed to uv_write() and not yet written */
+  /* The first queued write's record; more come from the pool. */
+  sbn__srv_write wrec;
+  int wrec_busy;
   /*
    * Authentication (with a secret): the hello waits here while the
    * challenge is out; the nonces are both sides' of this connection.
@@ -166,7 +213,7 @@ struct sbn__srv_group {
 };
 
 struct sbn__srv_round {
-  uv_timer_t timer; /* the round timeout; the round is freed on its close */
+  uv_timer_t timer; /* the round timeout; stays initialized while pooled */
   sbn__srv_group *group;
   sbn__srv_round *job_prev, *job_next; /* in job->rounds */
   sbn__srv_round *grp_next;            /* in group->rounds */
@@ -176,13 +223,31 @@ struct sbn__srv_round {
   uint32_t ref;             /* group index of the first contributor, the reference */
   int dead;                 /* failed or completed; only the close callback remains */
   uint64_t t0;              /* uv_hrtime() of the first contribution */
+  uint32_t cap;             /* slots allocated (>= n when reused from the pool) */
+  sbn__srv_round *pool_next;
   uint32_t *arrived;        /* [n] group indices in arrival order */
   uint32_t *t_us;           /* [n] by group index: arrival, microseconds after t0 */
+  sbn__arena *arenas;       /* [cap] by group index: the memory under contrib[] */
   Sbn__Envelope *contrib[]; /* [n] by group index, NULL until it arrives */
 };
 
 /* coordinator.c */
 double *sbn__srv_scratch(sbn__coord *c, size_t n);
+
+/* pool.c */
+/* A round with room for n members, timer initialized and stopped; NULL
+ * without memory. */
+sbn__srv_round *sbn__srv_pool_round_get(sbn__coord *c, uint32_t n);
+/* Takes back an ended round: its slot arenas are reset, its timer stopped. */
+void sbn__srv_pool_round_put(sbn__coord *c, sbn__srv_round *r);
+/* A buffer of at least len data bytes with one reference, or NULL. */
+sbn__srv_wbuf *sbn__srv_pool_wbuf_get(sbn__coord *c, size_t len);
+sbn__srv_write *sbn__srv_pool_write_get(sbn__coord *c);
+void sbn__srv_pool_write_put(sbn__coord *c, sbn__srv_write *w);
+/* Shutdown: closes the pooled rounds' timers so the loop can end. */
+void sbn__srv_pool_drain(sbn__coord *c);
+/* Frees what is left (after the loop has run the close callbacks). */
+void sbn__srv_pool_free(sbn__coord *c);
 
 /* conn.c */
 void sbn__srv_conn_accept(sbn__coord *c);
@@ -202,15 +267,22 @@ void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, s
 
 /* Encodes env as a frame into a wbuf with one reference; NULL on failure
  * with the status in *rc (SBN_ENOMEM or SBN_ETOOBIG). */
-sbn__srv_wbuf *sbn__srv_wbuf_encode(const Sbn__Envelope *env, uint32_t max_frame, int *rc);
+sbn__srv_wbuf *sbn__srv_wbuf_encode(sbn__coord *c, const Sbn__Envelope *env, uint32_t max_frame,
+                                    int *rc);
+/* Drops a reference; the last one returns the buffer to its pool. */
 void sbn__srv_wbuf_unref(sbn__srv_wbuf *wb);
-sbn__srv_wbuf *sbn__srv_error_encode(int code, const char *msg, const uint32_t *ranks,
-                                     size_t nranks, uint64_t seq, int phase, const char *layer);
+sbn__srv_wbuf *sbn__srv_error_encode(sbn__coord *c, int code, const char *msg,
+                                     const uint32_t *ranks, size_t nranks, uint64_t seq, int phase,
+                                     const char *layer);
 
 /* handshake.c */
-/* A hello arrived on a connection not yet welcomed; takes env. */
+/*
+ * Message handlers borrow env, which lives in conn->arena until the
+ * dispatch returns; one that keeps it takes the arena by swapping.
+ */
+/* A hello arrived on a connection not yet welcomed. */
 void sbn__srv_hello(sbn__srv_conn *conn, Sbn__Envelope *env);
-/* A Proof arrived; takes env. */
+/* A Proof arrived. */
 void sbn__srv_proof(sbn__srv_conn *conn, Sbn__Envelope *env);
 
 /* job.c */
@@ -235,6 +307,7 @@ void sbn__srv_job_free_all(sbn__coord *c);
 void sbn__srv_jobs_shutdown(sbn__coord *c);
 
 /* round.c */
+/* Files env (taking conn->arena) or answers it with an error. */
 void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env);
 /* Fails round r for every member that contributed, leaves a tombstone. */
 void sbn__srv_round_fail(sbn__srv_round *r, int code, const uint32_t *ranks, size_t nranks,

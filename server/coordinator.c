@@ -227,12 +227,13 @@ void sbn__coord_stop(sbn__coord *c) {
    * phase), workers waiting in a round from that round's error.
    */
   sbn__srv_wbuf *idle =
-      sbn__srv_error_encode(SBN_ESHUTDOWN, "the coordinator is shutting down", NULL, 0, 0, 0, "");
+      sbn__srv_error_encode(c, SBN_ESHUTDOWN, "the coordinator is shutting down", NULL, 0, 0, 0, "");
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     if (conn->welcomed && conn->round == NULL)
       sbn__srv_conn_send(conn, idle);
   sbn__srv_wbuf_unref(idle);
   sbn__srv_jobs_shutdown(c);
+  sbn__srv_pool_drain(c);
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     sbn__srv_conn_close(conn, 1, "the coordinator is shutting down");
   sbn__http_stopping(c);
@@ -252,6 +253,7 @@ void sbn__coord_free(sbn__coord *c) {
   sbn__srv_job_free_all(c);
   sbn__srv_map_release(&c->jobs);
   free(c->scratch);
+  sbn__srv_pool_free(c);
   sbn__http_free(c);
   sbn__secret_wipe(&c->cfg.secret);
   free(c);

@@ -27,7 +27,7 @@ static void send_challenge(sbn__srv_conn *conn) {
   env.body_case = SBN__ENVELOPE__BODY_CHALLENGE;
   env.challenge = &ch;
   int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(conn->coord, &env, SBN_MAX_FRAME_CEILING, &rc);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
 }
@@ -38,14 +38,12 @@ void sbn__srv_hello(sbn__srv_conn *conn, Sbn__Envelope *env) {
   if (!c->auth) {
     uv_timer_stop(&conn->timer);
     sbn__srv_job_hello(conn, h);
-    sbn__msg_free(env);
     return;
   }
   if (h->protocol_version != SBN_PROTOCOL_VERSION) {
     sbn__srv_reject(conn, SBN_EVERSION,
                     "hello speaks protocol version %u, this coordinator speaks %u",
                     (unsigned)h->protocol_version, SBN_PROTOCOL_VERSION);
-    sbn__msg_free(env);
     return;
   }
   if (h->nonce.len != SBN_AUTH_NONCE_SIZE) {
@@ -55,16 +53,16 @@ void sbn__srv_hello(sbn__srv_conn *conn, Sbn__Envelope *env) {
     sbn__srv_reject(conn, SBN_EAUTH,
                     "this coordinator requires a shared secret: give the worker the "
                     "coordinator's secret file with SBN_SECRET_FILE or sbn_config.secret_file");
-    sbn__msg_free(env);
     return;
   }
   memcpy(conn->nonce_w, h->nonce.data, SBN_AUTH_NONCE_SIZE);
   if (sbn__auth_nonce(conn->nonce_c) != SBN_OK) {
     sbn__srv_reject(conn, SBN_EAUTH, "the coordinator has no random numbers for a challenge");
-    sbn__msg_free(env);
     return;
   }
+  /* Kept until the proof: the hello takes its memory along. */
   conn->hello_env = env;
+  sbn__arena_swap(&conn->arena, &conn->hello_arena);
   send_challenge(conn);
 }
 
@@ -74,7 +72,6 @@ void sbn__srv_proof(sbn__srv_conn *conn, Sbn__Envelope *env) {
     sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "",
                         "a proof must answer this coordinator's challenge");
     sbn__srv_conn_close(conn, 1, "proof without a challenge");
-    sbn__msg_free(env);
     return;
   }
   Sbn__Envelope *he = conn->hello_env;
@@ -82,7 +79,6 @@ void sbn__srv_proof(sbn__srv_conn *conn, Sbn__Envelope *env) {
   int ok = sbn__auth_check(&c->cfg.secret, SBN_AUTH_WORKER, conn->nonce_w, conn->nonce_c, h->job,
                            h->rank, h->world_size, h->generation, env->proof->proof.data,
                            env->proof->proof.len);
-  sbn__msg_free(env);
   if (!ok) {
     SBN_LOGW("conn %llu %s: authentication failed: wrong proof for rank %u of job '%.*s'",
              (unsigned long long)conn->id, conn->peer, (unsigned)h->rank, SBN_SRV_LOG_JOB_QUOTE,
@@ -97,5 +93,6 @@ void sbn__srv_proof(sbn__srv_conn *conn, Sbn__Envelope *env) {
   conn->hello_env = NULL;
   uv_timer_stop(&conn->timer);
   sbn__srv_job_hello(conn, h);
-  sbn__msg_free(he);
+  (void)he;
+  sbn__arena_release(&conn->hello_arena);
 }

@@ -165,7 +165,7 @@ static int job_restart(sbn__srv_job *job, uint64_t gen, uint32_t world) {
   snprintf(msg, sizeof(msg), "job '%s' restarted with generation %llu", job->name,
            (unsigned long long)gen);
   SBN_LOGI("%s (was generation %llu)", msg, (unsigned long long)job->generation);
-  sbn__srv_wbuf *wb = sbn__srv_error_encode(SBN_EPEERLOST, msg, NULL, 0, 0, 0, "");
+  sbn__srv_wbuf *wb = sbn__srv_error_encode(job->coord, SBN_EPEERLOST, msg, NULL, 0, 0, 0, "");
   for (uint32_t r = 0; r < job->world; r++) {
     sbn__srv_conn *conn = job->ranks[r].conn;
     if (conn == NULL)
@@ -202,7 +202,7 @@ void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   env.body_case = SBN__ENVELOPE__BODY_REJECT;
   env.reject = &rj;
   int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(conn->coord, &env, SBN_MAX_FRAME_CEILING, &rc);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
   SBN_LOGW("conn %llu %s: hello rejected (%s): %s", (unsigned long long)conn->id, conn->peer,
@@ -234,7 +234,7 @@ static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
   env.body_case = SBN__ENVELOPE__BODY_WELCOME;
   env.welcome = &w;
   int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, &rc);
   sbn__srv_conn_send(conn, wb);
   sbn__srv_wbuf_unref(wb);
   /* A welcomed worker may send frames up to the configured limit. */

@@ -17,6 +17,7 @@
 
 #include "coordinator.h"
 #include "frame.h"
+#include "heap.h"
 #include "log.h"
 #include "observe.h"
 #include "sbn/sbn.h"
@@ -280,6 +281,11 @@ static void keep_large_blocks(void) {
 }
 
 int main(int argc, char **argv) {
+#if defined(SBN_HEAP_WRAP)
+  /* libuv allocates through the same (wrapped) functions: all are counted. */
+  sbn__srv_heap_enable();
+  uv_replace_allocator(malloc, realloc, calloc, free);
+#endif
   sbn__coord_config cfg;
   sbn__coord_config_init(&cfg);
   int want_notify = 0;

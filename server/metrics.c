@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "coord_internal.h"
+#include "heap.h"
 #include "sbn/sbn.h"
 #include "sbn/status.h"
 
@@ -254,4 +255,18 @@ void sbn__metrics_write(sbn__coord *c, sbn__sbuf *o) {
   sbn__sbuf_printf(o, "sbn_received_bytes_total %llu\n", (unsigned long long)m->bytes_in);
   head(o, "sbn_sent_bytes_total", "counter", "Bytes written to worker connections.");
   sbn__sbuf_printf(o, "sbn_sent_bytes_total %llu\n", (unsigned long long)m->bytes_out);
+
+  if (sbn__srv_heap_counted()) {
+    head(o, "sbn_heap_allocations_total", "counter",
+         "Heap allocations (malloc, calloc, realloc) by the coordinator, libuv and protobuf-c, "
+         "except the metrics endpoint's own; flat while rounds run in steady state.");
+    sbn__sbuf_printf(o, "sbn_heap_allocations_total %llu\n",
+                     (unsigned long long)sbn__srv_heap_allocs());
+  }
+  head(o, "sbn_pool_rounds", "gauge", "Idle rounds kept for reuse.");
+  sbn__sbuf_printf(o, "sbn_pool_rounds %u\n", (unsigned)c->pool_nrounds);
+  head(o, "sbn_pool_bytes", "gauge",
+       "Bytes kept for reuse: pooled rounds' arenas and pooled reply buffers.");
+  sbn__sbuf_printf(o, "sbn_pool_bytes %llu\n",
+                   (unsigned long long)(c->pool_round_bytes + c->pool_wbuf_bytes));
 }

@@ -7,10 +7,11 @@
  * arrives, then computes the result in group rank order (ascending world
  * rank), so every member gets the same bytes whatever the arrival order.
  * The reply is encoded once and the same buffer is written to every member;
- * the contributions are freed as soon as it is queued.
+ * the contributions are released as soon as it is queued.
  *
- * Allocation per round happens in round_new() (the round and its tables in
- * one block) and in the reply encoding; a later issue will pool both.
+ * Nothing here allocates per round in steady state: rounds come from the
+ * coordinator's pool (pool.c) and go back to it, a contribution's memory is
+ * its slot's arena, and the reply's buffer is pooled too.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -30,10 +31,6 @@
 
 /* Life cycle */
 
-static void round_on_close(uv_handle_t *h) {
-  free(h->data);
-}
-
 static void round_on_timeout(uv_timer_t *t);
 
 /* --stall-warn: the round is still open; warn, then wait for the timeout. */
@@ -44,22 +41,15 @@ static void round_on_stall(uv_timer_t *t) {
   uv_timer_start(&r->timer, round_on_timeout, cfg->round_timeout_ms - cfg->stall_warn_ms, 0);
 }
 
-static sbn__srv_round *round_new(sbn__srv_group *g, uint64_t seq) {
+static sbn__srv_round *round_new(sbn__srv_group *g, uint64_t seq, uint64_t now) {
   sbn__srv_job *job = g->job;
   const sbn__coord_config *cfg = &job->coord->cfg;
-  size_t n = g->n;
-  sbn__srv_round *r =
-      calloc(1, sizeof(*r) + n * sizeof(Sbn__Envelope *) + 2 * n * sizeof(uint32_t));
+  sbn__srv_round *r = sbn__srv_pool_round_get(job->coord, g->n);
   if (r == NULL)
     return NULL;
-  r->arrived = (uint32_t *)(r->contrib + n);
-  r->t_us = r->arrived + n;
-  r->t0 = uv_hrtime();
+  r->t0 = now;
   r->group = g;
   r->seq = seq;
-  r->n = (uint32_t)n;
-  r->timer.data = r;
-  uv_timer_init(job->coord->loop, &r->timer);
   if (cfg->stall_warn_ms > 0 && cfg->stall_warn_ms < cfg->round_timeout_ms)
     uv_timer_start(&r->timer, round_on_stall, cfg->stall_warn_ms, 0);
   else
@@ -99,14 +89,9 @@ static void round_detach(sbn__srv_round *r) {
   job->nrounds--;
 }
 
-/* Frees the contributions now and the round once its timer has closed. */
+/* Releases the contributions and returns r to the pool (r is gone after). */
 static void round_free(sbn__srv_round *r) {
-  for (uint32_t k = 0; k < r->nhave; k++) {
-    sbn__msg_free(r->contrib[r->arrived[k]]);
-    r->contrib[r->arrived[k]] = NULL;
-  }
-  uv_timer_stop(&r->timer);
-  uv_close((uv_handle_t *)&r->timer, round_on_close);
+  sbn__srv_pool_round_put(r->group->job->coord, r);
 }
 
 void sbn__srv_round_drop(sbn__srv_round *r) {
@@ -130,7 +115,10 @@ static void group_tomb_set(sbn__srv_group *g, uint64_t seq, int code, const char
                            const uint32_t *ranks, size_t nranks) {
   if (g->tomb_set && seq < g->tomb_seq)
     return;
-  char *m = strdup(msg);
+  size_t mlen = strlen(msg) + 1;
+  char *m = malloc(mlen);
+  if (m != NULL)
+    memcpy(m, msg, mlen);
   uint32_t *rk = nranks ? malloc(nranks * sizeof(uint32_t)) : NULL;
   if (m == NULL || (nranks && rk == NULL)) {
     /* Without memory the late members still get the round timeout. */
@@ -167,7 +155,7 @@ static void round_fail_msg(sbn__srv_round *r, int code, const uint32_t *ranks, s
            msg);
   sbn__obs_round_end(r, code);
   sbn__srv_wbuf *wb =
-      sbn__srv_error_encode(code, msg, ranks, nranks, r->seq, ref->phase, ref->layer);
+      sbn__srv_error_encode(job->coord, code, msg, ranks, nranks, r->seq, ref->phase, ref->layer);
   group_tomb_set(g, r->seq, code, msg, ranks, nranks);
   round_detach(r);
   for (uint32_t k = 0; k < r->nhave; k++) {
@@ -635,7 +623,7 @@ static void round_complete(sbn__srv_round *r) {
   env.body_case = SBN__ENVELOPE__BODY_RESULT;
   env.result = &res;
   int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(&env, SBN_MAX_FRAME_CEILING, &rc);
+  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(job->coord, &env, SBN_MAX_FRAME_CEILING, &rc);
   if (wb == NULL) {
     sbn__srv_round_fail(r, rc, NULL, 0, "cannot encode the result of '%s': %s", ref->layer,
                         sbn_strerror(rc));
@@ -681,11 +669,11 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
                         "is still open",
                         (unsigned)conn->rank, (unsigned long long)m->seq, layer,
                         (unsigned long long)conn->round->seq, round_ref(conn->round)->layer);
-    goto out;
+    return;
   }
   if ((rc = check_shape(conn, m, msg, sizeof(msg))) != SBN_OK) {
     sbn__srv_conn_error(conn, rc, &conn->rank, 1, m->seq, m->phase, layer, "%s", msg);
-    goto out;
+    return;
   }
   sbn__srv_group *g = sbn__srv_group_get(job, m->members, m->n_members, &rc);
   if (g == NULL && rc == SBN_ELIMIT) {
@@ -693,21 +681,23 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
                         "job '%s' has created %u groups, the coordinator's limit; layer '%s' "
                         "cannot use a new one",
                         job->name, (unsigned)job->ngroups, layer);
-    goto out;
+    return;
   }
   if (g == NULL) {
     sbn__srv_conn_error(conn, SBN_ENOMEM, NULL, 0, m->seq, m->phase, layer,
                         "out of memory filing a contribution");
-    goto out;
+    return;
   }
   if (g->tomb_set && m->seq <= g->tomb_seq) {
     /* A round this rank is late for already failed: the same error, now. */
-    sbn__srv_wbuf *wb = sbn__srv_error_encode(g->tomb_code, g->tomb_msg, g->tomb_ranks,
-                                              g->tomb_nranks, m->seq, m->phase, layer);
+    sbn__srv_wbuf *wb = sbn__srv_error_encode(job->coord, g->tomb_code, g->tomb_msg,
+                                              g->tomb_ranks, g->tomb_nranks, m->seq, m->phase,
+                                              layer);
     sbn__srv_conn_send(conn, wb);
     sbn__srv_wbuf_unref(wb);
-    goto out;
+    return;
   }
+  const uint64_t now = uv_hrtime();
   sbn__srv_round *r = group_find_round(g, m->seq);
   uint32_t idx = (uint32_t)sbn__srv_group_index(g, conn->rank);
   if (r == NULL) {
@@ -723,7 +713,7 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
         sbn__srv_conn_error(conn, SBN_EPEERLOST, &mr, 1, m->seq, m->phase, layer,
                             "rank %u of job '%s' %s", (unsigned)mr, job->name,
                             st == SBN_RANK_LEFT ? "left" : "disconnected");
-        goto out;
+        return;
       }
     }
     if (job->nrounds >= job->coord->cfg.max_rounds) {
@@ -731,44 +721,43 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
                           "job '%s' has %u open rounds, the coordinator's limit; seq %llu of "
                           "layer '%s' cannot open another",
                           job->name, (unsigned)job->nrounds, (unsigned long long)m->seq, layer);
-      goto out;
+      return;
     }
-    r = round_new(g, m->seq);
+    r = round_new(g, m->seq, now);
     if (r == NULL) {
       sbn__srv_conn_error(conn, SBN_ENOMEM, NULL, 0, m->seq, m->phase, layer,
                           "out of memory opening a round");
-      goto out;
+      return;
     }
     r->ref = idx;
   } else if (r->contrib[idx] != NULL) {
     sbn__srv_conn_error(conn, SBN_ESTATE, &conn->rank, 1, m->seq, m->phase, layer,
                         "rank %u already contributed to seq %llu", (unsigned)conn->rank,
                         (unsigned long long)m->seq);
-    goto out;
+    return;
   }
-  /* Filed first, so that a failure below reaches the sender with the rest. */
+  /* Filed first, so that a failure below reaches the sender with the rest.
+   * The slot takes the memory under env, leaving conn its (empty) arena. */
   r->contrib[idx] = env;
+  sbn__arena_swap(&conn->arena, &r->arenas[idx]);
   r->arrived[r->nhave++] = idx;
-  uint64_t since_us = (uv_hrtime() - r->t0) / 1000u;
+  uint64_t since_us = (now - r->t0) / 1000u;
   r->t_us[idx] = since_us < UINT32_MAX ? (uint32_t)since_us : UINT32_MAX - 1;
   conn->round = r;
   job->n_waiting++;
-  env = NULL;
   uint32_t ref_rank = sbn__srv_group_rank(g, r->ref);
   if (idx != r->ref && (rc = check_agrees(r, ref_rank, conn->rank, m, msg, sizeof(msg))) != 0) {
     uint32_t both[2];
     two_ranks(both, ref_rank, conn->rank);
     round_fail_msg(r, rc, both, 2, msg);
-    goto out;
+    return;
   }
   if ((rc = check_values(conn, m, msg, sizeof(msg))) != SBN_OK) {
     round_fail_msg(r, rc, &conn->rank, 1, msg);
-    goto out;
+    return;
   }
   if (r->nhave == r->n)
     round_complete(r);
   else
     check_deadlock(r, conn->rank);
-out:
-  sbn__msg_free(env);
 }

@@ -27,59 +27,6 @@
 /* Bytes asked of one recv(). */
 #define SBN_RECV_CHUNK (64 * 1024)
 
-/* ---- the reply arena ---------------------------------------------------- */
-
-#define SBN_ARENA_ALIGN 16
-
-static void *arena_alloc(void *ud, size_t size) {
-  sbn__arena *a = ud;
-  size = (size + SBN_ARENA_ALIGN - 1) & ~(size_t)(SBN_ARENA_ALIGN - 1);
-  a->want += size;
-  if (size <= a->cap - a->used) {
-    void *p = a->buf + a->used;
-    a->used += size;
-    return p;
-  }
-  if (a->nspill == a->spill_cap) {
-    size_t ncap = a->spill_cap ? 2 * a->spill_cap : 8;
-    void **ns = realloc(a->spill, ncap * sizeof(*ns));
-    if (ns == NULL)
-      return NULL;
-    a->spill = ns;
-    a->spill_cap = ncap;
-  }
-  void *p = malloc(size);
-  if (p != NULL)
-    a->spill[a->nspill++] = p;
-  return p;
-}
-
-static void arena_free(void *ud, void *p) {
-  (void)ud;
-  (void)p; /* everything goes at the next reset */
-}
-
-/* Forgets the last message; grows the buffer if it did not fit. */
-static void arena_reset(sbn__arena *a) {
-  for (size_t i = 0; i < a->nspill; i++)
-    free(a->spill[i]);
-  a->nspill = 0;
-  if (a->want > a->cap) {
-    size_t ncap = a->want + a->want / 4;
-    free(a->buf);
-    a->buf = malloc(ncap);
-    a->cap = a->buf ? ncap : 0;
-  }
-  a->used = a->want = 0;
-}
-
-static void arena_release(sbn__arena *a) {
-  arena_reset(a);
-  free(a->spill);
-  free(a->buf);
-  memset(a, 0, sizeof(*a));
-}
-
 /* ---- the connection --------------------------------------------------------- */
 
 void sbn__conn_init(sbn__conn *c) {
@@ -87,9 +34,8 @@ void sbn__conn_init(sbn__conn *c) {
   c->fd = -1;
   c->max_frame = SBN_MAX_FRAME_DEFAULT;
   sbn__framer_init(&c->rx, SBN_MAX_FRAME_CEILING);
-  c->alloc.alloc = arena_alloc;
-  c->alloc.free = arena_free;
-  c->alloc.allocator_data = &c->arena;
+  sbn__arena_init(&c->arena, 0);
+  c->alloc = sbn__arena_allocator(&c->arena);
 }
 
 void sbn__conn_close(sbn__conn *c) {
@@ -97,7 +43,7 @@ void sbn__conn_close(sbn__conn *c) {
     close(c->fd);
   c->fd = -1;
   sbn__framer_release(&c->rx);
-  arena_release(&c->arena);
+  sbn__arena_release(&c->arena);
   free(c->tx);
   c->tx = NULL;
   c->tx_cap = 0;
@@ -269,7 +215,7 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
     int r = sbn__framer_next(&c->rx, &body, &len);
     if (r > 0) {
       char err[160];
-      arena_reset(&c->arena); /* the previous reply is released by now */
+      sbn__arena_reset(&c->arena); /* the previous reply is released by now */
       Sbn__Envelope *env = sbn__msg_decode_with(&c->alloc, body, len, err, sizeof(err));
       if (env == NULL) {
         char msg[200];

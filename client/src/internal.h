@@ -9,6 +9,7 @@
 #include <stddef.h>
 
 #include "sbn/sbn.h"
+#include "arena.h"
 #include "frame.h"
 #include "msg.h"
 
@@ -22,18 +23,6 @@ int sbn__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* Clears the last error (successful calls need not call this). */
 void sbn__clear_error(void);
 
-/*
- * Memory for decoded replies: one buffer reused for every message, so that a
- * steady stream of rounds allocates nothing (large allreduce replies would
- * otherwise cost fresh pages, and page faults, every round).  What does not
- * fit goes to malloc until the next reset, which then grows the buffer.
- */
-typedef struct sbn__arena {
-  uint8_t *buf;
-  size_t cap, used, want;
-  void **spill;
-  size_t nspill, spill_cap;
-} sbn__arena;
 
 /* A connection to the coordinator (conn.c).  fd < 0 means none. */
 typedef struct sbn__conn {

@@ -1,0 +1,45 @@
+/*
+ * arena.h - memory for decoded messages, reused from one message to the next.
+ *
+ * A message decoded into an arena (through sbn__arena_allocator) lives until
+ * the arena's next reset: protobuf-c's own frees are no-ops.  One buffer is
+ * reused for every message, so a steady stream of messages of one size
+ * allocates nothing; what does not fit goes to malloc until the next reset,
+ * which then grows the buffer to fit (up to keep_max bytes, past which large
+ * messages keep costing an allocation each rather than pinning their size).
+ *
+ * An arena holds no pointer to itself, so two arenas may be swapped to hand
+ * a decoded message (and the memory under it) to a new owner.  Not
+ * thread-safe: one owner at a time.
+ */
+#ifndef SBN_COMMON_ARENA_H
+#define SBN_COMMON_ARENA_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct sbn__arena {
+  uint8_t *buf;
+  size_t cap, used, want; /* want: what the messages since the reset asked for */
+  size_t keep_max;        /* the buffer grows to at most this; 0 = no limit */
+  void **spill;           /* what did not fit, malloc'd until the next reset */
+  size_t nspill, spill_cap;
+} sbn__arena;
+
+/* An empty arena whose buffer grows to at most keep_max bytes (0: no limit). */
+void sbn__arena_init(sbn__arena *a, size_t keep_max);
+/* Forgets everything allocated; grows the buffer if the last use overflowed. */
+void sbn__arena_reset(sbn__arena *a);
+/* Frees all memory; the arena is empty and usable again. */
+void sbn__arena_release(sbn__arena *a);
+/* A protobuf-c allocator drawing on a (valid while a is not moved). */
+ProtobufCAllocator sbn__arena_allocator(sbn__arena *a);
+
+static inline void sbn__arena_swap(sbn__arena *a, sbn__arena *b) {
+  sbn__arena t = *a;
+  *a = *b;
+  *b = t;
+}
+
+#endif
