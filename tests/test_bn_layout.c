@@ -509,8 +509,37 @@ END_TEST
 /* ---- kernel dispatch ------------------------------------------------------------ */
 
 /* Not in the API (batchnorm.c): -1 automatic, 0 generic kernels, 1 AVX2,
- * 2 AVX2+FMA; returns the path in use, or -1 when the CPU or the build
- * lacks the one asked for. */
+ * 2 AVX2+FMA, 3 AVX-512; returns the path in use, or -1 when the CPU or the
+ * build lacks the one asked for. */
+#define N_PATHS 4
+
+/*
+ * Spikes of +-2^40 at every period-th value of each channel from first on,
+ * of alternating signs (an even number, so they cancel exactly): the double
+ * sums of the small values in between then round at 2^-13, differently in
+ * every order, and the means (running_mean) and Σdy (the bias' gradient)
+ * show it.  Without them, the sums of small floats are mostly exact in
+ * double and any order gives the same bits.
+ */
+static void add_spikes(float *v, const size_t *shape, int nd, size_t C, unsigned flags,
+                       size_t period, size_t first) {
+  size_t n = 1, S = 1;
+  for (int d = 0; d < nd; d++) n *= shape[d];
+  for (int d = 2; d < nd; d++) S *= shape[d];
+  if (flags & CL) S = 1;
+  for (size_t c = 0; c < C; c++) {
+    size_t count = 0, last = 0;
+    float last_v = 0;
+    for (size_t i = 0; i < n; i++) {
+      const size_t ch = (flags & CL) ? i % C : (i / S) % C;
+      const size_t j = (flags & CL) ? i / C : (i / (S * C)) * S + i % S;
+      if (ch != c || j % period != first) continue;
+      last = i, last_v = v[i];
+      v[i] = count++ % 2 ? -0x1p40f : 0x1p40f;
+    }
+    if (count % 2) v[last] = last_v;
+  }
+}
 
 /* One training forward and backward, and an eval forward, on path. */
 typedef struct run_out {
@@ -518,7 +547,7 @@ typedef struct run_out {
 } run_out;
 
 static run_out run_path(int path, const size_t *shape, int nd, size_t C, unsigned flags,
-                        float mean) {
+                        float mean, int spiky) {
   ck_assert_int_eq(sbn__bn_kernel_path(path), path);
   sbn_module *m = make_layer(0, C, flags, 0);
   sbn_tensor *x, *dy;
@@ -530,6 +559,10 @@ static run_out run_path(int path, const size_t *shape, int nd, size_t C, unsigne
     sbn_tensor_data(x)[i] = mean + (float)((s >> 8) & 0xffff) / 65536.0f * 3.0f - 1.2f;
     s = s * 1664525u + 1013904223u;
     sbn_tensor_data(dy)[i] = (float)((s >> 8) & 0xffff) / 65536.0f * 2.0f - 1.0f;
+  }
+  if (spiky) {
+    add_spikes(sbn_tensor_data(x), shape, nd, C, flags, 7, 3);
+    add_spikes(sbn_tensor_data(dy), shape, nd, C, flags, 5, 2);
   }
   for (size_t c = 0; c < C; c++) {
     sbn_tensor_data(T(m, "weight"))[c] = 0.5f + 0.1f * (float)c;
@@ -558,11 +591,12 @@ static void run_free(run_out *o) {
 }
 
 /*
- * The generic, AVX2 and AVX2+FMA kernels give the same bits (a
+ * The generic, AVX2, AVX2+FMA and AVX-512 kernels give the same bits (a
  * SyncBatchNorm rank computes the same values on any CPU): every layout and
  * family, the fused ReLU, shapes with every kind of tail, small planes and
- * streamed ones, and |mean| >> std.  Paths the CPU lacks are skipped (on a
- * CPU without AVX2 only the generic one runs, against itself).
+ * streamed ones, and |mean| >> std; each also with spikes (add_spikes), where
+ * any change in the sums' order shows.  Paths the CPU lacks are skipped (on
+ * a CPU without AVX2 only the generic one runs, against itself).
  */
 START_TEST(test_dispatch_paths_agree) {
   static const struct {
@@ -582,24 +616,32 @@ START_TEST(test_dispatch_paths_agree) {
       {4, {3, 5, 7, 37}, 37, CL, 0.0f},     /* channels-last, tails of 16/8/4 */
       {4, {3, 5, 7, 37}, 37, CL | RELU, 1e4f},
       {3, {9, 11, 64}, 64, CL, 0.5f},
+      {3, {2, 3, 261}, 3, RELU, 0.0f},      /* streamed, 16-value blocks + 4 + 1 */
+      {2, {13, 53}, 53, RELU, 0.0f},        /* rows: 16-channel blocks + 4 + 1 */
   };
-  int paths[3], np = 0;
-  for (int p = 0; p <= 2; p++)
+  int paths[N_PATHS], np = 0;
+  for (int p = 0; p < N_PATHS; p++)
     if (sbn__bn_kernel_path(p) == p) paths[np++] = p;
   ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
   ck_assert_int_ge(np, 1);
-  for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
-    run_out g = run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
+  for (size_t t = 0; t < 2 * sizeof(k) / sizeof(k[0]); t++) {
+    const size_t i = t / 2;
+    const int spiky = (int)(t % 2);
+    run_out g = run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky);
     for (int j = 0; j < np; j++) {
-      run_out v = run_path(paths[j], k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean);
+      run_out v = run_path(paths[j], k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky);
       const int p = paths[j];
-      ck_assert_msg(bitwise_equal(g.y, v.y), "case %zu path %d: y differs", i, p);
-      ck_assert_msg(bitwise_equal(g.dx, v.dx), "case %zu path %d: dx differs", i, p);
-      ck_assert_msg(bitwise_equal(g.ye, v.ye), "case %zu path %d: eval y differs", i, p);
-      ck_assert_msg(bitwise_equal(g.rm, v.rm), "case %zu path %d: running_mean differs", i, p);
-      ck_assert_msg(bitwise_equal(g.rv, v.rv), "case %zu path %d: running_var differs", i, p);
-      ck_assert_msg(bitwise_equal(g.gw, v.gw), "case %zu path %d: dweight differs", i, p);
-      ck_assert_msg(bitwise_equal(g.gb, v.gb), "case %zu path %d: dbias differs", i, p);
+#define SAME(f, what)                                                                              \
+  ck_assert_msg(bitwise_equal(g.f, v.f), "case %zu%s path %d: " what " differs", i,              \
+                spiky ? " (spikes)" : "", p)
+      SAME(y, "y");
+      SAME(dx, "dx");
+      SAME(ye, "eval y");
+      SAME(rm, "running_mean");
+      SAME(rv, "running_var");
+      SAME(gw, "dweight");
+      SAME(gb, "dbias");
+#undef SAME
       run_free(&v);
     }
     run_free(&g);

@@ -20,6 +20,7 @@
 
 #include <math.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,16 +209,24 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
 
 /*
  * The kernels use GCC/Clang vector extensions: 8 floats (v8f) and 4
- * doubles (v4d) at a time, written once and compiled up to three times
+ * doubles (v4d) at a time, written once and compiled up to four times
  * (see "dispatch" below): for the x86-64 baseline (SSE2, where the compiler
- * splits each 32-byte operation in two 16-byte ones), with AVX2, and with
- * AVX2+FMA, chosen at run time.  All are the same source with the same
- * operations in the same order, floating-point contraction is off for this
- * file, and the FMA path uses the FMA only as an exact addition (acc_add),
- * so every path gives the same bits: a SyncBatchNorm rank computes the
- * same values whatever its CPU.  The element-wise kernels do exactly the scalar
- * operations, so a value's result does not depend on its position; the
- * sums have a fixed order, so every run gives the same bits.
+ * splits each 32-byte operation in two 16-byte ones), with AVX2, with
+ * AVX2+FMA and with AVX-512, chosen at run time.  The AVX-512 copy runs
+ * its own variants of the sums' inner loops (plane_stats_one8,
+ * plane_grad_sums_one8 and the FM_512 blocks of the row sums) on 16 floats
+ * (v16f) and 8 doubles (v8d), because GCC does not fuse two 256-bit
+ * operations into one 512-bit one and splits 64-byte vectors badly without
+ * AVX-512 (so the other copies keep the 256-bit loops).  The variants give
+ * every double lane the same values in the same order: a v8d holds two of
+ * the v4d lanes (s01 = s0 and s1), a 4-value tail adds +0 to the other
+ * half, and the folds are the same.  Floating-point contraction is off for
+ * this file, and FMAs are used only as exact additions (acc_add, acc_add8),
+ * so every path gives the same bits: a SyncBatchNorm rank computes the same
+ * values whatever its CPU.  The element-wise kernels do exactly the scalar
+ * operations, so a value's result does not depend on its position or the
+ * vector width; the sums have a fixed order, so every run gives the same
+ * bits.
  *
  * Two families, each with the same passes over the data:
  *   - plane kernels (S > 1): N*C contiguous planes of S values, inner loop
@@ -243,8 +252,9 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  * saved constants by the same expression (so the same bits as the
  * forward's), inside the sums pass and the dx pass.
  */
-/* The 32-byte vectors never cross a call (every helper is always_inline),
- * so GCC's note that their ABI differs without AVX does not apply. */
+/* The 32- and 64-byte vectors never cross a call (every helper is
+ * always_inline), so GCC's note that their ABI differs without AVX or
+ * AVX-512 does not apply. */
 #if defined(__clang__)
 #pragma clang diagnostic ignored "-Wunknown-warning-option"
 #pragma clang diagnostic ignored "-Wpsabi"
@@ -256,6 +266,10 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
+/* 64-byte vectors: only in the AVX-512 kernels (see "dispatch"). */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16si __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
 #define RB 8 /* rows per sweep in the row kernels' sums */
 /* Rows per sweep in the row kernels' element-wise passes: 8 for wide rows
  * (the constants stay in registers), 1 for narrow ones, where a sweep of
@@ -282,35 +296,93 @@ KERNEL v4d ld4d(const double *p) {
   return v;
 }
 KERNEL void st4d(double *p, v4d v) { memcpy(p, &v, sizeof(v)); }
+KERNEL v16f ld16f(const float *p) {
+  v16f v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+KERNEL v8d ld8d(const double *p) {
+  v8d v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+/* 64-byte vectors go by address: as parameters, GCC would note an ABI
+ * change (once per build, whatever the pragma below says). */
+KERNEL void st8d(double *p, const v8d *v) { memcpy(p, v, sizeof(*v)); }
 /* float -> double conversions (exact), written element-wise: GCC 12 splits
  * __builtin_convertvector to v4d in two, but this becomes one vcvtps2pd. */
 KERNEL v4d cvt4(v4f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
 KERNEL v4d cvt_lo(v8f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
 KERNEL v4d cvt_hi(v8f v) { return (v4d){v[4], v[5], v[6], v[7]}; }
+/* v in the low half, +0 in the high one. */
+KERNEL v8d zext4d(v4d v) { return (v8d){v[0], v[1], v[2], v[3], 0, 0, 0, 0}; }
+KERNEL v16f splat16(float f) { return (v16f){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
+KERNEL v8d splat8d(double d) { return (v8d){d, d, d, d, d, d, d, d}; }
 KERNEL v8f splat8(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
 KERNEL v4f splat4(float f) { return (v4f){f, f, f, f}; }
 KERNEL v4d splat4d(double d) { return (v4d){d, d, d, d}; }
 KERNEL double hsum4d(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 /*
- * a + b, or with fm (the AVX2+FMA kernels) fma(b, 1, a): b * 1 is exact, so
- * the FMA rounds a + b once, exactly like the addition, and gives the same
- * bits; it only runs on the multiply-add units, which the sums' additions
- * would otherwise queue behind (see "dispatch").  Only with optimization,
- * where the branch for fm = 0 is gone before GCC checks the builtin's ISA.
+ * fm, the last parameter of every kernel: the dispatch path's flags (a
+ * constant in each compiled copy, see "dispatch").  FM_FMA: acc_add is an
+ * FMA; FM_512: the sums run their 512-bit variants.
+ */
+enum { FM_FMA = 1, FM_512 = 2 };
+
+/*
+ * a + b, or with FM_FMA fma(b, 1, a): b * 1 is exact, so the FMA rounds
+ * a + b once, exactly like the addition, and gives the same bits; it only
+ * runs on the multiply-add units, which the sums' additions would otherwise
+ * queue behind (see "dispatch").  GCC's x86 builtins (SBN_BN_BUILTINS) only
+ * with optimization, where the branches a kernel copy does not take are gone
+ * before GCC checks the builtin's ISA.
  */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__OPTIMIZE__)
-#define SBN_BN_FMA 1
-#include <immintrin.h> /* declares the builtin */
+#define SBN_BN_BUILTINS 1
+#include <immintrin.h> /* declares the builtins */
 #else
-#define SBN_BN_FMA 0
+#define SBN_BN_BUILTINS 0
 #endif
 KERNEL v4d acc_add(v4d a, v4d b, const int fm) {
-#if SBN_BN_FMA
-  if (fm) return __builtin_ia32_vfmaddpd256(b, splat4d(1.0), a);
+#if SBN_BN_BUILTINS
+  if (fm & FM_FMA) return __builtin_ia32_vfmaddpd256(b, splat4d(1.0), a);
 #endif
   (void)fm;
   return a + b;
+}
+/* The same for 8 lanes (the AVX-512 kernels only). */
+KERNEL void acc_add8(v8d *a, const v8d *b, const int fm) {
+#if SBN_BN_BUILTINS
+  if (fm & FM_FMA) {
+    *a = __builtin_ia32_vfmaddpd512_mask(*b, splat8d(1.0), *a, (unsigned char)-1, 4);
+    return;
+  }
+#endif
+  (void)fm;
+  *a += *b;
+}
+
+/* float -> double of 8 values, of the low and high halves of 16 (the AVX-512
+ * kernels only).  GCC 12 splits both __builtin_convertvector and the
+ * element-wise form in 256-bit pieces; the halves are taken by memcpy, as
+ * the elements of a masked vector (KEEP16) would be extracted one by one. */
+KERNEL v8d cvt8(v8f v) {
+#if SBN_BN_BUILTINS
+  return __builtin_ia32_cvtps2pd512_mask(v, splat8d(0.0), (unsigned char)-1, 4);
+#else
+  return (v8d){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+#endif
+}
+KERNEL v8d cvt16_lo(const v16f *p) {
+  v8f h;
+  memcpy(&h, p, sizeof(h));
+  return cvt8(h);
+}
+KERNEL v8d cvt16_hi(const v16f *p) {
+  v8f h;
+  memcpy(&h, (const char *)p + sizeof(h), sizeof(h));
+  return cvt8(h);
 }
 
 /* The normalization of one value, 8, 4 and 1 at a time: the same operations. */
@@ -321,9 +393,38 @@ KERNEL float aff1(float x, float h, float l, float a, float b) { return ((x - h)
 KERNEL v8f relu8(v8f v) { return (v8f)((v8si)v & ~(v8si)(v <= splat8(0.0f))); }
 KERNEL v4f relu4(v4f v) { return (v4f)((v4si)v & ~(v4si)(v <= splat4(0.0f))); }
 KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
-/* ReLU's backward: g where v > 0 (or NaN), else +0. */
-KERNEL v8f keep8(v8f v, v8f g) { return (v8f)((v8si)g & ~(v8si)(v <= splat8(0.0f))); }
-KERNEL v4f keep4(v4f v, v4f g) { return (v4f)((v4si)g & ~(v4si)(v <= splat4(0.0f))); }
+/*
+ * ReLU's backward: g where v > 0 (or NaN), else +0.  With AVX-512, GCC turns
+ * this into a zero-masking load of g under the compare's mask, which made
+ * the fused-ReLU backward almost twice as slow here (a Zen 5) as the compare
+ * and and-not; an empty asm (MASK_BARRIER, GCC with optimization, where
+ * the kernels without FM_512 have dropped it before the asm is checked)
+ * hides the mask's origin.  KEEP16 is a macro like FWD16_AT.
+ */
+#if SBN_BN_BUILTINS
+#define MASK_BARRIER(m, fm)                                                                        \
+  do {                                                                                             \
+    if ((fm) & FM_512) __asm__("" : "+v"(m));                                                      \
+  } while (0)
+#else
+#define MASK_BARRIER(m, fm) ((void)(fm))
+#endif
+#define KEEP16(v, g)                                                                               \
+  __extension__({                                                                                  \
+    v16si m_ = (v16si)((v) <= splat16(0.0f));                                                      \
+    MASK_BARRIER(m_, FM_512);                                                                      \
+    (v16f)((v16si)(g) & ~m_);                                                                      \
+  })
+KERNEL v8f keep8(v8f v, v8f g, const int fm) {
+  v8si m = (v8si)(v <= splat8(0.0f));
+  MASK_BARRIER(m, fm);
+  return (v8f)((v8si)g & ~m);
+}
+KERNEL v4f keep4(v4f v, v4f g, const int fm) {
+  v4si m = (v4si)(v <= splat4(0.0f));
+  MASK_BARRIER(m, fm);
+  return (v4f)((v4si)g & ~m);
+}
 KERNEL float keep1(float v, float g) { return v <= 0 ? 0.0f : g; }
 
 /* Per-channel constants of the element-wise kernels, 8, 4 or 1 channels. */
@@ -347,18 +448,33 @@ KERNEL aff4_t aff4_splat(const float *aff, size_t C, size_t c) {
   return (aff4_t){splat4(aff[c]), splat4(aff[C + c]), splat4(aff[2 * C + c]),
                   splat4(aff[3 * C + c])};
 }
-/* The forward's output v of x (before the ReLU). */
+/* The forward's output v of x (before the ReLU): 16 values of channel c
+ * (FWD16_SPLAT) or of channels c.. (FWD16_AT).  Macros: a 64-byte vector
+ * parameter would make GCC note an ABI change once per build. */
+#define FWD16_SPLAT(x, aff, C, c)                                                                  \
+  ((((x) - splat16((aff)[c])) - splat16((aff)[(C) + (c)])) * splat16((aff)[2 * (C) + (c)]) +       \
+   splat16((aff)[3 * (C) + (c)]))
+#define FWD16_AT(x, aff, C, c)                                                                     \
+  ((((x) - ld16f((aff) + (c))) - ld16f((aff) + (C) + (c))) * ld16f((aff) + 2 * (C) + (c)) +        \
+   ld16f((aff) + 3 * (C) + (c)))
 KERNEL v8f fwd8(v8f x, aff8_t k) { return aff8(x, k.h, k.l, k.a, k.b); }
 KERNEL v4f fwd4(v4f x, aff4_t k) { return aff4(x, k.h, k.l, k.a, k.b); }
 KERNEL float fwd1(float x, const float *aff, size_t C, size_t c) {
   return aff1(x, aff[c], aff[C + c], aff[2 * C + c], aff[3 * C + c]);
 }
 
-/* Sums of d = x - k and d² for 4 values into s and q. */
+/* Sums of d = x - k and d² for 4 values into s and q; STATS8: 8 values
+ * already in double. */
 #define STATS4(xv4, kv, s, q)                                                                      \
   do {                                                                                             \
     const v4d d_ = cvt4(xv4) - (kv);                                                               \
     (s) = acc_add((s), d_, fm);                                                                    \
+    (q) += d_ * d_;                                                                                \
+  } while (0)
+#define STATS8(xd8, kv, s, q)                                                                      \
+  do {                                                                                             \
+    const v8d d_ = (xd8) - (kv);                                                                   \
+    acc_add8(&(s), &d_, fm);                                                                       \
     (q) += d_ * d_;                                                                                \
   } while (0)
 
@@ -382,6 +498,14 @@ typedef struct {
 #define PLANE_STREAM_MIN 256 /* planes of at least this many values stream */
 /* Scratch of the statistics and of the backward's sums, per channel. */
 #define ACC_DOUBLES STATS_ACC_DOUBLES
+/* The same lanes for the AVX-512 kernels, s01 = (s0, s1) and so on: the
+ * same bytes up to qt (stats_acc8 has more padding). */
+typedef struct {
+  v8d s01, s23, q01, q23;
+  double st, qt;
+} stats_acc8;
+#define STATS_ACC_BYTES (offsetof(stats_acc, qt) + sizeof(double))
+_Static_assert(offsetof(stats_acc8, qt) == offsetof(stats_acc, qt), "stats_acc8 layout");
 
 KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a, const int fm) {
   const v4d kv = splat4d(k);
@@ -398,6 +522,44 @@ KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a, con
     a->st += d;
     a->qt += d * d;
   }
+}
+
+/* plane_stats_one with 512-bit vectors: each lane adds the same values in
+ * the same order (the 4-value tail adds +0 to s1 and q1, which changes
+ * nothing: the sums start at +0 and so are never -0). */
+KERNEL void plane_stats_one8(const float *p, size_t S, float k, stats_acc8 *a, const int fm) {
+  const v8d kv = splat8d(k);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16) {
+    const v16f xv = ld16f(p + i);
+    STATS8(cvt16_lo(&xv), kv, a->s01, a->q01);
+    STATS8(cvt16_hi(&xv), kv, a->s23, a->q23);
+  }
+  for (; i + 4 <= S; i += 4) {
+    const v4d d = cvt4(ld4f(p + i)) - splat4d(k);
+    const v8d d8 = zext4d(d);
+    acc_add8(&a->s01, &d8, fm);
+    a->q01 += zext4d(d * d);
+  }
+  for (; i < S; i++) {
+    const double d = (double)p[i] - k;
+    a->st += d;
+    a->qt += d * d;
+  }
+}
+
+/* Planes n0..n1-1 of channel c into a. */
+KERNEL void plane_stats_run(const float *x, size_t C, size_t S, size_t c, size_t n0, size_t n1,
+                            stats_acc *a, const int fm) {
+  const float k = x[c * S];
+  if (fm & FM_512) {
+    stats_acc8 a8;
+    memcpy(&a8, a, STATS_ACC_BYTES);
+    for (size_t n = n0; n < n1; n++) plane_stats_one8(x + (n * C + c) * S, S, k, &a8, fm);
+    memcpy(a, &a8, STATS_ACC_BYTES);
+    return;
+  }
+  for (size_t n = n0; n < n1; n++) plane_stats_one(x + (n * C + c) * S, S, k, a, fm);
 }
 
 KERNEL void stats_finish(const stats_acc *a, float k, size_t count, double *mean, double *m2) {
@@ -418,7 +580,7 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memset(&a, 0, sizeof(a));
-      for (size_t n = 0; n < N; n++) plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a, fm);
+      plane_stats_run(x, C, S, c, 0, N, &a, fm);
       stats_finish(&a, x[c * S], count, mean + c, m2 + c);
     }
     return;
@@ -428,7 +590,7 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
-      plane_stats_one(x + (n * C + c) * S, S, x[c * S], &a, fm);
+      plane_stats_run(x, C, S, c, n, n + 1, &a, fm);
       memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
   for (size_t c = 0; c < C; c++) {
@@ -452,6 +614,17 @@ KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
     const size_t nr = R - r < RB ? R - r : RB;
     const float *xr = x + r * C;
     size_t c = 0;
+    if (fm & FM_512)
+      for (; c + 16 <= C; c += 16) {
+        const v8d k0 = ld8d(K + c), k1 = ld8d(K + c + 8);
+        v8d s0 = ld8d(s + c), s1 = ld8d(s + c + 8), q0 = ld8d(q + c), q1 = ld8d(q + c + 8);
+        for (size_t j = 0; j < nr; j++) {
+          const v16f xv = ld16f(xr + j * C + c);
+          STATS8(cvt16_lo(&xv), k0, s0, q0);
+          STATS8(cvt16_hi(&xv), k1, s1, q1);
+        }
+        st8d(s + c, &s0), st8d(s + c + 8, &s1), st8d(q + c, &q0), st8d(q + c + 8, &q1);
+      }
     for (; c + 16 <= C; c += 16) {
       const v4d k0 = ld4d(K + c), k1 = ld4d(K + c + 4), k2 = ld4d(K + c + 8),
                 k3 = ld4d(K + c + 12);
@@ -596,6 +769,12 @@ KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t 
     (a) = acc_add((a), g_, fm);                                                                    \
     (b) += g_ * ((xd4) - (mv));                                                                    \
   } while (0)
+#define GSUMS8(xd8, gd8, mv, a, b)                                                                 \
+  do {                                                                                             \
+    const v8d g_ = (gd8);                                                                          \
+    acc_add8(&(a), &g_, fm);                                                                       \
+    (b) += g_ * ((xd8) - (mv));                                                                    \
+  } while (0)
 
 /*
  * Per channel Σg and Σg·(x - mean), in double, one read of x and dy; g = dy,
@@ -611,7 +790,7 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
   for (; i + 16 <= S; i += 16) {
     const v8f x0 = ld8f(p + i), x1 = ld8f(p + i + 8);
     v8f g0 = ld8f(g + i), g1 = ld8f(g + i + 8);
-    if (relu) g0 = keep8(fwd8(x0, k8), g0), g1 = keep8(fwd8(x1, k8), g1);
+    if (relu) g0 = keep8(fwd8(x0, k8), g0, fm), g1 = keep8(fwd8(x1, k8), g1, fm);
     GSUMS4(cvt_lo(x0), cvt_lo(g0), mv, a->s0, a->q0);
     GSUMS4(cvt_hi(x0), cvt_hi(g0), mv, a->s1, a->q1);
     GSUMS4(cvt_lo(x1), cvt_lo(g1), mv, a->s2, a->q2);
@@ -620,7 +799,7 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
   for (; i + 4 <= S; i += 4) {
     const v4f xv = ld4f(p + i);
     v4f gv = ld4f(g + i);
-    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv);
+    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv, fm);
     GSUMS4(cvt4(xv), cvt4(gv), mv, a->s0, a->q0);
   }
   for (; i < S; i++) {
@@ -628,6 +807,53 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
     a->st += gi;
     a->qt += (double)gi * ((double)p[i] - mu);
   }
+}
+
+/* plane_grad_sums_one with 512-bit vectors (as plane_stats_one8). */
+KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, double mu,
+                                 const float *aff, size_t C, size_t c, stats_acc8 *a,
+                                 const int relu, const int fm) {
+  const v8d mv = splat8d(mu);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16) {
+    const v16f xv = ld16f(p + i);
+    v16f gv = ld16f(g + i);
+    if (relu) gv = KEEP16(FWD16_SPLAT(xv, aff, C, c), gv);
+    GSUMS8(cvt16_lo(&xv), cvt16_lo(&gv), mv, a->s01, a->q01);
+    GSUMS8(cvt16_hi(&xv), cvt16_hi(&gv), mv, a->s23, a->q23);
+  }
+  for (; i + 4 <= S; i += 4) {
+    const v4f xv = ld4f(p + i);
+    v4f gv = ld4f(g + i);
+    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv, fm);
+    const v4d gd = cvt4(gv);
+    const v8d g8 = zext4d(gd);
+    acc_add8(&a->s01, &g8, fm);
+    a->q01 += zext4d(gd * (cvt4(xv) - splat4d(mu)));
+  }
+  for (; i < S; i++) {
+    const float gi = relu ? keep1(fwd1(p[i], aff, C, c), g[i]) : g[i];
+    a->st += gi;
+    a->qt += (double)gi * ((double)p[i] - mu);
+  }
+}
+
+/* Planes n0..n1-1 of channel c into a. */
+KERNEL void plane_grad_sums_run(const float *x, const float *dy, size_t C, size_t S, size_t c,
+                                size_t n0, size_t n1, double mu, const float *aff, stats_acc *a,
+                                const int relu, const int fm) {
+  if (fm & FM_512) {
+    stats_acc8 a8;
+    memcpy(&a8, a, STATS_ACC_BYTES);
+    for (size_t n = n0; n < n1; n++)
+      plane_grad_sums_one8(x + (n * C + c) * S, dy + (n * C + c) * S, S, mu, aff, C, c, &a8,
+                           relu, fm);
+    memcpy(a, &a8, STATS_ACC_BYTES);
+    return;
+  }
+  for (size_t n = n0; n < n1; n++)
+    plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mu), mu, aff, C,
+                        c, a, relu, fm);
 }
 
 KERNEL void grad_sums_finish(const stats_acc *a, double *sdy, double *sdyx) {
@@ -643,9 +869,7 @@ KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C,
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memset(&a, 0, sizeof(a));
-      for (size_t n = 0; n < N; n++)
-        plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
-                            mean[c], aff, C, c, &a, relu, fm);
+      plane_grad_sums_run(x, dy, C, S, c, 0, N, mean[c], aff, &a, relu, fm);
       grad_sums_finish(&a, sdy + c, sdyx + c);
     }
     return;
@@ -655,8 +879,7 @@ KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C,
     for (size_t c = 0; c < C; c++) {
       stats_acc a;
       memcpy(&a, acc + STATS_ACC_DOUBLES * c, sizeof(a));
-      plane_grad_sums_one(x + (n * C + c) * S, dy + (n * C + c) * S, S, splat4d(mean[c]),
-                          mean[c], aff, C, c, &a, relu, fm);
+      plane_grad_sums_run(x, dy, C, S, c, n, n + 1, mean[c], aff, &a, relu, fm);
       memcpy(acc + STATS_ACC_DOUBLES * c, &a, sizeof(a));
     }
   for (size_t c = 0; c < C; c++) {
@@ -674,6 +897,20 @@ KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
     const size_t nr = R - r < RB ? R - r : RB;
     const float *xr = x + r * C, *gr = dy + r * C;
     size_t c = 0;
+    if (fm & FM_512)
+      for (; c + 16 <= C; c += 16) {
+        const v8d m0 = ld8d(mean + c), m1 = ld8d(mean + c + 8);
+        v8d a0 = ld8d(sdy + c), a1 = ld8d(sdy + c + 8), b0 = ld8d(sdyx + c),
+            b1 = ld8d(sdyx + c + 8);
+        for (size_t j = 0; j < nr; j++) {
+          const v16f xv = ld16f(xr + j * C + c);
+          v16f gv = ld16f(gr + j * C + c);
+          if (relu) gv = KEEP16(FWD16_AT(xv, aff, C, c), gv);
+          GSUMS8(cvt16_lo(&xv), cvt16_lo(&gv), m0, a0, b0);
+          GSUMS8(cvt16_hi(&xv), cvt16_hi(&gv), m1, a1, b1);
+        }
+        st8d(sdy + c, &a0), st8d(sdy + c + 8, &a1), st8d(sdyx + c, &b0), st8d(sdyx + c + 8, &b1);
+      }
     for (; c + 16 <= C; c += 16) {
       const v4d m0 = ld4d(mean + c), m1 = ld4d(mean + c + 4), m2 = ld4d(mean + c + 8),
                 m3 = ld4d(mean + c + 12);
@@ -686,8 +923,8 @@ KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
         const v8f x0 = ld8f(p), x1 = ld8f(p + 8);
         v8f g0 = ld8f(g), g1 = ld8f(g + 8);
         if (relu) {
-          g0 = keep8(fwd8(x0, aff8_at(aff, C, c)), g0);
-          g1 = keep8(fwd8(x1, aff8_at(aff, C, c + 8)), g1);
+          g0 = keep8(fwd8(x0, aff8_at(aff, C, c)), g0, fm);
+          g1 = keep8(fwd8(x1, aff8_at(aff, C, c + 8)), g1, fm);
         }
         GSUMS4(cvt_lo(x0), cvt_lo(g0), m0, a0, b0);
         GSUMS4(cvt_hi(x0), cvt_hi(g0), m1, a1, b1);
@@ -704,7 +941,7 @@ KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
       for (size_t j = 0; j < nr; j++) {
         const v4f xv = ld4f(xr + j * C + c);
         v4f gv = ld4f(gr + j * C + c);
-        if (relu) gv = keep4(fwd4(xv, aff4_at(aff, C, c)), gv);
+        if (relu) gv = keep4(fwd4(xv, aff4_at(aff, C, c)), gv, fm);
         GSUMS4(cvt4(xv), cvt4(gv), m0, a0, b0);
       }
       st4d(sdy + c, a0), st4d(sdyx + c, b0);
@@ -753,7 +990,8 @@ KERNEL float dx1(float x, float g, float h, float l, float k, float c1, float q)
 }
 
 KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t N, size_t C,
-                             size_t S, const float *aff, const float *kcq, const int relu) {
+                             size_t S, const float *aff, const float *kcq, const int relu,
+                             const int fm) {
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
@@ -765,14 +1003,14 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
       for (; i + 8 <= S; i += 8) {
         const v8f xv = ld8f(p + i);
         v8f gv = ld8f(g + i);
-        if (relu) gv = keep8(fwd8(xv, k8), gv);
+        if (relu) gv = keep8(fwd8(xv, k8), gv, fm);
         st8f(o + i, dx8(xv, gv, k8.h, k8.l, kv, cv, qv));
       }
       if (i + 4 <= S) {
         const aff4_t k4 = aff4_splat(aff, C, c);
         const v4f xv = ld4f(p + i);
         v4f gv = ld4f(g + i);
-        if (relu) gv = keep4(fwd4(xv, k4), gv);
+        if (relu) gv = keep4(fwd4(xv, k4), gv, fm);
         st4f(o + i, dx4(xv, gv, k4.h, k4.l, splat4(kf), splat4(cf), splat4(qf)));
         i += 4;
       }
@@ -784,7 +1022,7 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
 }
 
 KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R, size_t C,
-                            const float *aff, const float *kcq, const int relu) {
+                            const float *aff, const float *kcq, const int relu, const int fm) {
   const float *K = kcq, *C1 = kcq + C, *Q = kcq + 2 * C;
   const size_t rbe = RBE(C);
   for (size_t r = 0; r < R; r += rbe) {
@@ -799,7 +1037,7 @@ KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R
       for (size_t j = 0; j < nr; j++) {
         const v8f x0 = ld8f(xr + j * C + c), x1 = ld8f(xr + j * C + c + 8);
         v8f g0 = ld8f(gr + j * C + c), g1 = ld8f(gr + j * C + c + 8);
-        if (relu) g0 = keep8(fwd8(x0, k0), g0), g1 = keep8(fwd8(x1, k1), g1);
+        if (relu) g0 = keep8(fwd8(x0, k0), g0, fm), g1 = keep8(fwd8(x1, k1), g1, fm);
         st8f(orow + j * C + c, dx8(x0, g0, k0.h, k0.l, kv0, cv0, qv0));
         st8f(orow + j * C + c + 8, dx8(x1, g1, k1.h, k1.l, kv1, cv1, qv1));
       }
@@ -810,7 +1048,7 @@ KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R
       for (size_t j = 0; j < nr; j++) {
         const v8f xv = ld8f(xr + j * C + c);
         v8f gv = ld8f(gr + j * C + c);
-        if (relu) gv = keep8(fwd8(xv, k8), gv);
+        if (relu) gv = keep8(fwd8(xv, k8), gv, fm);
         st8f(orow + j * C + c, dx8(xv, gv, k8.h, k8.l, kv, cv, qv));
       }
     }
@@ -820,7 +1058,7 @@ KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R
       for (size_t j = 0; j < nr; j++) {
         const v4f xv = ld4f(xr + j * C + c);
         v4f gv = ld4f(gr + j * C + c);
-        if (relu) gv = keep4(fwd4(xv, k4), gv);
+        if (relu) gv = keep4(fwd4(xv, k4), gv, fm);
         st4f(orow + j * C + c, dx4(xv, gv, k4.h, k4.l, kv, cv, qv));
       }
       c += 4;
@@ -836,42 +1074,45 @@ KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R
 
 KERNEL void grad_input_impl(const float *x, const float *dy, float *dx, size_t N, size_t C,
                             size_t S, const float *aff, const float *kcq, int relu, const int fm) {
-  (void)fm;
   if (S == 1) {
     if (relu)
-      rows_grad_input(x, dy, dx, N, C, aff, kcq, 1);
+      rows_grad_input(x, dy, dx, N, C, aff, kcq, 1, fm);
     else
-      rows_grad_input(x, dy, dx, N, C, aff, kcq, 0);
+      rows_grad_input(x, dy, dx, N, C, aff, kcq, 0, fm);
   } else {
     if (relu)
-      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 1);
+      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 1, fm);
     else
-      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 0);
+      plane_grad_input(x, dy, dx, N, C, S, aff, kcq, 0, fm);
   }
 }
 
 /* ---- dispatch ------------------------------------------------------------------ */
 
 /*
- * Each kernel entry point below exists up to three times: *_generic with
+ * Each kernel entry point below exists up to four times: *_generic with
  * the build's flags; on x86 with GCC or Clang, *_avx2 compiled for AVX2
- * (256-bit vectors); and with GCC, *_fma for AVX2 and FMA, where some of the
- * sums' additions run as fma(b, 1, a) (acc_add).  None contracts a*b + c
- * (the pragma at the top), so all three give the same bits.  The best the
- * CPU has runs; sbn__bn_kernel_path forces one (tests compare them bit for
- * bit).
+ * (256-bit vectors); with GCC, *_fma for AVX2 and FMA, where some of the
+ * sums' additions run as fma(b, 1, a) (acc_add); and on x86 with GCC or
+ * Clang, *_avx512 for AVX-512 (F, VL, DQ) with AVX2 and FMA, whose sums run
+ * on 512-bit vectors (FM_512; with GCC, with the FMA additions too).  None
+ * contracts a*b + c (the pragma at the top), so all give the same bits.
+ * The best the CPU has runs; sbn__bn_kernel_path forces one (tests compare
+ * them bit for bit).
  */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define SBN_BN_AVX2 1
 #define AVX2_TARGET __attribute__((target("avx2")))
 #define FMA_TARGET __attribute__((target("avx2,fma")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 #else
 #define SBN_BN_AVX2 0
 #define AVX2_TARGET
 #define FMA_TARGET
+#define AVX512_TARGET
 #endif
 
-enum { PATH_GENERIC, PATH_AVX2, PATH_FMA };
+enum { PATH_GENERIC, PATH_AVX2, PATH_FMA, PATH_AVX512 };
 static atomic_int kernel_path = -1; /* -1: not chosen yet */
 
 /* The best path this CPU (and this build) has. */
@@ -879,7 +1120,11 @@ static int cpu_path(void) {
 #if SBN_BN_AVX2
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx2")) return PATH_GENERIC;
-  if (SBN_BN_FMA && __builtin_cpu_supports("fma")) return PATH_FMA;
+  if (!__builtin_cpu_supports("fma")) return PATH_AVX2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return PATH_AVX512;
+  if (SBN_BN_BUILTINS) return PATH_FMA;
   return PATH_AVX2;
 #else
   return PATH_GENERIC;
@@ -896,25 +1141,32 @@ static int path(void) {
 }
 
 /* Not in the API: -1 chooses by the CPU again, 0 forces the generic
- * kernels, 1 the AVX2 ones, 2 the AVX2+FMA ones.  Returns the path now in
- * use, or -1 (nothing changed) when the CPU or the build lacks the one
- * asked for. */
+ * kernels, 1 the AVX2 ones, 2 the AVX2+FMA ones, 3 the AVX-512 ones.
+ * Returns the path now in use, or -1 (nothing changed) when the CPU or the
+ * build lacks the one asked for. */
 int sbn__bn_kernel_path(int want) {
   const int best = cpu_path();
-  if (want > best || want > PATH_FMA) return -1;
+  if (want > best || (want == PATH_FMA && !SBN_BN_BUILTINS)) return -1;
   atomic_store(&kernel_path, want < 0 ? best : want);
   return path();
 }
 
+#define FM_FMA_IF (SBN_BN_BUILTINS ? FM_FMA : 0)
 #define WITH_FM0(...) (__VA_ARGS__, 0)
-#define WITH_FM1(...) (__VA_ARGS__, 1)
+#define WITH_FMA(...) (__VA_ARGS__, FM_FMA_IF)
+#define WITH_512(...) (__VA_ARGS__, FM_512 | FM_FMA_IF)
 #define BN_KERNEL(name, params, args)                                                              \
-  static void name##_generic params { name##_impl WITH_FM0 args; }                                 \
-  AVX2_TARGET static void name##_avx2 params { name##_impl WITH_FM0 args; }                        \
-  FMA_TARGET static void name##_fma params { name##_impl WITH_FM1 args; }                          \
+  static void name##_generic params { name##_impl WITH_FM0 args; }                      \
+  AVX2_TARGET static void name##_avx2 params { name##_impl WITH_FM0 args; }             \
+  FMA_TARGET static void name##_fma params { name##_impl WITH_FMA args; }       \
+  AVX512_TARGET static void name##_avx512 params {                                                 \
+    name##_impl WITH_512 args;                                          \
+  }                                                                                                \
   static void name params {                                                                        \
     const int p_ = SBN_BN_AVX2 ? path() : PATH_GENERIC;                                            \
-    if (SBN_BN_FMA && p_ == PATH_FMA)                                                              \
+    if (SBN_BN_AVX2 && p_ == PATH_AVX512)                                                          \
+      name##_avx512 args;                                                                          \
+    else if (SBN_BN_BUILTINS && p_ == PATH_FMA)                                                         \
       name##_fma args;                                                                             \
     else if (p_ >= PATH_AVX2)                                                                      \
       name##_avx2 args;                                                                            \

@@ -126,8 +126,8 @@ int sbn__tensor_new_uninit(int ndim, const size_t *shape, sbn_tensor **out);
 
 /*
  * For tests: forces the BatchNorm kernel path (0 generic, 1 AVX2, 2 AVX2 +
- * FMA; -1 = the best the CPU has) and returns the one in use.  Every path
- * gives the same bits.
+ * FMA, 3 AVX-512; -1 = the best the CPU has) and returns the one in use, or
+ * -1 when the CPU or the build lacks it.  Every path gives the same bits.
  */
 int sbn__bn_kernel_path(int want);
 
