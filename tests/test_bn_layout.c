@@ -618,6 +618,8 @@ START_TEST(test_dispatch_paths_agree) {
       {3, {9, 11, 64}, 64, CL, 0.5f},
       {3, {2, 3, 261}, 3, RELU, 0.0f},      /* streamed, 16-value blocks + 4 + 1 */
       {2, {13, 53}, 53, RELU, 0.0f},        /* rows: 16-channel blocks + 4 + 1 */
+      {3, {5, 7, 80}, 80, CL, 0.0f},        /* rows of 64 + 16 channels */
+      {2, {21, 144}, 144, RELU, 0.0f},      /* 8 rows per sweep */
   };
   int paths[N_PATHS], np = 0;
   for (int p = 0; p < N_PATHS; p++)

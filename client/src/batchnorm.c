@@ -276,6 +276,20 @@ typedef double v8d __attribute__((vector_size(64)));
  * a few rows of a few cache lines each was slower than streaming row by row
  * (measured; the results do not depend on it). */
 #define RBE(C) ((C) >= 128 ? 8 : 1)
+/* The 512-bit blocks of rows_normalize and rows_grad_input: nb * 16
+ * channels from c (nb = 1..4, up to nbmax, a constant in every call). */
+#define ROWS_BLOCKS16(block, nbmax, ...)                                                           \
+  do {                                                                                             \
+    for (; c + 16 * (nbmax) <= C; c += 16 * (nbmax)) block(__VA_ARGS__, c, nbmax, relu);           \
+    const size_t left_ = (C - c) / 16;                                                             \
+    if (left_ == 3) block(__VA_ARGS__, c, 3, relu);                                                \
+    if (left_ == 2) block(__VA_ARGS__, c, 2, relu);                                                \
+    if (left_ == 1) block(__VA_ARGS__, c, 1, relu);                                                \
+    c += 16 * left_;                                                                               \
+  } while (0)
+/* Rows per sweep of the element-wise row kernels: RBE, or with AVX-512 all
+ * rows of 16, 32, 48 or 64 channels (their constants stay in registers). */
+#define RBE_FM(C, R, fm) ((fm) & FM_512 && (C) <= 64 && (C) % 16 == 0 ? (R) : RBE(C))
 #define KERNEL static inline __attribute__((always_inline))
 
 KERNEL v4f ld4f(const float *p) {
@@ -309,6 +323,7 @@ KERNEL v8d ld8d(const double *p) {
 /* 64-byte vectors go by address: as parameters, GCC would note an ABI
  * change (once per build, whatever the pragma below says). */
 KERNEL void st8d(double *p, const v8d *v) { memcpy(p, v, sizeof(*v)); }
+KERNEL void st16f(float *p, const v16f *v) { memcpy(p, v, sizeof(*v)); }
 /* float -> double conversions (exact), written element-wise: GCC 12 splits
  * __builtin_convertvector to v4d in two, but this becomes one vcvtps2pd. */
 KERNEL v4d cvt4(v4f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
@@ -600,6 +615,23 @@ KERNEL void plane_stats(const float *x, size_t N, size_t C, size_t S, double *me
   }
 }
 
+/* rows_stats' sums of nr rows of 16 * nb channels (nb = 1 or 2) with
+ * 512-bit vectors: each channel still adds the rows in order; two blocks
+ * make twice the independent additions. */
+KERNEL void rows_stats_block8(const float *xr, size_t nr, size_t C, const double *K, double *s,
+                              double *q, const int nb, const int fm) {
+  v8d k[4], sv[4], qv[4];
+  for (int b = 0; b < 2 * nb; b++)
+    k[b] = ld8d(K + 8 * b), sv[b] = ld8d(s + 8 * b), qv[b] = ld8d(q + 8 * b);
+  for (size_t j = 0; j < nr; j++)
+    for (int b = 0; b < nb; b++) {
+      const v16f xv = ld16f(xr + j * C + 16 * b);
+      STATS8(cvt16_lo(&xv), k[2 * b], sv[2 * b], qv[2 * b]);
+      STATS8(cvt16_hi(&xv), k[2 * b + 1], sv[2 * b + 1], qv[2 * b + 1]);
+    }
+  for (int b = 0; b < 2 * nb; b++) st8d(s + 8 * b, &sv[b]), st8d(q + 8 * b, &qv[b]);
+}
+
 /* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
 KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
                        double *acc, const int fm) {
@@ -614,17 +646,10 @@ KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
     const size_t nr = R - r < RB ? R - r : RB;
     const float *xr = x + r * C;
     size_t c = 0;
-    if (fm & FM_512)
-      for (; c + 16 <= C; c += 16) {
-        const v8d k0 = ld8d(K + c), k1 = ld8d(K + c + 8);
-        v8d s0 = ld8d(s + c), s1 = ld8d(s + c + 8), q0 = ld8d(q + c), q1 = ld8d(q + c + 8);
-        for (size_t j = 0; j < nr; j++) {
-          const v16f xv = ld16f(xr + j * C + c);
-          STATS8(cvt16_lo(&xv), k0, s0, q0);
-          STATS8(cvt16_hi(&xv), k1, s1, q1);
-        }
-        st8d(s + c, &s0), st8d(s + c + 8, &s1), st8d(q + c, &q0), st8d(q + c + 8, &q1);
-      }
+    if (fm & FM_512) {
+      for (; c + 32 <= C; c += 32) rows_stats_block8(xr + c, nr, C, K + c, s + c, q + c, 2, fm);
+      for (; c + 16 <= C; c += 16) rows_stats_block8(xr + c, nr, C, K + c, s + c, q + c, 1, fm);
+    }
     for (; c + 16 <= C; c += 16) {
       const v4d k0 = ld4d(K + c), k1 = ld4d(K + c + 4), k2 = ld4d(K + c + 8),
                 k3 = ld4d(K + c + 12);
@@ -706,14 +731,34 @@ KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t
     }
 }
 
+/* rows_normalize's 512-bit blocks: nb * 16 channels (nb = 1..4) from c over
+ * nr rows, with the constants in registers (4 * nb of the 32). */
+KERNEL void rows_normalize_block16(const float *xr, float *yr, size_t nr, size_t C,
+                                   const float *aff, size_t c, const int nb, const int relu) {
+  v16f h[4], l[4], a[4], b[4];
+  for (int k = 0; k < nb; k++) {
+    const size_t ck = c + 16 * (size_t)k;
+    h[k] = ld16f(aff + ck), l[k] = ld16f(aff + C + ck);
+    a[k] = ld16f(aff + 2 * C + ck), b[k] = ld16f(aff + 3 * C + ck);
+  }
+  for (size_t j = 0; j < nr; j++)
+    for (int k = 0; k < nb; k++) {
+      const size_t o = j * C + c + 16 * (size_t)k;
+      v16f v = ((ld16f(xr + o) - h[k]) - l[k]) * a[k] + b[k];
+      if (relu) v = (v16f)((v16si)v & ~(v16si)(v <= splat16(0.0f)));
+      st16f(yr + o, &v);
+    }
+}
+
 KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const float *aff,
-                           const int relu) {
-  const size_t rbe = RBE(C);
+                           const int relu, const int fm) {
+  const size_t rbe = RBE_FM(C, R, fm);
   for (size_t r = 0; r < R; r += rbe) {
     const size_t nr = R - r < rbe ? R - r : rbe;
     const float *xr = x + r * C;
     float *yr = y + r * C;
     size_t c = 0;
+    if (fm & FM_512) ROWS_BLOCKS16(rows_normalize_block16, 4, xr, yr, nr, C, aff);
     for (; c + 16 <= C; c += 16) {
       const aff8_t k0 = aff8_at(aff, C, c), k1 = aff8_at(aff, C, c + 8);
       for (size_t j = 0; j < nr; j++) {
@@ -748,12 +793,11 @@ KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const f
 /* One read of x, one write of y, for either layout. */
 KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t S,
                            const float *aff, int relu, const int fm) {
-  (void)fm;
   if (S == 1) {
     if (relu)
-      rows_normalize(x, y, N, C, aff, 1);
+      rows_normalize(x, y, N, C, aff, 1, fm);
     else
-      rows_normalize(x, y, N, C, aff, 0);
+      rows_normalize(x, y, N, C, aff, 0, fm);
   } else {
     if (relu)
       plane_normalize(x, y, N, C, S, aff, 1);
@@ -1021,15 +1065,39 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
     }
 }
 
+/* rows_grad_input's 512-bit blocks, as rows_normalize_block16 (5 or, with
+ * the ReLU, 7 constants per 16 channels, mostly in registers). */
+KERNEL void rows_grad_input_block16(const float *xr, const float *gr, float *orow, size_t nr,
+                                    size_t C, const float *aff, const float *kcq, size_t c,
+                                    const int nb, const int relu) {
+  v16f h[4], l[4], a[4], b[4], k[4], c1[4], q[4];
+  for (int i = 0; i < nb; i++) {
+    const size_t ci = c + 16 * (size_t)i;
+    h[i] = ld16f(aff + ci), l[i] = ld16f(aff + C + ci);
+    if (relu) a[i] = ld16f(aff + 2 * C + ci), b[i] = ld16f(aff + 3 * C + ci);
+    k[i] = ld16f(kcq + ci), c1[i] = ld16f(kcq + C + ci), q[i] = ld16f(kcq + 2 * C + ci);
+  }
+  for (size_t j = 0; j < nr; j++)
+    for (int i = 0; i < nb; i++) {
+      const size_t o = j * C + c + 16 * (size_t)i;
+      const v16f xc = (ld16f(xr + o) - h[i]) - l[i];
+      v16f g = ld16f(gr + o);
+      if (relu) g = KEEP16(xc * a[i] + b[i], g);
+      const v16f d = k[i] * (g - c1[i]) - xc * q[i];
+      st16f(orow + o, &d);
+    }
+}
+
 KERNEL void rows_grad_input(const float *x, const float *dy, float *dx, size_t R, size_t C,
                             const float *aff, const float *kcq, const int relu, const int fm) {
   const float *K = kcq, *C1 = kcq + C, *Q = kcq + 2 * C;
-  const size_t rbe = RBE(C);
+  const size_t rbe = RBE_FM(C, R, fm);
   for (size_t r = 0; r < R; r += rbe) {
     const size_t nr = R - r < rbe ? R - r : rbe;
     const float *xr = x + r * C, *gr = dy + r * C;
     float *orow = dx + r * C;
     size_t c = 0;
+    if (fm & FM_512) ROWS_BLOCKS16(rows_grad_input_block16, 4, xr, gr, orow, nr, C, aff, kcq);
     for (; c + 16 <= C; c += 16) {
       const aff8_t k0 = aff8_at(aff, C, c), k1 = aff8_at(aff, C, c + 8);
       const v8f kv0 = ld8f(K + c), cv0 = ld8f(C1 + c), qv0 = ld8f(Q + c);
