@@ -8,6 +8,22 @@
  *   forward_eval   read x, write y       (2 x 4 bytes)  copy
  *   backward       read x, dy, write dx  (3 x 4 bytes)  add:  read 2, write 1
  *
+ * "ratio" is the op's GB/s over its matching baseline's: 1 would be an op
+ * done in one pass.  But the passes an op cannot avoid are more than one
+ * when it needs a global result first: a training forward reads x for the
+ * statistics, which must be complete (merged over all ranks) before any
+ * output, then reads x and writes y; a backward reads x and dy for its sums
+ * (merged likewise), then reads x and dy and writes dx.  So every op also
+ * has a pass-matched baseline, the sum of the medians of those passes:
+ *
+ *   op             passes_baseline  passes
+ *   forward_train  read+copy        read x; read x, write y
+ *   forward_eval   copy             read x, write y
+ *   backward       read2+add        read x, dy; read x, dy, write dx
+ *
+ * passes_ms is that sum and passes_ratio = passes_ms / p50_ms: 1 means the
+ * op is as fast as streaming its unavoidable passes.
+ *
  * forward_train computes the batch statistics and normalizes (a layer in
  * training mode); backward is timed alone after an untimed forward.  The
  * library allocates the output tensor on every call, as a user sees it.
@@ -68,6 +84,27 @@ static void base_read(const float *x, size_t n) {
   sink = s;
 }
 
+/* Sums x and y in one pass (4 + 4 accumulators). */
+static void base_read2(const float *x, const float *y, size_t n) {
+  v4f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 += ld(x + i);
+    a1 += ld(x + i + 4);
+    a2 += ld(x + i + 8);
+    a3 += ld(x + i + 12);
+    b0 += ld(y + i);
+    b1 += ld(y + i + 4);
+    b2 += ld(y + i + 8);
+    b3 += ld(y + i + 12);
+  }
+  v4f acc = ((a0 + a1) + (a2 + a3)) + ((b0 + b1) + (b2 + b3));
+  float s = acc[0] + acc[1] + acc[2] + acc[3];
+  for (; i < n; i++)
+    s += x[i] + y[i];
+  sink = s;
+}
+
 /* y = x * s with s = 1 (a copy the compiler cannot turn into memcpy). */
 static void base_copy(const float *x, float *y, size_t n) {
   const float s = one_f;
@@ -98,9 +135,23 @@ static void base_add(const float *x, const float *y, float *z, size_t n) {
 
 static int kernel_reps(void) { return bench_reps(30, 5); }
 
-enum { B_READ, B_COPY, B_ADD, N_BASE };
-static const char *base_name[N_BASE] = {"read", "copy", "add"};
-static const int base_streams[N_BASE] = {1, 2, 3}; /* 4-byte streams touched */
+enum { B_READ, B_COPY, B_ADD, B_READ2, N_BASE };
+static const char *base_name[N_BASE] = {"read", "copy", "add", "read2"};
+static const int base_streams[N_BASE] = {1, 2, 3, 2}; /* 4-byte streams touched */
+
+/* Each op: bytes streamed at least, its one-pass baseline and its
+ * unavoidable passes (see the table at the top). */
+enum { OP_TRAIN, OP_BACKWARD, OP_EVAL, N_OP };
+static const struct {
+  const char *name;
+  int streams, base;
+  const char *passes;
+  int pass[2]; /* baselines, -1 for none */
+} op_info[N_OP] = {
+    {"forward_train", 2, B_COPY, "read+copy", {B_READ, B_COPY}},
+    {"backward", 3, B_ADD, "read2+add", {B_READ2, B_ADD}},
+    {"forward_eval", 2, B_COPY, "copy", {B_COPY, -1}},
+};
 
 /* Median seconds of each baseline over reps on n floats. */
 static void measure_baselines(float *x, float *y, float *z, size_t n, int reps,
@@ -116,6 +167,8 @@ static void measure_baselines(float *x, float *y, float *z, size_t n, int reps,
       double t0 = now_s();
       if (b == B_READ)
         base_read(x, n);
+      else if (b == B_READ2)
+        base_read2(x, y, n);
       else if (b == B_COPY)
         base_copy(x, y, n);
       else
@@ -139,18 +192,22 @@ static void fill(float *p, size_t n, unsigned seed) {
   }
 }
 
-static void emit_kernel(const char *shape, const char *layout, int relu, const char *op, size_t n,
-                        int streams, double med_s, int base, const double base_s[N_BASE],
-                        int reps) {
-  double bytes = (double)n * 4.0 * streams;
+static void emit_kernel(const char *shape, const char *layout, int relu, int op, size_t n,
+                        double med_s, const double base_s[N_BASE], int reps) {
+  const int base = op_info[op].base;
+  double bytes = (double)n * 4.0 * op_info[op].streams;
   double gbps = bytes / med_s / 1e9;
   double bgbps = (double)n * 4.0 * base_streams[base] / base_s[base] / 1e9;
+  double passes_s = 0;
+  for (int k = 0; k < 2; k++)
+    if (op_info[op].pass[k] >= 0)
+      passes_s += base_s[op_info[op].pass[k]];
   jline j;
   j_begin(&j, "kernel");
   j_str(&j, "shape", shape);
   j_str(&j, "layout", layout);
   j_bool(&j, "fused_relu", relu);
-  j_str(&j, "op", op);
+  j_str(&j, "op", op_info[op].name);
   j_int(&j, "threads", 1);
   j_int(&j, "reps", reps);
   j_int(&j, "bytes", (long long)bytes);
@@ -159,6 +216,9 @@ static void emit_kernel(const char *shape, const char *layout, int relu, const c
   j_str(&j, "baseline", base_name[base]);
   j_num(&j, "baseline_gbps", bgbps);
   j_num(&j, "ratio", gbps / bgbps);
+  j_str(&j, "passes_baseline", op_info[op].passes);
+  j_num(&j, "passes_ms", passes_s * 1e3);
+  j_num(&j, "passes_ratio", passes_s / med_s);
   j_emit(&j);
 }
 
@@ -196,7 +256,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
       t[r] = t1 - t0;
   }
   stats_compute(t, reps, &s);
-  emit_kernel(sh, layout, relu, "forward_train", n, 2, s.p50, B_COPY, base_s, reps);
+  emit_kernel(sh, layout, relu, OP_TRAIN, n, s.p50, base_s, reps);
 
   /* backward, timed alone after an untimed forward. */
   for (int r = -2; r < reps; r++) {
@@ -220,7 +280,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
       t[r] = t1 - t0;
   }
   stats_compute(t, reps, &s);
-  emit_kernel(sh, layout, relu, "backward", n, 3, s.p50, B_ADD, base_s, reps);
+  emit_kernel(sh, layout, relu, OP_BACKWARD, n, s.p50, base_s, reps);
 
   /* forward, eval: normalize with the running statistics. */
   sbn_module_eval(bn);
@@ -238,7 +298,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
       t[r] = t1 - t0;
   }
   stats_compute(t, reps, &s);
-  emit_kernel(sh, layout, relu, "forward_eval", n, 2, s.p50, B_COPY, base_s, reps);
+  emit_kernel(sh, layout, relu, OP_EVAL, n, s.p50, base_s, reps);
   rc = 0;
 out:
   sbn_module_free(bn);
