@@ -126,6 +126,7 @@ typedef struct coord {
   pid_t pid;
   int out_fd; /* read end of its stdout, kept open so it never sees EPIPE */
   char addr[64];
+  int metrics_port; /* its --metrics port on 127.0.0.1, 0 if unknown */
 } coord;
 
 /* Starts the coordinator on 127.0.0.1:0; 0 or -1 (message on stderr). */
@@ -135,6 +136,9 @@ int coord_stop(coord *c, int timeout_ms);
 /* The coordinator's CPU time (user + system) in microseconds from
  * /proc/<pid>/stat (clock-tick resolution), or -1. */
 double coord_cpu_us(const coord *c);
+/* The coordinator's sbn_heap_allocations_total (scraped from its metrics
+ * port, which does not count its own scrapes), or -1 when unavailable. */
+double coord_allocs(const coord *c);
 /* The same from /proc/<pid>/task/(*)/schedstat (nanosecond resolution), or -1. */
 double coord_sched_us(const coord *c);
 

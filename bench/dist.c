@@ -137,6 +137,7 @@ typedef struct round_result {
   double rounds_per_s; /* all groups together */
   double wall_s;
   double coord_cpu_us, coord_sched_us; /* during the timed part */
+  double coord_allocs;                 /* heap allocations then, NAN if unknown */
   long long rounds;    /* group rounds in the timed part */
 } round_result;
 
@@ -179,6 +180,7 @@ static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int 
          "%.2f s",
          n, mi, mb, now_s() - ts);
   }
+  double al0 = coord_allocs(c);
   double cpu0 = coord_cpu_us(c), sch0 = coord_sched_us(c);
   double t0 = now_s();
   procs_go(&ps);
@@ -188,6 +190,7 @@ static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int 
     goto fail;
   double t1 = now_s();
   double cpu1 = coord_cpu_us(c), sch1 = coord_sched_us(c);
+  double al1 = coord_allocs(c);
   if (procs_wait(&ps, STOP_TIMEOUT_MS) != n) {
     note("some workers did not exit cleanly");
     goto out;
@@ -207,6 +210,7 @@ static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int 
     out->rounds_per_s = (double)out->rounds / out->wall_s;
   out->coord_cpu_us = (cpu0 >= 0 && cpu1 >= 0) ? cpu1 - cpu0 : NAN;
   out->coord_sched_us = (sch0 >= 0 && sch1 >= 0) ? sch1 - sch0 : NAN;
+  out->coord_allocs = (al0 >= 0 && al1 >= 0) ? al1 - al0 : NAN;
   if (record)
     stats_compute(a.lat, reps, &out->lat);
   rc = 0;
@@ -221,11 +225,80 @@ out:
 
 /* ---- round ----------------------------------------------------------------- */
 
+/*
+ * Least squares of the coordinator's CPU time per round (from schedstat, in
+ * microseconds) against y = a + b * members + c * members * channels over
+ * the rounds without spinning, with R^2 and the largest relative residual:
+ * the evidence that the cost per round is linear in members x channels.
+ * pts[i] = {members, members * channels, us per round}.
+ */
+#define FIT_MAX 16
+static void emit_fit(double pts[][3], int n) {
+  if (n < 4)
+    return;
+  double A[3][4] = {{0}};
+  for (int i = 0; i < n; i++) {
+    const double x[3] = {1, pts[i][0], pts[i][1]};
+    for (int r = 0; r < 3; r++) {
+      for (int k = 0; k < 3; k++)
+        A[r][k] += x[r] * x[k];
+      A[r][3] += x[r] * pts[i][2];
+    }
+  }
+  /* Gauss-Jordan with partial pivoting on the 3 x 3 normal equations. */
+  for (int col = 0; col < 3; col++) {
+    int piv = col;
+    for (int r = col + 1; r < 3; r++)
+      if (fabs(A[r][col]) > fabs(A[piv][col]))
+        piv = r;
+    if (fabs(A[piv][col]) < 1e-300)
+      return;
+    for (int k = 0; k < 4; k++) {
+      double t = A[col][k];
+      A[col][k] = A[piv][k];
+      A[piv][k] = t;
+    }
+    for (int r = 0; r < 3; r++) {
+      if (r == col)
+        continue;
+      double f = A[r][col] / A[col][col];
+      for (int k = col; k < 4; k++)
+        A[r][k] -= f * A[col][k];
+    }
+  }
+  double beta[3];
+  for (int r = 0; r < 3; r++)
+    beta[r] = A[r][3] / A[r][r];
+  double mean = 0, ss_tot = 0, ss_res = 0, worst = 0;
+  for (int i = 0; i < n; i++)
+    mean += pts[i][2] / n;
+  for (int i = 0; i < n; i++) {
+    double pred = beta[0] + beta[1] * pts[i][0] + beta[2] * pts[i][1];
+    double res = pts[i][2] - pred;
+    ss_tot += (pts[i][2] - mean) * (pts[i][2] - mean);
+    ss_res += res * res;
+    if (fabs(res) / pts[i][2] > worst)
+      worst = fabs(res) / pts[i][2];
+  }
+  jline j;
+  j_begin(&j, "round_fit");
+  j_str(&j, "model", "coord_sched_us_per_round = a + b*workers + c*workers*channels");
+  j_int(&j, "points", n);
+  j_num(&j, "a_us", beta[0]);
+  j_num(&j, "b_us_per_worker", beta[1]);
+  j_num(&j, "c_ns_per_worker_channel", beta[2] * 1000.0);
+  j_num(&j, "r2", ss_tot > 0 ? 1.0 - ss_res / ss_tot : NAN);
+  j_num(&j, "max_rel_residual", worst);
+  j_emit(&j);
+}
+
 int bench_round(coord *c) {
   static const int Ns[] = {2, 4, 8};
   static const int Cs[] = {64, 256, 1024, 4096};
   int reps = bench_reps(2000, 100), warm = g_opts.quick ? 20 : 200;
   int fails = 0;
+  double fit[FIT_MAX][3];
+  int nfit = 0;
   for (int spin = 0; spin <= 1; spin++)
     for (int ni = 0; ni < 3; ni++) {
       int N = Ns[ni];
@@ -261,9 +334,17 @@ int bench_round(coord *c) {
         }
         j_num(&j, "coord_cpu_us_per_round", r.coord_cpu_us / (double)r.rounds);
         j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);
+        j_num(&j, "coord_allocs_per_round", r.coord_allocs / (double)r.rounds);
         j_emit(&j);
+        if (!spin && nfit < FIT_MAX) {
+          fit[nfit][0] = N;
+          fit[nfit][1] = (double)N * C;
+          fit[nfit][2] = r.coord_sched_us / (double)r.rounds;
+          nfit++;
+        }
       }
     }
+  emit_fit(fit, nfit);
   return fails ? -1 : 0;
 }
 
@@ -302,6 +383,7 @@ int bench_groups(coord *c) {
     j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);
     j_num(&j, "coord_ns_per_member_channel",
           r.coord_sched_us * 1000.0 / ((double)r.rounds * wpg * C));
+    j_num(&j, "coord_allocs_per_round", r.coord_allocs / (double)r.rounds);
     j_emit(&j);
   }
   return fails ? -1 : 0;

@@ -18,6 +18,13 @@
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/prctl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+/* A scrape of the coordinator's metrics: its bound in time and size. */
+#define METRICS_TIMEOUT_MS 3000
+#define METRICS_MAX_BYTES (256 * 1024)
 #endif
 
 #define COORD_START_TIMEOUT_MS 10000
@@ -359,6 +366,8 @@ int coord_start(coord *c) {
   argv[argc++] = g_opts.coordinator;
   argv[argc++] = "--listen";
   argv[argc++] = "127.0.0.1:0";
+  argv[argc++] = "--metrics";
+  argv[argc++] = "127.0.0.1:0";
   for (int i = 0; i < g_opts.n_coord_args; i++)
     argv[argc++] = g_opts.coord_args[i];
   argv[argc] = NULL;
@@ -409,12 +418,21 @@ int coord_start(coord *c) {
       break;
     len += (size_t)k;
     buf[len] = '\0';
+    /* "sbn-coordinator listening on 127.0.0.1:PORT", then "... metrics on
+     * 127.0.0.1:PORT". */
     char *line = strstr(buf, "listening on ");
     char *nl = line ? strchr(line, '\n') : NULL;
-    if (nl != NULL) {
+    if (nl != NULL && port == 0) {
       const char *colon = memrchr(line, ':', (size_t)(nl - line));
       if (colon != NULL)
         port = atoi(colon + 1);
+    }
+    const char *m = strstr(buf, "metrics on ");
+    const char *mnl = m ? strchr(m, '\n') : NULL;
+    if (mnl != NULL) {
+      const char *mcolon = memrchr(m, ':', (size_t)(mnl - m));
+      if (mcolon != NULL)
+        c->metrics_port = atoi(mcolon + 1);
       break;
     }
   }
@@ -480,6 +498,52 @@ double coord_cpu_us(const coord *c) {
   if (hz <= 0)
     hz = 100;
   return (double)(utime + stime) * 1e6 / (double)hz;
+}
+
+/* GET /metrics from 127.0.0.1:port into buf (NUL-terminated); 0 or -1. */
+static int http_get_metrics(int port, char *buf, size_t cap) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof(a));
+  a.sin_family = AF_INET;
+  a.sin_port = htons((uint16_t)port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  static const char req[] = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  size_t len = 0;
+  int rc = -1;
+  if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+      write(fd, req, sizeof(req) - 1) != (ssize_t)(sizeof(req) - 1))
+    goto out;
+  long long deadline = now_ms() + METRICS_TIMEOUT_MS;
+  while (len < cap - 1) {
+    long long left = deadline - now_ms();
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (left <= 0 || poll(&p, 1, (int)left) <= 0)
+      goto out;
+    ssize_t k = read(fd, buf + len, cap - 1 - len);
+    if (k < 0)
+      goto out;
+    if (k == 0) {
+      rc = 0; /* the server closes after the answer */
+      break;
+    }
+    len += (size_t)k;
+  }
+out:
+  buf[len] = '\0';
+  close(fd);
+  return rc;
+}
+
+double coord_allocs(const coord *c) {
+  static char buf[METRICS_MAX_BYTES];
+  static const char name[] = "\nsbn_heap_allocations_total ";
+  if (c->metrics_port <= 0 || http_get_metrics(c->metrics_port, buf, sizeof(buf)) != 0)
+    return -1;
+  const char *p = strstr(buf, name);
+  return p ? strtod(p + sizeof(name) - 1, NULL) : -1;
 }
 
 double coord_sched_us(const coord *c) {

@@ -324,8 +324,11 @@ int main(int argc, char **argv) {
     uv_signal_start(&a.sigterm, on_signal, SIGTERM);
     uv_signal_start(&a.sigusr1, on_sigusr1, SIGUSR1);
     uv_signal_start(&a.sighup, on_sighup, SIGHUP);
-    /* Tests and launchers wait for exactly this line to learn the port. */
+    /* Tests and launchers wait for this first line to learn the port; the
+     * metrics address (with --metrics) comes on the line after it. */
     printf("sbn-coordinator listening on %s\n", addr);
+    if (sbn__coord_metrics_addr(a.coord)[0])
+      printf("sbn-coordinator metrics on %s\n", sbn__coord_metrics_addr(a.coord));
     fflush(stdout);
     if (sbn__notify_init(&a.notify, &a.loop)) {
       char msg[2 * ADDR_MAX];
