@@ -12,6 +12,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,6 +142,7 @@ static int wait_fd(sbn__conn *c, short events, uint64_t deadline_ms) {
     do {
       if (poll(&p, 1, 0) > 0)
         return SBN_OK;
+      sched_yield();
     } while (sbn__now_ns() < spin_end);
   }
   for (;;) {
