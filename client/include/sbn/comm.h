@@ -44,7 +44,10 @@ typedef struct sbn_config {
    * 5 s, so that its error (which names the missing ranks) arrives first. */
   int timeout_ms;
   /* Poll the socket without sleeping this long before blocking on a reply
-   * (trades CPU for latency); default 0 = off. */
+   * (trades CPU for latency; between polls the thread yields the CPU to any
+   * other runnable thread, so an oversubscribed machine still makes
+   * progress).  Pays off only with a core per worker and one for the
+   * coordinator.  Default 0 = off. */
   int spin_us;
   /* Path of the file holding the secret shared with the coordinator
    * (started with --secret-file); NULL = none.  The file must not be
