@@ -214,10 +214,12 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  * splits each 32-byte operation in two 16-byte ones), with AVX2, with
  * AVX2+FMA and with AVX-512, chosen at run time.  The AVX-512 copy runs
  * its own variants of the sums' inner loops (plane_stats_one8,
- * plane_grad_sums_one8 and the FM_512 blocks of the row sums) on 16 floats
- * (v16f) and 8 doubles (v8d), because GCC does not fuse two 256-bit
- * operations into one 512-bit one and splits 64-byte vectors badly without
- * AVX-512 (so the other copies keep the 256-bit loops).  The variants give
+ * plane_grad_sums_one8 and the FM_512 blocks of the row sums) and of the
+ * row kernels' element-wise passes (rows_normalize_block16,
+ * rows_grad_input_block16) on 16 floats (v16f) and 8 doubles (v8d),
+ * because GCC does not fuse two 256-bit operations into one 512-bit one and
+ * splits 64-byte vectors badly without AVX-512 (so the other copies keep
+ * the 256-bit loops).  The sums' variants give
  * every double lane the same values in the same order: a v8d holds two of
  * the v4d lanes (s01 = s0 and s1), a 4-value tail adds +0 to the other
  * half, and the folds are the same.  Floating-point contraction is off for
@@ -231,17 +233,17 @@ static int check_input(const sbn_module *m, const bn *b, const sbn_tensor *x, si
  * Two families, each with the same passes over the data:
  *   - plane kernels (S > 1): N*C contiguous planes of S values, inner loop
  *     over S (NCHW inputs with a spatial size).  A channel's sums run over
- *     its N planes in 16 double lanes (four v4d accumulators per sum: the
- *     additions' latency is hidden), folded once per channel (see
- *     plane_stats for the two walking orders);
+ *     its N planes in 16 double lanes (four v4d accumulators per sum, two
+ *     v8d with AVX-512: the additions' latency is hidden), folded once per
+ *     channel (see plane_stats for the two walking orders);
  *   - row kernels (S == 1): R rows of C contiguous values, inner loop over
  *     C with per-channel partial sums kept in double arrays across rows
  *     (channels-last inputs as (R, C), and NCHW inputs without spatial
  *     size, which are the same layout).  The sums handle RB rows per sweep
- *     of 16 channels so the partial sums are loaded and stored once per RB
- *     rows; each channel's sum still adds the rows in order, so the result
- *     does not depend on the blocking (nor on RBE, the element-wise
- *     passes' rows per sweep).
+ *     of 16 channels (32 with AVX-512) so the partial sums are loaded and
+ *     stored once per RB rows; each channel's sum still adds the rows in
+ *     order, so the result does not depend on the blocking (nor on RBE or
+ *     RBE_FM, the element-wise passes' rows per sweep).
  * The normalization's per-channel constants are floats: y = ((x - hi) - lo)
  * * a + b with hi = float(mean), lo = float(mean - hi) (the exact
  * subtraction of the mean, see normalize), a = float(weight * invstd),
