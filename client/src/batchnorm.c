@@ -343,9 +343,10 @@ KERNEL double hsum4d(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 /*
  * fm, the last parameter of every kernel: the dispatch path's flags (a
  * constant in each compiled copy, see "dispatch").  FM_FMA: acc_add is an
- * FMA; FM_512: the sums run their 512-bit variants.
+ * FMA; FM_512: the sums run their 512-bit variants; FM_SPLIT (the generic
+ * copy): 8 floats are compared as two halves of 4 (le0_8).
  */
-enum { FM_FMA = 1, FM_512 = 2 };
+enum { FM_FMA = 1, FM_512 = 2, FM_SPLIT = 4 };
 
 /*
  * a + b, or with FM_FMA fma(b, 1, a): b * 1 is exact, so the FMA rounds
@@ -407,7 +408,21 @@ KERNEL v8f aff8(v8f x, v8f h, v8f l, v8f a, v8f b) { return ((x - h) - l) * a + 
 KERNEL v4f aff4(v4f x, v4f h, v4f l, v4f a, v4f b) { return ((x - h) - l) * a + b; }
 KERNEL float aff1(float x, float h, float l, float a, float b) { return ((x - h) - l) * a + b; }
 /* ReLU: +0 where v <= 0, else v (a NaN passes, as in PyTorch). */
-KERNEL v8f relu8(v8f v) { return (v8f)((v8si)v & ~(v8si)(v <= splat8(0.0f))); }
+/* v <= 0 as a mask.  Without 32-byte vectors GCC compares v8f one element
+ * at a time, with branches (the ReLU kernels ran at 1-2 GB/s): FM_SPLIT
+ * compares the two halves instead. */
+KERNEL v8si le0_8(v8f v, const int fm) {
+  if (!(fm & FM_SPLIT)) return (v8si)(v <= splat8(0.0f));
+  v4f lo, hi;
+  memcpy(&lo, &v, sizeof(lo));
+  memcpy(&hi, (const char *)&v + sizeof(lo), sizeof(hi));
+  const v4si ml = (v4si)(lo <= splat4(0.0f)), mh = (v4si)(hi <= splat4(0.0f));
+  v8si m;
+  memcpy(&m, &ml, sizeof(ml));
+  memcpy((char *)&m + sizeof(ml), &mh, sizeof(mh));
+  return m;
+}
+KERNEL v8f relu8(v8f v, const int fm) { return (v8f)((v8si)v & ~le0_8(v, fm)); }
 KERNEL v4f relu4(v4f v) { return (v4f)((v4si)v & ~(v4si)(v <= splat4(0.0f))); }
 KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
 /*
@@ -433,7 +448,7 @@ KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
     (v16f)((v16si)(g) & ~m_);                                                                      \
   })
 KERNEL v8f keep8(v8f v, v8f g, const int fm) {
-  v8si m = (v8si)(v <= splat8(0.0f));
+  v8si m = le0_8(v, fm);
   MASK_BARRIER(m, fm);
   return (v8f)((v8si)g & ~m);
 }
@@ -705,7 +720,7 @@ KERNEL void stats_impl(const float *x, size_t N, size_t C, size_t S, double *mea
  * the fused x*a + (b - mean*a) would cancel catastrophically.
  */
 KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t S,
-                            const float *aff, const int relu) {
+                            const float *aff, const int relu, const int fm) {
   for (size_t n = 0; n < N; n++)
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S;
@@ -714,12 +729,12 @@ KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t
       size_t i = 0;
       for (; i + 16 <= S; i += 16) {
         const v8f v0 = fwd8(ld8f(p + i), k8), v1 = fwd8(ld8f(p + i + 8), k8);
-        st8f(o + i, relu ? relu8(v0) : v0);
-        st8f(o + i + 8, relu ? relu8(v1) : v1);
+        st8f(o + i, relu ? relu8(v0, fm) : v0);
+        st8f(o + i + 8, relu ? relu8(v1, fm) : v1);
       }
       for (; i + 8 <= S; i += 8) {
         const v8f v = fwd8(ld8f(p + i), k8);
-        st8f(o + i, relu ? relu8(v) : v);
+        st8f(o + i, relu ? relu8(v, fm) : v);
       }
       if (i + 4 <= S) {
         const v4f v = fwd4(ld4f(p + i), aff4_splat(aff, C, c));
@@ -765,15 +780,15 @@ KERNEL void rows_normalize(const float *x, float *y, size_t R, size_t C, const f
       const aff8_t k0 = aff8_at(aff, C, c), k1 = aff8_at(aff, C, c + 8);
       for (size_t j = 0; j < nr; j++) {
         const v8f v0 = fwd8(ld8f(xr + j * C + c), k0), v1 = fwd8(ld8f(xr + j * C + c + 8), k1);
-        st8f(yr + j * C + c, relu ? relu8(v0) : v0);
-        st8f(yr + j * C + c + 8, relu ? relu8(v1) : v1);
+        st8f(yr + j * C + c, relu ? relu8(v0, fm) : v0);
+        st8f(yr + j * C + c + 8, relu ? relu8(v1, fm) : v1);
       }
     }
     for (; c + 8 <= C; c += 8) {
       const aff8_t k8 = aff8_at(aff, C, c);
       for (size_t j = 0; j < nr; j++) {
         const v8f v = fwd8(ld8f(xr + j * C + c), k8);
-        st8f(yr + j * C + c, relu ? relu8(v) : v);
+        st8f(yr + j * C + c, relu ? relu8(v, fm) : v);
       }
     }
     if (c + 4 <= C) {
@@ -802,9 +817,9 @@ KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t 
       rows_normalize(x, y, N, C, aff, 0, fm);
   } else {
     if (relu)
-      plane_normalize(x, y, N, C, S, aff, 1);
+      plane_normalize(x, y, N, C, S, aff, 1, fm);
     else
-      plane_normalize(x, y, N, C, S, aff, 0);
+      plane_normalize(x, y, N, C, S, aff, 0, fm);
   }
 }
 
@@ -1223,10 +1238,11 @@ int sbn__bn_kernel_path(int want) {
 
 #define FM_FMA_IF (SBN_BN_BUILTINS ? FM_FMA : 0)
 #define WITH_FM0(...) (__VA_ARGS__, 0)
+#define WITH_SPLIT(...) (__VA_ARGS__, FM_SPLIT)
 #define WITH_FMA(...) (__VA_ARGS__, FM_FMA_IF)
 #define WITH_512(...) (__VA_ARGS__, FM_512 | FM_FMA_IF)
 #define BN_KERNEL(name, params, args)                                                              \
-  static void name##_generic params { name##_impl WITH_FM0 args; }                      \
+  static void name##_generic params { name##_impl WITH_SPLIT args; }                      \
   AVX2_TARGET static void name##_avx2 params { name##_impl WITH_FM0 args; }             \
   FMA_TARGET static void name##_fma params { name##_impl WITH_FMA args; }       \
   AVX512_TARGET static void name##_avx512 params {                                                 \
