@@ -2,6 +2,7 @@
 #include "merge.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb,
@@ -56,5 +57,71 @@ long sbn__finite_check(const double *v, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (!isfinite(v[i]))
       return (long)i;
+  return -1;
+}
+
+/* Whether any of v[0..n) is Inf or NaN (exponent all ones), without branches. */
+static int any_nonfinite_f(const float *v, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t b;
+    memcpy(&b, &v[i], sizeof(b));
+    bad |= (uint32_t)((b & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad != 0;
+}
+
+long sbn__finite_check_f(const float *v, size_t n) {
+  for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
+    size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
+    if (!any_nonfinite_f(v + j, m))
+      continue;
+    for (size_t i = 0; i < m; i++)
+      if (!isfinite(v[j + i]))
+        return (long)(j + i);
+  }
+  return -1;
+}
+
+/*
+ * Block by block, so the double accumulator stays in the L1 cache and every
+ * input is read once: the sums are the same as element by element (each
+ * element's additions keep their order).
+ */
+long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, double scale,
+                        double *acc, double *bad_value) {
+  int e;
+  const int pow2 = frexp(scale, &e) == 0.5 && scale >= 1.0;
+  const double inv = 1.0 / scale;
+  for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
+    size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
+    const float *a = in[0] + j;
+    for (size_t i = 0; i < m; i++)
+      acc[i] = (double)a[i];
+    for (size_t r = 1; r < k; r++) {
+      const float *b = in[r] + j;
+      for (size_t i = 0; i < m; i++)
+        acc[i] += (double)b[i];
+    }
+    float *o = out + j;
+    if (scale == 1.0) {
+      for (size_t i = 0; i < m; i++)
+        o[i] = (float)acc[i];
+    } else if (pow2) {
+      /* x / 2^e and x * 2^-e are the same exact value, rounded alike. */
+      for (size_t i = 0; i < m; i++)
+        o[i] = (float)(acc[i] * inv);
+    } else {
+      for (size_t i = 0; i < m; i++)
+        o[i] = (float)(acc[i] / scale);
+    }
+    if (any_nonfinite_f(o, m)) {
+      for (size_t i = 0; i < m; i++)
+        if (!isfinite(o[i])) {
+          *bad_value = acc[i] / scale;
+          return (long)(j + i);
+        }
+    }
+  }
   return -1;
 }

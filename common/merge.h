@@ -33,5 +33,17 @@ long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C
 
 /* Checks that every value is finite; returns the first bad index or -1. */
 long sbn__finite_check(const double *v, size_t n);
+/* The same for floats, vectorizable: blocks are checked without branches. */
+long sbn__finite_check_f(const float *v, size_t n);
+/*
+ * Allreduce: out[j] = (float)((in[0][j] + in[1][j] + ... + in[k-1][j]) / scale)
+ * with the sum in double, added in the order of in[] and rounded to float
+ * once.  acc: SBN_REDUCE_BLOCK doubles of scratch.  out may be in[0].
+ * Returns the index of the first element whose result is not a finite
+ * float (overflow), with that result in double in *bad_value, or -1.
+ */
+#define SBN_REDUCE_BLOCK 2048
+long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, double scale,
+                        double *acc, double *bad_value);
 
 #endif /* SBN_MERGE_H */

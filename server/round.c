@@ -334,11 +334,8 @@ static int check_values(const sbn__srv_conn *conn, const Sbn__Contribute *m, cha
       what = "sum of dy*xhat is not finite";
     break;
   case SBN__PHASE__PHASE_ALLREDUCE:
-    for (size_t i = 0; i < m->n_fvals && bad < 0; i++)
-      if (!isfinite(m->fvals[i])) {
-        bad = (long)i;
-        what = "value is not finite";
-      }
+    if ((bad = sbn__finite_check_f(m->fvals, m->n_fvals)) >= 0)
+      what = "value is not finite";
     break;
   default: break;
   }
@@ -571,32 +568,30 @@ static void round_complete(sbn__srv_round *r) {
     res.b = first->b;
     break;
   case SBN__PHASE__PHASE_ALLREDUCE: {
-    double *acc = sbn__srv_scratch(job->coord, C);
+    /* Scratch: the reduction's block accumulator, then the inputs in rank order. */
+    size_t ptr_doubles = (r->n * sizeof(float *) + sizeof(double) - 1) / sizeof(double);
+    double *acc = sbn__srv_scratch(job->coord, SBN_REDUCE_BLOCK + ptr_doubles);
     if (acc == NULL) {
       sbn__srv_round_fail(r, SBN_ENOMEM, NULL, 0, "out of memory reducing '%s'", ref->layer);
       return;
     }
+    const float **in = (const float **)(void *)(acc + SBN_REDUCE_BLOCK);
     uint64_t count = 0;
-    for (size_t j = 0; j < C; j++)
-      acc[j] = 0.0;
     for (uint32_t i = 0; i < r->n; i++) {
-      const Sbn__Contribute *c = r->contrib[i]->contribute;
-      for (size_t j = 0; j < C; j++)
-        acc[j] += (double)c->fvals[j];
-      count += c->count;
+      in[i] = r->contrib[i]->contribute->fvals;
+      count += r->contrib[i]->contribute->count;
     }
     /* The mean divides the double sum, so it too is rounded only once. */
     double scale = ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? (double)r->n : 1.0;
-    for (size_t j = 0; j < C; j++) {
-      first->fvals[j] = (float)(acc[j] / scale);
-      if (!isfinite(first->fvals[j])) {
-        sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,
-                            "the %s of element %zu of '%s' (seq %llu, allreduce) overflows "
-                            "float32 (%g)",
-                            scale == 1.0 ? "sum" : "mean", j, ref->layer,
-                            (unsigned long long)r->seq, acc[j] / scale);
-        return;
-      }
+    double bad_value = 0;
+    long bad = sbn__reduce_floats(first->fvals, in, r->n, C, scale, acc, &bad_value);
+    if (bad >= 0) {
+      sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,
+                          "the %s of element %ld of '%s' (seq %llu, allreduce) overflows "
+                          "float32 (%g)",
+                          scale == 1.0 ? "sum" : "mean", bad, ref->layer,
+                          (unsigned long long)r->seq, bad_value);
+      return;
     }
     res.count = count;
     res.n_fvals = C;

@@ -3,6 +3,7 @@
  * and long-double references computed here, independently of merge.c.
  */
 #include <check.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -187,6 +188,99 @@ START_TEST(stats_check) {
 }
 END_TEST
 
+/* A float spread over many binades, either sign (xorshift, fixed seed). */
+static float wide_float(uint64_t *st) {
+  *st ^= *st << 13;
+  *st ^= *st >> 7;
+  *st ^= *st << 17;
+  double m = (double)(*st >> 11) / 9007199254740992.0; /* [0, 1) */
+  int e = (int)(*st % 60) - 30;
+  return (float)((*st & 1 ? -1 : 1) * ldexp(0.5 + m, e));
+}
+
+/* The allreduce reduction equals the element-wise double sum in input order,
+ * rounded once, bit for bit, at every block boundary and scale, in place. */
+START_TEST(reduce_floats_exact) {
+  static const size_t ns[] = {0, 1, SBN_REDUCE_BLOCK - 1, SBN_REDUCE_BLOCK, SBN_REDUCE_BLOCK + 1,
+                              3 * SBN_REDUCE_BLOCK + 5};
+  static const size_t ks[] = {1, 2, 3, 4, 5};
+  static double acc[SBN_REDUCE_BLOCK];
+  uint64_t st = 0x9e3779b97f4a7c15u;
+  for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+    for (size_t ki = 0; ki < sizeof(ks) / sizeof(ks[0]); ki++)
+      for (int mean = 0; mean <= 1; mean++) {
+        size_t n = ns[ni], k = ks[ki];
+        double scale = mean ? (double)k : 1.0;
+        float *buf[5], *want = malloc((n + 1) * sizeof(float)), *out = malloc((n + 1) * sizeof(float));
+        const float *in[5];
+        for (size_t r = 0; r < k; r++) {
+          buf[r] = malloc((n + 1) * sizeof(float));
+          for (size_t j = 0; j < n; j++)
+            buf[r][j] = wide_float(&st);
+          in[r] = buf[r];
+        }
+        for (size_t j = 0; j < n; j++) {
+          double sum = 0;
+          for (size_t r = 0; r < k; r++)
+            sum += (double)buf[r][j];
+          want[j] = (float)(sum / scale);
+        }
+        double bad_value = 0;
+        ck_assert_int_eq(sbn__reduce_floats(out, in, k, n, scale, acc, &bad_value), -1);
+        ck_assert(n == 0 || memcmp(out, want, n * sizeof(float)) == 0);
+        /* In place, as the coordinator does it. */
+        ck_assert_int_eq(sbn__reduce_floats(buf[0], in, k, n, scale, acc, &bad_value), -1);
+        ck_assert(n == 0 || memcmp(buf[0], want, n * sizeof(float)) == 0);
+        for (size_t r = 0; r < k; r++)
+          free(buf[r]);
+        free(want);
+        free(out);
+      }
+}
+END_TEST
+
+START_TEST(reduce_floats_overflow) {
+  enum { N = 2 * SBN_REDUCE_BLOCK + 9 };
+  static float a[N], b[N], out[N];
+  static double acc[SBN_REDUCE_BLOCK];
+  const float *in[2] = {a, b};
+  for (size_t j = 0; j < N; j++)
+    a[j] = b[j] = 1.0f;
+  a[SBN_REDUCE_BLOCK + 7] = b[SBN_REDUCE_BLOCK + 7] = FLT_MAX;
+  a[N - 1] = b[N - 1] = FLT_MAX;
+  double bad_value = 0;
+  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 1.0, acc, &bad_value),
+                   SBN_REDUCE_BLOCK + 7);
+  ck_assert(bad_value == 2.0 * (double)FLT_MAX);
+  /* The mean of the same values fits. */
+  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 2.0, acc, &bad_value), -1);
+  ck_assert(out[SBN_REDUCE_BLOCK + 7] == FLT_MAX);
+}
+END_TEST
+
+START_TEST(finite_check_floats) {
+  enum { N = 3 * SBN_REDUCE_BLOCK + 1 };
+  static float v[N];
+  for (size_t j = 0; j < N; j++)
+    v[j] = (float)j - 1000.0f;
+  ck_assert_int_eq(sbn__finite_check_f(v, N), -1);
+  ck_assert_int_eq(sbn__finite_check_f(v, 0), -1);
+  static const size_t at[] = {0, SBN_REDUCE_BLOCK - 1, SBN_REDUCE_BLOCK, N - 1};
+  static const float bad[] = {NAN, INFINITY, -INFINITY};
+  for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++)
+    for (size_t b = 0; b < sizeof(bad) / sizeof(bad[0]); b++) {
+      v[at[i]] = bad[b];
+      ck_assert_int_eq(sbn__finite_check_f(v, N), (long)at[i]);
+      v[at[i]] = 0;
+    }
+  /* The largest finite float and the smallest subnormal are finite. */
+  v[5] = FLT_MAX;
+  v[6] = -FLT_MAX;
+  v[7] = 1e-45f;
+  ck_assert_int_eq(sbn__finite_check_f(v, N), -1);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("merge");
   TCase *tc = tcase_create("chan");
@@ -197,6 +291,9 @@ int main(void) {
   tcase_add_test(tc, rank_order_is_deterministic);
   tcase_add_test(tc, sums);
   tcase_add_test(tc, stats_check);
+  tcase_add_test(tc, reduce_floats_exact);
+  tcase_add_test(tc, reduce_floats_overflow);
+  tcase_add_test(tc, finite_check_floats);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
