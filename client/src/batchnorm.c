@@ -322,8 +322,9 @@ KERNEL v8d ld8d(const double *p) {
   memcpy(&v, p, sizeof(v));
   return v;
 }
-/* 64-byte vectors go by address: as parameters, GCC would note an ABI
- * change (once per build, whatever the pragma below says). */
+/* 64-byte vectors go by address (or through macros): as parameters, GCC
+ * notes that the ABI for 64-byte alignment changed, whatever the pragma
+ * above says. */
 KERNEL void st8d(double *p, const v8d *v) { memcpy(p, v, sizeof(*v)); }
 KERNEL void st16f(float *p, const v16f *v) { memcpy(p, v, sizeof(*v)); }
 /* float -> double conversions (exact), written element-wise: GCC 12 splits
@@ -382,9 +383,9 @@ KERNEL void acc_add8(v8d *a, const v8d *b, const int fm) {
 }
 
 /* float -> double of 8 values, of the low and high halves of 16 (the AVX-512
- * kernels only).  GCC 12 splits both __builtin_convertvector and the
- * element-wise form in 256-bit pieces; the halves are taken by memcpy, as
- * the elements of a masked vector (KEEP16) would be extracted one by one. */
+ * kernels only).  GCC 12 splits __builtin_convertvector to v8d in 256-bit
+ * pieces, and builds the element-wise form of a half of a masked vector
+ * (KEEP16) element by element: the builtin, on halves taken by memcpy. */
 KERNEL v8d cvt8(v8f v) {
 #if SBN_BN_BUILTINS
   return __builtin_ia32_cvtps2pd512_mask(v, splat8d(0.0), (unsigned char)-1, 4);
@@ -407,7 +408,6 @@ KERNEL v8d cvt16_hi(const v16f *p) {
 KERNEL v8f aff8(v8f x, v8f h, v8f l, v8f a, v8f b) { return ((x - h) - l) * a + b; }
 KERNEL v4f aff4(v4f x, v4f h, v4f l, v4f a, v4f b) { return ((x - h) - l) * a + b; }
 KERNEL float aff1(float x, float h, float l, float a, float b) { return ((x - h) - l) * a + b; }
-/* ReLU: +0 where v <= 0, else v (a NaN passes, as in PyTorch). */
 /* v <= 0 as a mask.  Without 32-byte vectors GCC compares v8f one element
  * at a time, with branches (the ReLU kernels ran at 1-2 GB/s): FM_SPLIT
  * compares the two halves instead. */
@@ -422,6 +422,7 @@ KERNEL v8si le0_8(v8f v, const int fm) {
   memcpy((char *)&m + sizeof(ml), &mh, sizeof(mh));
   return m;
 }
+/* ReLU: +0 where v <= 0, else v (a NaN passes, as in PyTorch). */
 KERNEL v8f relu8(v8f v, const int fm) { return (v8f)((v8si)v & ~le0_8(v, fm)); }
 KERNEL v4f relu4(v4f v) { return (v4f)((v4si)v & ~(v4si)(v <= splat4(0.0f))); }
 KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
