@@ -38,11 +38,11 @@ static void round_on_close(uv_handle_t *h) {
 
 /*
  * Pooled items are taken by best fit, and never one more than twice the
- * size asked for: otherwise small requests would drain the pool of large
+ * size asked for (plus 64, the slack of a small buffer): otherwise small requests would drain the pool of large
  * items, and the next large request would allocate (the pool's contents
  * would drift with timing instead of settling).
  */
-static int fits(size_t have, size_t want) { return have >= want && have / 2 <= want; }
+static int fits(size_t have, size_t want) { return have >= want && have - want <= want + 64; }
 
 sbn__srv_round *sbn__srv_pool_round_get(sbn__coord *c, uint32_t n) {
   sbn__srv_round **pp = NULL;
@@ -119,10 +119,13 @@ sbn__srv_wbuf *sbn__srv_pool_wbuf_get(sbn__coord *c, size_t len) {
     c->pool_nwbufs--;
     c->pool_wbuf_bytes -= wb->cap;
   } else {
-    wb = malloc(sizeof(*wb) + len);
+    /* Some room to spare: the same reply grows by a byte when a varint in
+     * it (a sequence number, say) crosses a power of 128. */
+    size_t cap = len + len / 8 + 64;
+    wb = malloc(sizeof(*wb) + cap);
     if (wb == NULL)
       return NULL;
-    wb->cap = len;
+    wb->cap = cap;
     wb->coord = c;
   }
   wb->refs = 1;
