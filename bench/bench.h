@@ -129,8 +129,11 @@ typedef struct coord {
   int metrics_port; /* its --metrics port on 127.0.0.1, 0 if unknown */
 } coord;
 
-/* Starts the coordinator on 127.0.0.1:0; 0 or -1 (message on stderr). */
-int coord_start(coord *c);
+/* Starts the coordinator on 127.0.0.1:0 with --metrics, the --coord-arg
+ * arguments, then extra (NULL-terminated, at most BENCH_MAX_EXTRA_ARGS, or
+ * NULL); 0 or -1 (message on stderr). */
+#define BENCH_MAX_EXTRA_ARGS 8
+int coord_start(coord *c, const char *const *extra);
 /* SIGTERM, then SIGKILL after timeout_ms.  Returns the wait status or -1. */
 int coord_stop(coord *c, int timeout_ms);
 /* The coordinator's CPU time (user + system) in microseconds from

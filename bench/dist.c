@@ -299,8 +299,20 @@ int bench_round(coord *c) {
   int fails = 0;
   double fit[FIT_MAX][3];
   int nfit = 0;
+  /* Spinning rows: the workers spin, and so does a coordinator of their own. */
+  coord spinning = {.pid = 0, .out_fd = -1};
+  char spin_arg[16];
+  snprintf(spin_arg, sizeof(spin_arg), "%d", SPIN_US);
+  const char *const spin_args[] = {"--spin-us", spin_arg, NULL};
   for (int spin = 0; spin <= 1; spin++)
     for (int ni = 0; ni < 3; ni++) {
+      if (spin && spinning.pid == 0) {
+        if (coord_start(&spinning, spin_args) != 0) {
+          fails++;
+          break;
+        }
+      }
+      coord *cc = spin ? &spinning : c;
       int N = Ns[ni];
       if (spin && N > 4)
         continue; /* 8 spinning processes on 2 cores only measure contention */
@@ -308,7 +320,7 @@ int bench_round(coord *c) {
         int C = Cs[ci];
         round_result r;
         note("round N=%d C=%d spin=%d", N, C, spin);
-        if (run_rounds(c, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, reps, 1, &r) != 0) {
+        if (run_rounds(cc, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, reps, 1, &r) != 0) {
           fails++;
           continue;
         }
@@ -320,6 +332,7 @@ int bench_round(coord *c) {
         j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
         j_bool(&j, "spin", spin);
         j_int(&j, "spin_us", spin ? SPIN_US : 0);
+        j_int(&j, "coord_spin_us", spin ? SPIN_US : 0);
         j_int(&j, "reps", reps);
         j_num(&j, "p50_us", r.lat.p50);
         j_num(&j, "p99_us", r.lat.p99);
@@ -344,6 +357,8 @@ int bench_round(coord *c) {
         }
       }
     }
+  if (spinning.pid > 0)
+    coord_stop(&spinning, 10000);
   emit_fit(fit, nfit);
   return fails ? -1 : 0;
 }

@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
   int need_coord = selected[1] || selected[2] || selected[3];
   coord c = {.pid = 0, .out_fd = -1};
   if (need_coord) {
-    if (coord_start(&c) != 0) {
+    if (coord_start(&c, NULL) != 0) {
       note("cannot start the coordinator: skipping round, groups, allreduce");
       failed = 1;
       selected[1] = selected[2] = selected[3] = 0;

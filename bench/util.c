@@ -357,9 +357,9 @@ int procs_wait_ctl(procs *ps, bench_ctl *ctl, int (*pred)(bench_ctl *, int), int
 
 /* ---- the coordinator --------------------------------------------------------- */
 
-int coord_start(coord *c) {
+int coord_start(coord *c, const char *const *extra) {
   int pfd[2];
-  const char *argv[BENCH_MAX_COORD_ARGS + 8];
+  const char *argv[BENCH_MAX_COORD_ARGS + BENCH_MAX_EXTRA_ARGS + 8];
   int argc = 0;
   memset(c, 0, sizeof(*c));
   c->out_fd = -1;
@@ -370,6 +370,8 @@ int coord_start(coord *c) {
   argv[argc++] = "127.0.0.1:0";
   for (int i = 0; i < g_opts.n_coord_args; i++)
     argv[argc++] = g_opts.coord_args[i];
+  for (int i = 0; extra != NULL && extra[i] != NULL && i < BENCH_MAX_EXTRA_ARGS; i++)
+    argv[argc++] = extra[i];
   argv[argc] = NULL;
   if (access(g_opts.coordinator, X_OK) != 0) {
     note("coordinator %s: %s", g_opts.coordinator, strerror(errno));

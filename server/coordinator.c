@@ -5,6 +5,7 @@
 #include "coordinator.h"
 
 #include <stdio.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -63,6 +64,10 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
   }
   if (cfg->port < 0 || cfg->port > 65535 || cfg->metrics_port < -1 || cfg->metrics_port > 65535) {
     SBN_LOGE("port %d (metrics %d) is outside [0, 65535]", cfg->port, cfg->metrics_port);
+    return SBN_EINVAL;
+  }
+  if (cfg->spin_us > SBN_COORD_SPIN_MAX_US) {
+    SBN_LOGE("spinning %u us is more than %u us", (unsigned)cfg->spin_us, SBN_COORD_SPIN_MAX_US);
     return SBN_EINVAL;
   }
   if (cfg->flight_rounds > SBN_COORD_FLIGHT_ROUNDS_MAX) {
@@ -202,6 +207,9 @@ int sbn__coord_start(sbn__coord *c, char *addr, size_t addrlen) {
   else
     SBN_LOGI("no stall warning; flight recorder keeps %u rounds per job",
              (unsigned)c->cfg.flight_rounds);
+  if (c->cfg.spin_us > 0)
+    SBN_LOGI("spinning: polls for %u us after each wake-up before sleeping",
+             (unsigned)c->cfg.spin_us);
   if (c->cfg.metrics_port >= 0 &&
       sbn__http_start(c, c->metrics_addr, sizeof(c->metrics_addr)) != SBN_OK) {
     uv_close((uv_handle_t *)&c->listener, NULL);
@@ -237,6 +245,28 @@ void sbn__coord_stop(sbn__coord *c) {
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     sbn__srv_conn_close(conn, 1, "the coordinator is shutting down");
   sbn__http_stopping(c);
+}
+
+void sbn__coord_run(sbn__coord *c) {
+  if (c->cfg.spin_us == 0) {
+    uv_run(c->loop, UV_RUN_DEFAULT);
+    return;
+  }
+  const uint64_t spin_ns = (uint64_t)c->cfg.spin_us * 1000u;
+  /* After a wake-up the rest of a round usually follows within
+   * microseconds: poll for it instead of sleeping, which on a busy machine
+   * costs a wake-up of its own.  Yielding between polls lets the workers
+   * run when they share the coordinator's core. */
+  while (uv_run(c->loop, UV_RUN_ONCE) != 0) {
+    const uint64_t end = uv_hrtime() + spin_ns;
+    int alive = 1;
+    while (alive && uv_hrtime() < end) {
+      alive = uv_run(c->loop, UV_RUN_NOWAIT);
+      sched_yield();
+    }
+    if (!alive)
+      break;
+  }
 }
 
 const char *sbn__coord_metrics_addr(const sbn__coord *c) {

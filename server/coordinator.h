@@ -53,6 +53,8 @@
 /* Rounds the flight recorder keeps per job (--flight-rounds), and its ceiling. */
 #define SBN_COORD_FLIGHT_ROUNDS_DEFAULT 64u
 #define SBN_COORD_FLIGHT_ROUNDS_MAX 4096u
+/* Longest --spin-us: 10 ms of polling after each wake-up. */
+#define SBN_COORD_SPIN_MAX_US 10000u
 
 typedef struct sbn__coord_config {
   char host[SBN_HOST_MAX + 1]; /* address to bind, numeric or a name */
@@ -86,9 +88,21 @@ typedef struct sbn__coord_config {
    * (0 = never; SBN_COORD_STALL_WARN_AUTO = half of round_timeout_ms). */
   uint32_t stall_warn_ms;
   uint32_t flight_rounds; /* rounds recorded per job; 0 = no recorder */
+  /* sbn__coord_run: after each wake-up, poll the loop without sleeping for
+   * this long (yielding the CPU between polls) before blocking again; 0 =
+   * off, at most SBN_COORD_SPIN_MAX_US.  Pays off when the workers spin too
+   * (SBN_SPIN_US) and a core is free for the coordinator; costs that core. */
+  uint32_t spin_us;
 } sbn__coord_config;
 
 typedef struct sbn__coord sbn__coord;
+
+/*
+ * Runs the coordinator's loop until nothing is left on it (after
+ * sbn__coord_stop() and the closes it starts), spinning per cfg.spin_us.
+ * Everything else on the loop (signal handlers, say) runs too.
+ */
+void sbn__coord_run(sbn__coord *c);
 
 /* Fills cfg with the defaults (127.0.0.1:SBN_DEFAULT_PORT, ...). */
 void sbn__coord_config_init(sbn__coord_config *cfg);

@@ -65,6 +65,9 @@ static void usage(FILE *out) {
           "                        ranks; 0 = never (default: half the round timeout)\n"
           "  --flight-rounds N     rounds the flight recorder keeps per job, 0..%u\n"
           "                        (default %u); SIGUSR1 logs them\n"
+          "  --spin-us US          after each wake-up, poll without sleeping for US\n"
+          "                        microseconds, 0..%u (default 0); pays off when the\n"
+          "                        workers spin too and a core is free\n"
           "  --notify              expect NOTIFY_SOCKET (systemd Type=notify); the\n"
           "                        notification is sent whenever it is set\n"
           "  --log-level LEVEL     error, warn, info or debug (default info)\n"
@@ -77,7 +80,7 @@ static void usage(FILE *out) {
           SBN_COORD_MAX_GROUPS_DEFAULT, SBN_MAX_CHANNELS, SBN_MAX_CHANNELS,
           SBN_COORD_MAX_ROUNDS_DEFAULT, (unsigned long long)SBN_COORD_MAX_QUEUED_FLOOR,
           (unsigned long long)SBN_COORD_MAX_QUEUED_DEFAULT, SBN_DEFAULT_HOST,
-          SBN_COORD_FLIGHT_ROUNDS_MAX, SBN_COORD_FLIGHT_ROUNDS_DEFAULT);
+          SBN_COORD_FLIGHT_ROUNDS_MAX, SBN_COORD_FLIGHT_ROUNDS_DEFAULT, SBN_COORD_SPIN_MAX_US);
 }
 
 static int bad_flag(const char *fmt, const char *flag, const char *value) {
@@ -118,6 +121,7 @@ static int parse_args(int argc, char **argv, sbn__coord_config *cfg, int *want_n
        NULL, &cfg->max_queued},
       {"--stall-warn", 0, UINT32_MAX - 1, "a number of milliseconds", &cfg->stall_warn_ms, NULL},
       {"--flight-rounds", 0, SBN_COORD_FLIGHT_ROUNDS_MAX, "a count", &cfg->flight_rounds, NULL},
+      {"--spin-us", 0, SBN_COORD_SPIN_MAX_US, "a number of microseconds", &cfg->spin_us, NULL},
   };
   const size_t nnums = sizeof(nums) / sizeof(nums[0]);
   for (int i = 1; i < argc; i++) {
@@ -340,7 +344,7 @@ int main(int argc, char **argv) {
       SBN_LOGW("--notify: NOTIFY_SOCKET is not set, so there is no service manager to notify");
     }
   }
-  uv_run(&a.loop, UV_RUN_DEFAULT);
+  sbn__coord_run(a.coord);
   sbn__coord_free(a.coord);
   rc = uv_loop_close(&a.loop);
   if (rc != 0) {

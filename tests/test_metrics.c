@@ -283,10 +283,14 @@ START_TEST(health_503_when_stopping) {
 }
 END_TEST
 
+/* The bad --spin-us below is one past the limit. */
+_Static_assert(SBN_COORD_SPIN_MAX_US == 10000, "update the --spin-us case of bad_metrics_flags");
+
 START_TEST(bad_metrics_flags) {
   char cmd[512];
   const char *bad[] = {"--metrics host-without-port", "--metrics 70000", "--metrics",
-                       "--flight-rounds 5000", "--stall-warn x"};
+                       "--flight-rounds 5000", "--stall-warn x", "--spin-us 10001",
+                       "--spin-us -1"};
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
     snprintf(cmd, sizeof(cmd), "%s %s 2>/dev/null", SBN_COORDINATOR_BIN, bad[i]);
     int st = system(cmd);

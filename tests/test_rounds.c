@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "coordinator.h"
 #include "sbn/sbn.h"
 #include "workers.h"
 
@@ -255,6 +256,18 @@ START_TEST(test_rounds_n) {
 }
 END_TEST
 
+/* A spinning coordinator (--spin-us at its limit) gives the same answers,
+ * and still shuts down cleanly. */
+START_TEST(test_rounds_spinning_coordinator) {
+  char max[16];
+  snprintf(max, sizeof(max), "%u", SBN_COORD_SPIN_MAX_US);
+  const char *args[] = {"--spin-us", max, NULL};
+  ck_assert_int_eq(coord_start(&coord, args), 0);
+  run_rounds(coord.addr, 4, 0, NULL);
+  stop_coord();
+}
+END_TEST
+
 START_TEST(test_rounds_shuffled_same_bytes) {
   static shared_results a, b;
   start_coord();
@@ -471,6 +484,7 @@ static Suite *rounds_suite(void) {
   tcase_set_timeout(tc, 120);
   tcase_add_loop_test(tc, test_rounds_n, 0, 3);
   tcase_add_test(tc, test_rounds_shuffled_same_bytes);
+  tcase_add_test(tc, test_rounds_spinning_coordinator);
   suite_add_tcase(s, tc);
   TCase *tf = tcase_create("faults");
   tcase_set_timeout(tf, 60);
