@@ -268,6 +268,7 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
 /* 64-byte vectors: only in the AVX-512 kernels (see "dispatch"). */
 typedef float v16f __attribute__((vector_size(64)));
 typedef int v16si __attribute__((vector_size(64)));
@@ -332,8 +333,6 @@ KERNEL void st16f(float *p, const v16f *v) { memcpy(p, v, sizeof(*v)); }
 KERNEL v4d cvt4(v4f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
 KERNEL v4d cvt_lo(v8f v) { return (v4d){v[0], v[1], v[2], v[3]}; }
 KERNEL v4d cvt_hi(v8f v) { return (v4d){v[4], v[5], v[6], v[7]}; }
-/* v in the low half, +0 in the high one. */
-KERNEL v8d zext4d(v4d v) { return (v8d){v[0], v[1], v[2], v[3], 0, 0, 0, 0}; }
 KERNEL v16f splat16(float f) { return (v16f){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
 KERNEL v8d splat8d(double d) { return (v8d){d, d, d, d, d, d, d, d}; }
 KERNEL v8f splat8(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
@@ -380,6 +379,54 @@ KERNEL void acc_add8(v8d *a, const v8d *b, const int fm) {
 #endif
   (void)fm;
   *a += *b;
+}
+
+/*
+ * Broadcasts: a value to every lane.  GCC 12 builds a vector of equal
+ * non-constant elements ({f, f, ...}, splat8 and so on) in a target("...")
+ * function one element at a time (masked broadcasts or inserts, 16 for a
+ * v16f, zext4d likewise), outside the inner loops but once per plane, which
+ * cost the plane kernels more than their inner loops on small planes (the
+ * fused-ReLU backward ran at half the speed of the plain one): the builtins
+ * (one vbroadcastss or vbroadcastsd each) on every path with AVX, the
+ * vector literals elsewhere.  Same values either way.
+ */
+KERNEL v8f bcast8(const float *p, const int fm) {
+#if SBN_BN_BUILTINS
+  if (!(fm & FM_SPLIT)) return __builtin_ia32_vbroadcastss256(p);
+#endif
+  (void)fm;
+  return splat8(*p);
+}
+KERNEL v4f bcast4(const float *p, const int fm) {
+#if SBN_BN_BUILTINS
+  if (!(fm & FM_SPLIT)) return __builtin_ia32_vbroadcastss(p);
+#endif
+  (void)fm;
+  return splat4(*p);
+}
+/* The AVX-512 kernels only. */
+KERNEL v16f bcast16(const float *p) {
+#if SBN_BN_BUILTINS
+  return __builtin_ia32_broadcastss512((v4f){*p, 0, 0, 0}, splat16(0.0f), (unsigned short)-1);
+#else
+  return splat16(*p);
+#endif
+}
+KERNEL v8d bcast8d(double d) {
+#if SBN_BN_BUILTINS
+  return __builtin_ia32_broadcastsd512((v2d){d, 0}, splat8d(0.0), (unsigned char)-1);
+#else
+  return splat8d(d);
+#endif
+}
+/* v in the low half, +0 in the high one. */
+KERNEL v8d zext4d(v4d v) {
+#if SBN_BN_BUILTINS
+  return __builtin_ia32_insertf64x4_mask(splat8d(0.0), v, 0, splat8d(0.0), (unsigned char)-1);
+#else
+  return (v8d){v[0], v[1], v[2], v[3], 0, 0, 0, 0};
+#endif
 }
 
 /* float -> double of 8 values, of the low and high halves of 16 (the AVX-512
@@ -473,20 +520,20 @@ KERNEL aff8_t aff8_at(const float *aff, size_t C, size_t c) {
 KERNEL aff4_t aff4_at(const float *aff, size_t C, size_t c) {
   return (aff4_t){ld4f(aff + c), ld4f(aff + C + c), ld4f(aff + 2 * C + c), ld4f(aff + 3 * C + c)};
 }
-KERNEL aff8_t aff8_splat(const float *aff, size_t C, size_t c) {
-  return (aff8_t){splat8(aff[c]), splat8(aff[C + c]), splat8(aff[2 * C + c]),
-                  splat8(aff[3 * C + c])};
+KERNEL aff8_t aff8_splat(const float *aff, size_t C, size_t c, const int fm) {
+  return (aff8_t){bcast8(aff + c, fm), bcast8(aff + C + c, fm), bcast8(aff + 2 * C + c, fm),
+                  bcast8(aff + 3 * C + c, fm)};
 }
-KERNEL aff4_t aff4_splat(const float *aff, size_t C, size_t c) {
-  return (aff4_t){splat4(aff[c]), splat4(aff[C + c]), splat4(aff[2 * C + c]),
-                  splat4(aff[3 * C + c])};
+KERNEL aff4_t aff4_splat(const float *aff, size_t C, size_t c, const int fm) {
+  return (aff4_t){bcast4(aff + c, fm), bcast4(aff + C + c, fm), bcast4(aff + 2 * C + c, fm),
+                  bcast4(aff + 3 * C + c, fm)};
 }
 /* The forward's output v of x (before the ReLU): 16 values of channel c
  * (FWD16_SPLAT) or of channels c.. (FWD16_AT).  Macros: a 64-byte vector
  * parameter would make GCC note an ABI change once per build. */
 #define FWD16_SPLAT(x, aff, C, c)                                                                  \
-  ((((x) - splat16((aff)[c])) - splat16((aff)[(C) + (c)])) * splat16((aff)[2 * (C) + (c)]) +       \
-   splat16((aff)[3 * (C) + (c)]))
+  ((((x) - bcast16((aff) + (c))) - bcast16((aff) + (C) + (c))) * bcast16((aff) + 2 * (C) + (c)) + \
+   bcast16((aff) + 3 * (C) + (c)))
 #define FWD16_AT(x, aff, C, c)                                                                     \
   ((((x) - ld16f((aff) + (c))) - ld16f((aff) + (C) + (c))) * ld16f((aff) + 2 * (C) + (c)) +        \
    ld16f((aff) + 3 * (C) + (c)))
@@ -561,7 +608,7 @@ KERNEL void plane_stats_one(const float *p, size_t S, float k, stats_acc *a, con
  * the same order (the 4-value tail adds +0 to s1 and q1, which changes
  * nothing: the sums start at +0 and so are never -0). */
 KERNEL void plane_stats_one8(const float *p, size_t S, float k, stats_acc8 *a, const int fm) {
-  const v8d kv = splat8d(k);
+  const v8d kv = bcast8d(k);
   size_t i = 0;
   for (; i + 16 <= S; i += 16) {
     const v16f xv = ld16f(p + i);
@@ -726,7 +773,7 @@ KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S;
       float *o = y + (n * C + c) * S;
-      const aff8_t k8 = aff8_splat(aff, C, c);
+      const aff8_t k8 = aff8_splat(aff, C, c, fm);
       size_t i = 0;
       for (; i + 16 <= S; i += 16) {
         const v8f v0 = fwd8(ld8f(p + i), k8), v1 = fwd8(ld8f(p + i + 8), k8);
@@ -738,7 +785,7 @@ KERNEL void plane_normalize(const float *x, float *y, size_t N, size_t C, size_t
         st8f(o + i, relu ? relu8(v, fm) : v);
       }
       if (i + 4 <= S) {
-        const v4f v = fwd4(ld4f(p + i), aff4_splat(aff, C, c));
+        const v4f v = fwd4(ld4f(p + i), aff4_splat(aff, C, c, fm));
         st4f(o + i, relu ? relu4(v) : v);
         i += 4;
       }
@@ -847,7 +894,7 @@ KERNEL void normalize_impl(const float *x, float *y, size_t N, size_t C, size_t 
 KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const v4d mv,
                                 double mu, const float *aff, size_t C, size_t c, stats_acc *a,
                                 const int relu, const int fm) {
-  const aff8_t k8 = aff8_splat(aff, C, c);
+  const aff8_t k8 = aff8_splat(aff, C, c, fm);
   size_t i = 0;
   for (; i + 16 <= S; i += 16) {
     const v8f x0 = ld8f(p + i), x1 = ld8f(p + i + 8);
@@ -861,7 +908,7 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
   for (; i + 4 <= S; i += 4) {
     const v4f xv = ld4f(p + i);
     v4f gv = ld4f(g + i);
-    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv, fm);
+    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c, fm)), gv, fm);
     GSUMS4(cvt4(xv), cvt4(gv), mv, a->s0, a->q0);
   }
   for (; i < S; i++) {
@@ -875,7 +922,7 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
 KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, double mu,
                                  const float *aff, size_t C, size_t c, stats_acc8 *a,
                                  const int relu, const int fm) {
-  const v8d mv = splat8d(mu);
+  const v8d mv = bcast8d(mu);
   size_t i = 0;
   for (; i + 16 <= S; i += 16) {
     const v16f xv = ld16f(p + i);
@@ -887,7 +934,7 @@ KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, doubl
   for (; i + 4 <= S; i += 4) {
     const v4f xv = ld4f(p + i);
     v4f gv = ld4f(g + i);
-    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c)), gv, fm);
+    if (relu) gv = keep4(fwd4(xv, aff4_splat(aff, C, c, fm)), gv, fm);
     const v4d gd = cvt4(gv);
     const v8d g8 = zext4d(gd);
     acc_add8(&a->s01, &g8, fm);
@@ -1058,9 +1105,10 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
     for (size_t c = 0; c < C; c++) {
       const float *p = x + (n * C + c) * S, *g = dy + (n * C + c) * S;
       float *o = dx + (n * C + c) * S;
-      const aff8_t k8 = aff8_splat(aff, C, c);
+      const aff8_t k8 = aff8_splat(aff, C, c, fm);
       const float kf = kcq[c], cf = kcq[C + c], qf = kcq[2 * C + c];
-      const v8f kv = splat8(kf), cv = splat8(cf), qv = splat8(qf);
+      const v8f kv = bcast8(kcq + c, fm), cv = bcast8(kcq + C + c, fm),
+                qv = bcast8(kcq + 2 * C + c, fm);
       size_t i = 0;
       for (; i + 8 <= S; i += 8) {
         const v8f xv = ld8f(p + i);
@@ -1069,11 +1117,12 @@ KERNEL void plane_grad_input(const float *x, const float *dy, float *dx, size_t 
         st8f(o + i, dx8(xv, gv, k8.h, k8.l, kv, cv, qv));
       }
       if (i + 4 <= S) {
-        const aff4_t k4 = aff4_splat(aff, C, c);
+        const aff4_t k4 = aff4_splat(aff, C, c, fm);
         const v4f xv = ld4f(p + i);
         v4f gv = ld4f(g + i);
         if (relu) gv = keep4(fwd4(xv, k4), gv, fm);
-        st4f(o + i, dx4(xv, gv, k4.h, k4.l, splat4(kf), splat4(cf), splat4(qf)));
+        st4f(o + i, dx4(xv, gv, k4.h, k4.l, bcast4(kcq + c, fm), bcast4(kcq + C + c, fm),
+                        bcast4(kcq + 2 * C + c, fm)));
         i += 4;
       }
       for (; i < S; i++) {
