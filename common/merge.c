@@ -5,8 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
-void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb,
-                      const double *mean_b, const double *m2_b, size_t C) {
+void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb, const double *mean_b,
+                      const double *m2_b, size_t C) {
   if (nb == 0)
     return;
   if (*na == 0) {
@@ -88,11 +88,12 @@ long sbn__finite_check_f(const float *v, size_t n) {
  * input is read once: the sums are the same as element by element (each
  * element's additions keep their order).
  */
-long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, double scale,
+long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, double scale,
                         double *acc, double *bad_value) {
   int e;
   const int pow2 = frexp(scale, &e) == 0.5 && scale >= 1.0;
   const double inv = 1.0 / scale;
+  float o[SBN_REDUCE_BLOCK];
   for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
     size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
     const float *a = in[0] + j;
@@ -103,7 +104,6 @@ long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, 
       for (size_t i = 0; i < m; i++)
         acc[i] += (double)b[i];
     }
-    float *o = out + j;
     if (scale == 1.0) {
       for (size_t i = 0; i < m; i++)
         o[i] = (float)acc[i];
@@ -122,6 +122,8 @@ long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, 
           return (long)(j + i);
         }
     }
+    /* From the L1 cache to wherever out is, aligned or not. */
+    memcpy((unsigned char *)out + j * sizeof(float), o, m * sizeof(float));
   }
   return -1;
 }

@@ -16,8 +16,8 @@
  *   mean = mean_a + delta * nb / n, M2 = M2_a + M2_b + delta^2 * na * nb / n.
  * A side with count 0 contributes nothing (its mean/M2 are ignored).
  */
-void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb,
-                      const double *mean_b, const double *m2_b, size_t C);
+void sbn__stats_merge(uint64_t *na, double *mean_a, double *m2_a, uint64_t nb, const double *mean_b,
+                      const double *m2_b, size_t C);
 
 /* acc[i] += b[i] for i < n. */
 void sbn__sums_add(double *acc, const double *b, size_t n);
@@ -38,12 +38,13 @@ long sbn__finite_check_f(const float *v, size_t n);
 /*
  * Allreduce: out[j] = (float)((in[0][j] + in[1][j] + ... + in[k-1][j]) / scale)
  * with the sum in double, added in the order of in[] and rounded to float
- * once.  acc: SBN_REDUCE_BLOCK doubles of scratch.  out may be in[0].
- * Returns the index of the first element whose result is not a finite
- * float (overflow), with that result in double in *bad_value, or -1.
+ * once.  out need not be aligned (it may sit inside an encoded frame) and
+ * may be in[0].  acc: SBN_REDUCE_BLOCK doubles of scratch.  Returns the
+ * index of the first element whose result is not a finite float
+ * (overflow), with that result in double in *bad_value, or -1.
  */
 #define SBN_REDUCE_BLOCK 2048
-long sbn__reduce_floats(float *out, const float *const *in, size_t k, size_t n, double scale,
+long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, double scale,
                         double *acc, double *bad_value);
 
 #endif /* SBN_MERGE_H */

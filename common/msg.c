@@ -7,8 +7,7 @@
 #include "frame.h"
 #include "sbn/status.h"
 
-int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out,
-                    size_t *outlen) {
+int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out, size_t *outlen) {
   size_t body = sbn__envelope__get_packed_size(env);
   if (body > max_frame)
     return SBN_ETOOBIG;
@@ -22,13 +21,12 @@ int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out,
   return SBN_OK;
 }
 
-Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err,
-                               size_t errlen) {
+Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err, size_t errlen) {
   return sbn__msg_decode_with(NULL, body, len, err, errlen);
 }
 
-Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body,
-                                    size_t len, char *err, size_t errlen) {
+Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body, size_t len,
+                                    char *err, size_t errlen) {
   Sbn__Envelope *env = sbn__envelope__unpack(alloc, len, body);
   if (env == NULL) {
     snprintf(err, errlen, "frame body of %zu bytes is not a valid message", len);
@@ -40,6 +38,66 @@ Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *bo
     return NULL;
   }
   return env;
+}
+
+static size_t varint_size(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+static uint8_t *varint_put(uint8_t *p, uint64_t v) {
+  while (v >= 0x80) {
+    *p++ = (uint8_t)(v | 0x80);
+    v >>= 7;
+  }
+  *p++ = (uint8_t)v;
+  return p;
+}
+
+/* The wire-type-2 (length-delimited) tag of a field below 16: one byte. */
+static uint8_t tag_len_delim(uint32_t field) {
+  return (uint8_t)((field << 3) | 2);
+}
+
+int sbn__msg_tail_prefix(const Sbn__Envelope *env, uint32_t field, size_t tail_bytes,
+                         uint32_t max_frame, uint8_t *out, size_t cap, size_t *prefix_len,
+                         size_t *body_len) {
+  const ProtobufCMessage *sub;
+  uint32_t body_field;
+  if (env->body_case == SBN__ENVELOPE__BODY_CONTRIBUTE && field == SBN_MSG_CONTRIBUTE_FVALS &&
+      env->contribute->n_fvals == 0) {
+    sub = &env->contribute->base;
+    body_field = SBN__ENVELOPE__BODY_CONTRIBUTE;
+  } else if (env->body_case == SBN__ENVELOPE__BODY_RESULT && field == SBN_MSG_RESULT_FVALS &&
+             env->result->n_fvals == 0) {
+    sub = &env->result->base;
+    body_field = SBN__ENVELOPE__BODY_RESULT;
+  } else {
+    return SBN_EINVAL;
+  }
+  size_t sub_fixed = protobuf_c_message_get_packed_size(sub);
+  size_t sub_len = sub_fixed + 1 + varint_size(tail_bytes) + tail_bytes;
+  size_t body = 1 + varint_size(sub_len) + sub_len;
+  *prefix_len = SBN_FRAME_HEADER_SIZE + body - tail_bytes;
+  *body_len = body;
+  if (body > max_frame)
+    return SBN_ETOOBIG;
+  if (out == NULL)
+    return SBN_OK;
+  if (cap < *prefix_len)
+    return SBN_EINVAL;
+  sbn__frame_header_write(out, (uint32_t)body);
+  uint8_t *p = out + SBN_FRAME_HEADER_SIZE;
+  *p++ = tag_len_delim(body_field);
+  p = varint_put(p, sub_len);
+  p += protobuf_c_message_pack(sub, p);
+  *p++ = tag_len_delim(field);
+  p = varint_put(p, tail_bytes);
+  return SBN_OK;
 }
 
 void sbn__msg_free(Sbn__Envelope *env) {

@@ -17,21 +17,45 @@
  * the caller.  Returns SBN_OK, SBN_ENOMEM, or SBN_ETOOBIG when the body would
  * exceed max_frame (nothing is allocated then).
  */
-int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out,
-                    size_t *outlen);
+int sbn__msg_encode(const Sbn__Envelope *env, uint32_t max_frame, uint8_t **out, size_t *outlen);
 
 /*
  * Decodes one frame body.  Returns the envelope (free with sbn__msg_free) or
  * NULL with a message in err when the bytes are not a valid Envelope or no
  * body is set.
  */
-Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err,
-                               size_t errlen);
+Sbn__Envelope *sbn__msg_decode(const uint8_t *body, size_t len, char *err, size_t errlen);
 /* The same with the allocator the envelope's memory comes from (NULL =
  * malloc); free such an envelope through that allocator too. */
-Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body,
-                                    size_t len, char *err, size_t errlen);
+Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *body, size_t len,
+                                    char *err, size_t errlen);
 void sbn__msg_free(Sbn__Envelope *env);
+
+/* Packed floats and doubles travel little-endian: on a host of that order
+ * they can be written to the wire straight from memory. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SBN_WIRE_IS_HOST_ORDER 1
+#else
+#define SBN_WIRE_IS_HOST_ORDER 0
+#endif
+
+/*
+ * A frame whose values need no copy: env's body (a Contribute or a Result)
+ * is encoded without its packed float field `field`, and that field is
+ * appended last, its tail_bytes of little-endian values written straight
+ * from wherever they are (protobuf allows fields in any order; decoders see
+ * an ordinary message).  Computes the frame: the prefix (frame header,
+ * envelope tag and length, the body without the field, the field's tag and
+ * length) is *prefix_len bytes, the frame body *body_len bytes; with out !=
+ * NULL (cap >= *prefix_len) writes the prefix there.  The field must be
+ * empty in env.  Returns SBN_OK, or SBN_ETOOBIG when the body would exceed
+ * max_frame, or SBN_EINVAL for a body without such a field.
+ */
+#define SBN_MSG_CONTRIBUTE_FVALS 9 /* Contribute.fvals in sbn.proto */
+#define SBN_MSG_RESULT_FVALS 8     /* Result.fvals */
+int sbn__msg_tail_prefix(const Sbn__Envelope *env, uint32_t field, size_t tail_bytes,
+                         uint32_t max_frame, uint8_t *out, size_t cap, size_t *prefix_len,
+                         size_t *body_len);
 
 /* "forward", "backward", ... for logs and messages. */
 const char *sbn__phase_name(int phase);

@@ -319,8 +319,8 @@ static int check_values(const sbn__srv_conn *conn, const Sbn__Contribute *m, cha
     snprintf(msg, len,
              "rank %u sent bad values for layer '%s' (seq %llu, %s): count %llu (%lld as a "
              "signed number) is negative or larger than 2^53",
-             (unsigned)conn->rank, m->layer, (unsigned long long)m->seq,
-             sbn__phase_name(m->phase), (unsigned long long)m->count, (long long)m->count);
+             (unsigned)conn->rank, m->layer, (unsigned long long)m->seq, sbn__phase_name(m->phase),
+             (unsigned long long)m->count, (long long)m->count);
     return SBN_EBADSTATS;
   }
   switch (m->phase) {
@@ -522,6 +522,7 @@ static void round_complete(sbn__srv_round *r) {
   Sbn__Contribute *first = r->contrib[0]->contribute;
   size_t C = ref->channels;
   Sbn__Result res = SBN__RESULT__INIT;
+  sbn__srv_wbuf *wb = NULL; /* the encoded reply, when a phase builds it itself */
   res.seq = r->seq;
   res.phase = ref->phase;
   res.layer = ref->layer;
@@ -584,8 +585,37 @@ static void round_complete(sbn__srv_round *r) {
     /* The mean divides the double sum, so it too is rounded only once. */
     double scale = ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? (double)r->n : 1.0;
     double bad_value = 0;
-    long bad = sbn__reduce_floats(first->fvals, in, r->n, C, scale, acc, &bad_value);
+    long bad;
+    res.count = count;
+#if SBN_WIRE_IS_HOST_ORDER
+    /* The sums go straight into the reply's frame, after its prefix: no
+     * copy of the result is ever made (see sbn__msg_tail_prefix). */
+    Sbn__Envelope renv = SBN__ENVELOPE__INIT;
+    renv.body_case = SBN__ENVELOPE__BODY_RESULT;
+    renv.result = &res;
+    size_t prefix = 0, body = 0;
+    int prc = sbn__msg_tail_prefix(&renv, SBN_MSG_RESULT_FVALS, C * sizeof(float),
+                                   SBN_MAX_FRAME_CEILING, NULL, 0, &prefix, &body);
+    if (prc == SBN_OK &&
+        (wb = sbn__srv_pool_wbuf_get(job->coord, SBN_FRAME_HEADER_SIZE + body)) == NULL)
+      prc = SBN_ENOMEM;
+    if (prc == SBN_OK)
+      prc = sbn__msg_tail_prefix(&renv, SBN_MSG_RESULT_FVALS, C * sizeof(float),
+                                 SBN_MAX_FRAME_CEILING, wb->data, wb->len, &prefix, &body);
+    if (prc != SBN_OK) {
+      sbn__srv_wbuf_unref(wb);
+      sbn__srv_round_fail(r, prc, NULL, 0, "cannot encode the result of '%s': %s", ref->layer,
+                          sbn_strerror(prc));
+      return;
+    }
+    bad = sbn__reduce_floats(wb->data + prefix, in, r->n, C, scale, acc, &bad_value);
+#else
+    bad = sbn__reduce_floats(first->fvals, in, r->n, C, scale, acc, &bad_value);
+    res.n_fvals = C;
+    res.fvals = first->fvals;
+#endif
     if (bad >= 0) {
+      sbn__srv_wbuf_unref(wb);
       sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,
                           "the %s of element %ld of '%s' (seq %llu, allreduce) overflows "
                           "float32 (%g)",
@@ -593,9 +623,6 @@ static void round_complete(sbn__srv_round *r) {
                           (unsigned long long)r->seq, bad_value);
       return;
     }
-    res.count = count;
-    res.n_fvals = C;
-    res.fvals = first->fvals;
     break;
   }
   case SBN__PHASE__PHASE_BROADCAST: res.blob = r->contrib[ref->root]->contribute->blob; break;
@@ -614,15 +641,17 @@ static void round_complete(sbn__srv_round *r) {
     break;
   default: break; /* barrier: an empty result is the answer */
   }
-  Sbn__Envelope env = SBN__ENVELOPE__INIT;
-  env.body_case = SBN__ENVELOPE__BODY_RESULT;
-  env.result = &res;
-  int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(job->coord, &env, SBN_MAX_FRAME_CEILING, &rc);
   if (wb == NULL) {
-    sbn__srv_round_fail(r, rc, NULL, 0, "cannot encode the result of '%s': %s", ref->layer,
-                        sbn_strerror(rc));
-    return;
+    Sbn__Envelope env = SBN__ENVELOPE__INIT;
+    env.body_case = SBN__ENVELOPE__BODY_RESULT;
+    env.result = &res;
+    int rc;
+    wb = sbn__srv_wbuf_encode(job->coord, &env, SBN_MAX_FRAME_CEILING, &rc);
+    if (wb == NULL) {
+      sbn__srv_round_fail(r, rc, NULL, 0, "cannot encode the result of '%s': %s", ref->layer,
+                          sbn_strerror(rc));
+      return;
+    }
   }
   if (sbn__log_get_level() >= SBN_LOG_DEBUG) {
     char gname[128];
@@ -685,9 +714,8 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
   }
   if (g->tomb_set && m->seq <= g->tomb_seq) {
     /* A round this rank is late for already failed: the same error, now. */
-    sbn__srv_wbuf *wb = sbn__srv_error_encode(job->coord, g->tomb_code, g->tomb_msg,
-                                              g->tomb_ranks, g->tomb_nranks, m->seq, m->phase,
-                                              layer);
+    sbn__srv_wbuf *wb = sbn__srv_error_encode(job->coord, g->tomb_code, g->tomb_msg, g->tomb_ranks,
+                                              g->tomb_nranks, m->seq, m->phase, layer);
     sbn__srv_conn_send(conn, wb);
     sbn__srv_wbuf_unref(wb);
     return;

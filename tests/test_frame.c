@@ -272,6 +272,138 @@ START_TEST(encode_too_big) {
 }
 END_TEST
 
+/* Encodes env with its fvals as a raw tail; returns the malloc'd frame. */
+static uint8_t *tail_frame(const Sbn__Envelope *env, uint32_t field, const float *v, size_t n,
+                           size_t *len) {
+  size_t prefix = 0, body = 0;
+  ck_assert_int_eq(sbn__msg_tail_prefix(env, field, n * sizeof(float), SBN_MAX_FRAME_CEILING, NULL,
+                                        0, &prefix, &body),
+                   SBN_OK);
+  *len = SBN_FRAME_HEADER_SIZE + body;
+  ck_assert_uint_eq(*len, prefix + n * sizeof(float));
+  uint8_t *fr = malloc(*len);
+  ck_assert_int_eq(sbn__msg_tail_prefix(env, field, n * sizeof(float), SBN_MAX_FRAME_CEILING, fr,
+                                        prefix, &prefix, &body),
+                   SBN_OK);
+  if (n > 0)
+    memcpy(fr + prefix, v, n * sizeof(float));
+  return fr;
+}
+
+/* A frame with its float payload written raw at the end decodes to the same
+ * message as the ordinary encoding, for both bodies that use it. */
+START_TEST(raw_tail_decodes_alike) {
+  static const size_t ns[] = {0, 1, 31, 32, 4096, 300000};
+  static const uint32_t members[] = {1, 3, 200, 70000};
+  for (size_t k = 0; k < sizeof(ns) / sizeof(ns[0]); k++) {
+    size_t n = ns[k];
+    float *v = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+      v[i] = (float)i * -0.37f + 1e-30f * (float)(i % 7);
+    Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
+    Sbn__Envelope env = SBN__ENVELOPE__INIT;
+    c.n_members = 4;
+    c.members = (uint32_t *)members;
+    c.seq = 300 + k;
+    c.phase = SBN__PHASE__PHASE_ALLREDUCE;
+    c.layer = "allreduce";
+    c.channels = (uint32_t)n;
+    c.count = n;
+    c.op = SBN__REDUCE_OP__REDUCE_MEAN;
+    env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
+    env.contribute = &c;
+    size_t len;
+    uint8_t *fr = tail_frame(&env, SBN_MSG_CONTRIBUTE_FVALS, v, n, &len);
+    sbn__frame_header h;
+    sbn__frame_header_read(fr, &h);
+    ck_assert_uint_eq(h.length, len - SBN_FRAME_HEADER_SIZE);
+    char err[160];
+    Sbn__Envelope *d = sbn__msg_decode(fr + SBN_FRAME_HEADER_SIZE, h.length, err, sizeof(err));
+    ck_assert_msg(d != NULL, "%s", err);
+    const Sbn__Contribute *dc = d->contribute;
+    ck_assert_int_eq(d->body_case, SBN__ENVELOPE__BODY_CONTRIBUTE);
+    ck_assert_uint_eq(dc->n_members, 4);
+    ck_assert(memcmp(dc->members, members, sizeof(members)) == 0);
+    ck_assert(dc->seq == c.seq && dc->phase == c.phase && dc->channels == n && dc->count == n);
+    ck_assert_str_eq(dc->layer, "allreduce");
+    ck_assert_int_eq(dc->op, SBN__REDUCE_OP__REDUCE_MEAN);
+    ck_assert_uint_eq(dc->n_fvals, n);
+    ck_assert(n == 0 || memcmp(dc->fvals, v, n * sizeof(float)) == 0);
+    sbn__msg_free(d);
+    free(fr);
+
+    /* A Result ends with fvals anyway: the very bytes of the usual encoding. */
+    Sbn__Result r = SBN__RESULT__INIT;
+    Sbn__Envelope renv = SBN__ENVELOPE__INIT;
+    r.seq = c.seq;
+    r.phase = c.phase;
+    r.layer = "allreduce";
+    r.channels = (uint32_t)n;
+    r.count = 2 * n;
+    renv.body_case = SBN__ENVELOPE__BODY_RESULT;
+    renv.result = &r;
+    fr = tail_frame(&renv, SBN_MSG_RESULT_FVALS, v, n, &len);
+    r.n_fvals = n;
+    r.fvals = v;
+    uint8_t *plain = NULL;
+    size_t plen = 0;
+    ck_assert_int_eq(sbn__msg_encode(&renv, SBN_MAX_FRAME_CEILING, &plain, &plen), SBN_OK);
+    if (n > 0) {
+      ck_assert_uint_eq(plen, len);
+      ck_assert(memcmp(plain, fr, len) == 0);
+    }
+    free(plain);
+    free(fr);
+    free(v);
+  }
+}
+END_TEST
+
+/* The frame limit holds at its edge; other bodies and fields are refused. */
+START_TEST(raw_tail_limits) {
+  Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  c.phase = SBN__PHASE__PHASE_ALLREDUCE;
+  c.layer = "allreduce";
+  env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
+  env.contribute = &c;
+  size_t prefix = 0, body = 0, tail = 1000 * sizeof(float);
+  ck_assert_int_eq(sbn__msg_tail_prefix(&env, SBN_MSG_CONTRIBUTE_FVALS, tail, SBN_MAX_FRAME_CEILING,
+                                        NULL, 0, &prefix, &body),
+                   SBN_OK);
+  uint32_t exact = (uint32_t)body;
+  ck_assert_int_eq(
+      sbn__msg_tail_prefix(&env, SBN_MSG_CONTRIBUTE_FVALS, tail, exact, NULL, 0, &prefix, &body),
+      SBN_OK);
+  ck_assert_int_eq(sbn__msg_tail_prefix(&env, SBN_MSG_CONTRIBUTE_FVALS, tail, exact - 1, NULL, 0,
+                                        &prefix, &body),
+                   SBN_ETOOBIG);
+  ck_assert_uint_eq(body, exact); /* the size is reported for the message */
+  /* The wrong field, a field already set, a body without it, a short buffer. */
+  uint8_t buf[16];
+  ck_assert_int_eq(
+      sbn__msg_tail_prefix(&env, SBN_MSG_RESULT_FVALS, tail, exact, NULL, 0, &prefix, &body),
+      SBN_EINVAL);
+  float one = 1;
+  c.n_fvals = 1;
+  c.fvals = &one;
+  ck_assert_int_eq(
+      sbn__msg_tail_prefix(&env, SBN_MSG_CONTRIBUTE_FVALS, tail, exact, NULL, 0, &prefix, &body),
+      SBN_EINVAL);
+  c.n_fvals = 0;
+  ck_assert_int_eq(sbn__msg_tail_prefix(&env, SBN_MSG_CONTRIBUTE_FVALS, tail, exact, buf,
+                                        sizeof(buf), &prefix, &body),
+                   SBN_EINVAL);
+  Sbn__Ping ping = SBN__PING__INIT;
+  Sbn__Envelope penv = SBN__ENVELOPE__INIT;
+  penv.body_case = SBN__ENVELOPE__BODY_PING;
+  penv.ping = &ping;
+  ck_assert_int_eq(
+      sbn__msg_tail_prefix(&penv, SBN_MSG_CONTRIBUTE_FVALS, tail, exact, NULL, 0, &prefix, &body),
+      SBN_EINVAL);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("frame");
   TCase *tc = tcase_create("decoder");
@@ -286,6 +418,8 @@ int main(void) {
   tcase_add_test(tc, errors_are_sticky);
   tcase_add_test(tc, bad_bodies);
   tcase_add_test(tc, encode_too_big);
+  tcase_add_test(tc, raw_tail_decodes_alike);
+  tcase_add_test(tc, raw_tail_limits);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);

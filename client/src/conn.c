@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -72,8 +73,7 @@ static int ms_left(uint64_t deadline_ms) {
 
 /* One non-blocking connect attempt bounded by deadline_ms. */
 static int try_connect(const struct addrinfo *ai, uint64_t deadline_ms, int *err) {
-  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
-                  ai->ai_protocol);
+  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
   if (fd < 0) {
     *err = errno;
     return -1;
@@ -129,9 +129,8 @@ int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_m
     delay = delay * 2 > SBN_CONNECT_RETRY_MAX_MS ? SBN_CONNECT_RETRY_MAX_MS : delay * 2;
   }
   freeaddrinfo(res);
-  return sbn__fail(SBN_ECONNECT,
-                   "cannot connect to coordinator '%s:%d' after %d attempts: %s", host,
-                   port, attempts, strerror(err));
+  return sbn__fail(SBN_ECONNECT, "cannot connect to coordinator '%s:%d' after %d attempts: %s",
+                   host, port, attempts, strerror(err));
 }
 
 /* Waits until fd is ready for events, spinning first if configured. */
@@ -157,53 +156,107 @@ static int wait_fd(sbn__conn *c, short events, uint64_t deadline_ms) {
   }
 }
 
-int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms) {
-  if (c->fd < 0)
-    return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
-                        : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
-  /* Encode into the connection's buffer, kept from one message to the next. */
-  size_t body = sbn__envelope__get_packed_size(env);
-  if (body > c->max_frame)
-    return sbn__fail(SBN_ETOOBIG,
-                     "message of %zu bytes exceeds the coordinator's frame limit of %u bytes",
-                     body, (unsigned)c->max_frame);
-  size_t len = SBN_FRAME_HEADER_SIZE + body;
+/* Room for len bytes in the connection's encode buffer, or NULL. */
+static uint8_t *tx_room(sbn__conn *c, size_t len) {
   if (len > c->tx_cap) {
     uint8_t *nb = realloc(c->tx, len);
     if (nb == NULL)
-      return sbn__fail(SBN_ENOMEM, "cannot encode a message of %zu bytes: out of memory", len);
+      return NULL;
     c->tx = nb;
     c->tx_cap = len;
   }
-  uint8_t *buf = c->tx;
-  int rc;
-  sbn__frame_header_write(buf, (uint32_t)body);
-  sbn__envelope__pack(env, buf + SBN_FRAME_HEADER_SIZE);
-  size_t off = 0;
-  while (off < len) {
-    ssize_t n = send(c->fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+  return c->tx;
+}
+
+static int too_big(const sbn__conn *c, size_t body) {
+  return sbn__fail(SBN_ETOOBIG,
+                   "message of %zu bytes exceeds the coordinator's frame limit of %u bytes", body,
+                   (unsigned)c->max_frame);
+}
+
+/* Writes the iovecs (consumed as they go out) before deadline_ms. */
+static int send_all(sbn__conn *c, struct iovec *iov, int iovcnt, uint64_t deadline_ms) {
+  struct msghdr mh;
+  memset(&mh, 0, sizeof(mh));
+  while (iovcnt > 0) {
+    if (iov->iov_len == 0) {
+      iov++;
+      iovcnt--;
+      continue;
+    }
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)iovcnt;
+    ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n > 0) {
-      off += (size_t)n;
+      size_t left = (size_t)n;
+      while (left > 0 && left >= iov->iov_len) {
+        left -= iov->iov_len;
+        iov++;
+        iovcnt--;
+      }
+      if (left > 0) {
+        iov->iov_base = (uint8_t *)iov->iov_base + left;
+        iov->iov_len -= left;
+      }
       continue;
     }
     if (n < 0 && errno == EINTR)
       continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      rc = wait_fd(c, POLLOUT, deadline_ms);
+      int rc = wait_fd(c, POLLOUT, deadline_ms);
       if (rc == SBN_OK)
         continue;
       /* A partial frame is on the wire: the stream is unusable now. */
       return sbn__conn_kill(c, rc == SBN_ETIMEDOUT ? SBN_ETIMEDOUT : SBN_EIO,
-                            rc == SBN_ETIMEDOUT
-                                ? "timed out sending to the coordinator"
-                                : "poll failed while sending to the coordinator");
+                            rc == SBN_ETIMEDOUT ? "timed out sending to the coordinator"
+                                                : "poll failed while sending to the coordinator");
     }
     char msg[200];
-    snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s",
-             strerror(errno));
+    snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s", strerror(errno));
     return sbn__conn_kill(c, SBN_ECLOSED, msg);
   }
   return SBN_OK;
+}
+
+static int not_connected(const sbn__conn *c) {
+  return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
+                      : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
+}
+
+int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms) {
+  if (c->fd < 0)
+    return not_connected(c);
+  /* Encode into the connection's buffer, kept from one message to the next. */
+  size_t body = sbn__envelope__get_packed_size(env);
+  if (body > c->max_frame)
+    return too_big(c, body);
+  size_t len = SBN_FRAME_HEADER_SIZE + body;
+  uint8_t *buf = tx_room(c, len);
+  if (buf == NULL)
+    return sbn__fail(SBN_ENOMEM, "cannot encode a message of %zu bytes: out of memory", len);
+  sbn__frame_header_write(buf, (uint32_t)body);
+  sbn__envelope__pack(env, buf + SBN_FRAME_HEADER_SIZE);
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  return send_all(c, &iov, 1, deadline_ms);
+}
+
+int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, const void *tail,
+                        size_t tail_bytes, uint64_t deadline_ms) {
+  if (c->fd < 0)
+    return not_connected(c);
+  size_t prefix = 0, body = 0;
+  int rc = sbn__msg_tail_prefix(env, field, tail_bytes, c->max_frame, NULL, 0, &prefix, &body);
+  if (rc == SBN_ETOOBIG)
+    return too_big(c, body);
+  if (rc != SBN_OK)
+    return sbn__fail(rc, "cannot encode a message with a raw field %u", (unsigned)field);
+  uint8_t *buf = tx_room(c, prefix);
+  if (buf == NULL)
+    return sbn__fail(SBN_ENOMEM, "cannot encode a message of %zu bytes: out of memory", prefix);
+  sbn__msg_tail_prefix(env, field, tail_bytes, c->max_frame, buf, prefix, &prefix, &body);
+  struct iovec iov[2] = {{.iov_base = buf, .iov_len = prefix},
+                         {.iov_base = (void *)tail, .iov_len = tail_bytes}};
+  return send_all(c, iov, 2, deadline_ms);
 }
 
 int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
@@ -252,8 +305,7 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
     if (n == 0)
       snprintf(msg, sizeof(msg), "the coordinator closed the connection");
     else
-      snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s",
-               strerror(errno));
+      snprintf(msg, sizeof(msg), "lost the connection to the coordinator: %s", strerror(errno));
     return sbn__conn_kill(c, SBN_ECLOSED, msg);
   }
 }

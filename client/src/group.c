@@ -13,7 +13,9 @@
 #include "internal.h"
 #include "util.h"
 
-int sbn__group_is_local(const sbn_group *g) { return g == NULL || g->n == 1; }
+int sbn__group_is_local(const sbn_group *g) {
+  return g == NULL || g->n == 1;
+}
 
 static int cmp_u32(const void *a, const void *b) {
   uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
@@ -59,8 +61,7 @@ SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n, sbn_group **
   if (g->my_index < 0) {
     free(m);
     free(g);
-    return sbn__fail(SBN_ENOTMEMBER, "rank %d is not a member of the group it creates",
-                     ctx->rank);
+    return sbn__fail(SBN_ENOTMEMBER, "rank %d is not a member of the group it creates", ctx->rank);
   }
   g->ctx = ctx;
   g->members = m;
@@ -76,31 +77,34 @@ SBN_API void sbn_group_free(sbn_group *g) {
   free(g);
 }
 
-SBN_API int sbn_group_size(const sbn_group *g) { return g ? (int)g->n : 1; }
-SBN_API int sbn_group_rank(const sbn_group *g) { return g ? g->my_index : 0; }
+SBN_API int sbn_group_size(const sbn_group *g) {
+  return g ? (int)g->n : 1;
+}
+SBN_API int sbn_group_rank(const sbn_group *g) {
+  return g ? g->my_index : 0;
+}
 SBN_API int sbn_group_member(const sbn_group *g, int i) {
   if (g == NULL)
     return i == 0 ? 0 : -1;
   return i >= 0 && (size_t)i < g->n ? (int)g->members[i] : -1;
 }
 
-static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
-                        uint64_t deadline, Sbn__Envelope **reply);
+static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq, uint64_t deadline,
+                        Sbn__Envelope **reply);
 static void record_latency(sbn_ctx *ctx, uint64_t ns);
 
 /* Turns an Error from the coordinator into the caller's status and message. */
 static int error_from_reply(const Sbn__Error *e) {
   int code = e->code < 0 && e->code >= SBN_STATUS_MIN ? e->code : SBN_EPROTO;
-  return sbn__fail(code, "%s", e->message && e->message[0] ? e->message
-                                                            : sbn_strerror(code));
+  return sbn__fail(code, "%s", e->message && e->message[0] ? e->message : sbn_strerror(code));
 }
 
 int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
   *reply = NULL;
   sbn_ctx *ctx = g->ctx;
   if (req->layer != NULL && strlen(req->layer) >= SBN_LAYER_MAX)
-    return sbn__fail(SBN_EINVAL, "layer name '%.40s...' is longer than %d bytes",
-                     req->layer, SBN_LAYER_MAX - 1);
+    return sbn__fail(SBN_EINVAL, "layer name '%.40s...' is longer than %d bytes", req->layer,
+                     SBN_LAYER_MAX - 1);
   Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
   uint64_t seq = g->seq++;
@@ -122,7 +126,9 @@ int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
     c.n_b = req->channels;
     c.b = (double *)req->b;
   }
-  if (req->fvals != NULL) {
+  /* Allreduce values go on the wire straight from the caller's buffer. */
+  const int raw_fvals = req->fvals != NULL && SBN_WIRE_IS_HOST_ORDER;
+  if (req->fvals != NULL && !raw_fvals) {
     c.n_fvals = req->channels;
     c.fvals = (float *)req->fvals;
   }
@@ -134,7 +140,9 @@ int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
   env.contribute = &c;
   uint64_t t0 = sbn__now_ns();
   uint64_t deadline = t0 / 1000000u + (uint64_t)ctx->timeout_ms;
-  int rc = sbn__conn_send(&ctx->conn, &env, deadline);
+  int rc = raw_fvals ? sbn__conn_send_tail(&ctx->conn, &env, SBN_MSG_CONTRIBUTE_FVALS, req->fvals,
+                                           req->channels * sizeof(float), deadline)
+                     : sbn__conn_send(&ctx->conn, &env, deadline);
   if (rc != SBN_OK) {
     ctx->rounds_failed++;
     return rc;
@@ -190,8 +198,8 @@ SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset) {
 }
 
 /* Waits for the Result of round seq, answering pings on the way. */
-static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
-                        uint64_t deadline, Sbn__Envelope **reply) {
+static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq, uint64_t deadline,
+                        Sbn__Envelope **reply) {
   int rc;
   for (;;) {
     Sbn__Envelope *in;
@@ -201,8 +209,7 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
       snprintf(msg, sizeof(msg),
                "no answer from the coordinator for round %llu of layer '%s' within "
                "%d ms",
-               (unsigned long long)seq, req->layer ? req->layer : "",
-               ctx->timeout_ms);
+               (unsigned long long)seq, req->layer ? req->layer : "", ctx->timeout_ms);
       /* The reply may still come: the stream is out of step, drop it. */
       return sbn__conn_kill(&ctx->conn, SBN_ETIMEDOUT, msg);
     }
@@ -237,8 +244,7 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq,
       }
       break;
     }
-    default:
-      break; /* pong, or something newer than us: ignore */
+    default: break; /* pong, or something newer than us: ignore */
     }
     sbn__conn_release(in);
   }
@@ -249,28 +255,26 @@ static int check_round_args(sbn_group *g, const char *layer, size_t C) {
   if (layer == NULL)
     return sbn__fail(SBN_EINVAL, "layer name is NULL");
   if (C == 0 || C > UINT32_MAX)
-    return sbn__fail(SBN_EINVAL, "channel count %zu for layer '%s' is out of range", C,
-                     layer);
+    return sbn__fail(SBN_EINVAL, "channel count %zu for layer '%s' is out of range", C, layer);
   if (g != NULL && g->ctx == NULL)
     return sbn__fail(SBN_ESTATE, "group has no context");
   return SBN_OK;
 }
 
 /* Copies the reply's arrays after checking they have C values each. */
-static int take_pair(const Sbn__Result *r, size_t C, const char *layer, double *a,
-                     double *b) {
+static int take_pair(const Sbn__Result *r, size_t C, const char *layer, double *a, double *b) {
   if (r->n_a != C || r->n_b != C)
     return sbn__fail(SBN_EPROTO,
-                     "coordinator answered layer '%s' with %zu/%zu values, expected %zu",
-                     layer, r->n_a, r->n_b, C);
+                     "coordinator answered layer '%s' with %zu/%zu values, expected %zu", layer,
+                     r->n_a, r->n_b, C);
   memcpy(a, r->a, C * sizeof(double));
   memcpy(b, r->b, C * sizeof(double));
   return SBN_OK;
 }
 
 SBN_API int sbn_sync_stats(sbn_group *g, const char *layer, size_t C, uint64_t count,
-                           const double *mean, const double *m2, uint64_t *gcount,
-                           double *gmean, double *gm2) {
+                           const double *mean, const double *m2, uint64_t *gcount, double *gmean,
+                           double *gm2) {
   int rc = check_round_args(g, layer, C);
   if (rc != SBN_OK)
     return rc;
@@ -282,8 +286,12 @@ SBN_API int sbn_sync_stats(sbn_group *g, const char *layer, size_t C, uint64_t c
     memmove(gm2, m2, C * sizeof(double));
     return SBN_OK;
   }
-  sbn__round_req req = {.phase = SBN__PHASE__PHASE_FORWARD, .layer = layer,
-                        .channels = C, .count = count, .a = mean, .b = m2};
+  sbn__round_req req = {.phase = SBN__PHASE__PHASE_FORWARD,
+                        .layer = layer,
+                        .channels = C,
+                        .count = count,
+                        .a = mean,
+                        .b = m2};
   Sbn__Envelope *reply;
   rc = sbn__round(g, &req, &reply);
   if (rc != SBN_OK)
@@ -307,8 +315,8 @@ SBN_API int sbn_sync_sums(sbn_group *g, const char *layer, size_t C, const doubl
     memmove(gsum_b, b, C * sizeof(double));
     return SBN_OK;
   }
-  sbn__round_req req = {.phase = SBN__PHASE__PHASE_BACKWARD, .layer = layer,
-                        .channels = C, .a = a, .b = b};
+  sbn__round_req req = {
+      .phase = SBN__PHASE__PHASE_BACKWARD, .layer = layer, .channels = C, .a = a, .b = b};
   Sbn__Envelope *reply;
   rc = sbn__round(g, &req, &reply);
   if (rc != SBN_OK)
@@ -323,8 +331,8 @@ int sbn__group_model_check(sbn_group *g, const char *text, size_t len) {
     return SBN_OK;
   if (g->ctx == NULL)
     return sbn__fail(SBN_ESTATE, "group has no context");
-  sbn__round_req req = {.phase = SBN__PHASE__PHASE_MODEL_CHECK, .layer = "model",
-                        .blob = text, .blob_len = len};
+  sbn__round_req req = {
+      .phase = SBN__PHASE__PHASE_MODEL_CHECK, .layer = "model", .blob = text, .blob_len = len};
   Sbn__Envelope *reply;
   int rc = sbn__round(g, &req, &reply);
   sbn__conn_release(reply);

@@ -8,10 +8,10 @@
 #include <stdarg.h>
 #include <stddef.h>
 
-#include "sbn/sbn.h"
 #include "arena.h"
 #include "frame.h"
 #include "msg.h"
+#include "sbn/sbn.h"
 
 /*
  * Records a failure for sbn_last_error() on this thread and returns code, so
@@ -23,12 +23,11 @@ int sbn__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* Clears the last error (successful calls need not call this). */
 void sbn__clear_error(void);
 
-
 /* A connection to the coordinator (conn.c).  fd < 0 means none. */
 typedef struct sbn__conn {
   int fd;
   sbn__framer rx;
-  uint8_t *tx;      /* encode buffer, reused */
+  uint8_t *tx; /* encode buffer, reused */
   size_t tx_cap;
   sbn__arena arena; /* decoded replies */
   ProtobufCAllocator alloc;
@@ -44,13 +43,19 @@ void sbn__conn_init(sbn__conn *c);
 int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_ms);
 /* Encodes env and writes the whole frame before deadline_ms. */
 int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms);
+/* The same for a body whose packed float field `field` is empty in env: its
+ * tail_bytes of values are sent from tail, uncopied (sbn__msg_tail_prefix). */
+int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, const void *tail,
+                        size_t tail_bytes, uint64_t deadline_ms);
 /*
  * Receives one envelope before deadline_ms.  It lives in the connection's
  * arena: valid until the next sbn__conn_recv or sbn__conn_close on c.
  * sbn__conn_release() marks where the caller is done with it (a no-op).
  */
 int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms);
-static inline void sbn__conn_release(Sbn__Envelope *env) { (void)env; }
+static inline void sbn__conn_release(Sbn__Envelope *env) {
+  (void)env;
+}
 /* Marks the connection failed with code and message; returns code. */
 int sbn__conn_kill(sbn__conn *c, int code, const char *msg);
 void sbn__conn_close(sbn__conn *c);
@@ -60,7 +65,7 @@ struct sbn_ctx {
   int world_size;
   char job[SBN_JOB_MAX];
   uint64_t generation;
-  int timeout_ms;          /* per round, resolved (never 0 once connected) */
+  int timeout_ms;            /* per round, resolved (never 0 once connected) */
   uint32_t round_timeout_ms; /* the coordinator's */
   sbn__conn conn;
   struct sbn_group *world;
@@ -72,15 +77,15 @@ struct sbn_ctx {
 
 struct sbn_group {
   sbn_ctx *ctx;
-  uint32_t *members;  /* sorted world ranks */
+  uint32_t *members; /* sorted world ranks */
   size_t n;
-  int my_index;       /* this process's group rank */
-  uint64_t seq;       /* next round's sequence number */
+  int my_index; /* this process's group rank */
+  uint64_t seq; /* next round's sequence number */
 };
 
 /* What one round sends; unused fields stay zero. */
 typedef struct sbn__round_req {
-  int phase;           /* SBN__PHASE__PHASE_* */
+  int phase; /* SBN__PHASE__PHASE_* */
   const char *layer;
   size_t channels;
   uint64_t count;
@@ -89,7 +94,7 @@ typedef struct sbn__round_req {
   const void *blob;
   size_t blob_len;
   uint32_t root;
-  int op;              /* SBN_REDUCE_* for allreduce */
+  int op; /* SBN_REDUCE_* for allreduce */
 } sbn__round_req;
 
 /*
