@@ -479,7 +479,8 @@ KERNEL float relu1(float v) { return v <= 0 ? 0.0f : v; }
  * the fused-ReLU backward almost twice as slow here (a Zen 5) as the compare
  * and and-not; an empty asm (MASK_BARRIER, GCC with optimization, where
  * the kernels without FM_512 have dropped it before the asm is checked)
- * hides the mask's origin.  KEEP16 is a macro like FWD16_AT.
+ * hides the mask's origin.  KEEP16 is a macro: a 64-byte vector parameter
+ * would make GCC note an ABI change once per build.
  */
 #if SBN_BN_BUILTINS
 #define MASK_BARRIER(m, fm)                                                                        \
@@ -528,15 +529,6 @@ KERNEL aff4_t aff4_splat(const float *aff, size_t C, size_t c, const int fm) {
   return (aff4_t){bcast4(aff + c, fm), bcast4(aff + C + c, fm), bcast4(aff + 2 * C + c, fm),
                   bcast4(aff + 3 * C + c, fm)};
 }
-/* The forward's output v of x (before the ReLU): 16 values of channel c
- * (FWD16_SPLAT) or of channels c.. (FWD16_AT).  Macros: a 64-byte vector
- * parameter would make GCC note an ABI change once per build. */
-#define FWD16_SPLAT(x, aff, C, c)                                                                  \
-  ((((x) - bcast16((aff) + (c))) - bcast16((aff) + (C) + (c))) * bcast16((aff) + 2 * (C) + (c)) + \
-   bcast16((aff) + 3 * (C) + (c)))
-#define FWD16_AT(x, aff, C, c)                                                                     \
-  ((((x) - ld16f((aff) + (c))) - ld16f((aff) + (C) + (c))) * ld16f((aff) + 2 * (C) + (c)) +        \
-   ld16f((aff) + 3 * (C) + (c)))
 KERNEL v8f fwd8(v8f x, aff8_t k) { return aff8(x, k.h, k.l, k.a, k.b); }
 KERNEL v4f fwd4(v4f x, aff4_t k) { return aff4(x, k.h, k.l, k.a, k.b); }
 KERNEL float fwd1(float x, const float *aff, size_t C, size_t c) {
@@ -918,19 +910,53 @@ KERNEL void plane_grad_sums_one(const float *p, const float *g, size_t S, const 
   }
 }
 
+/*
+ * GSUMS8 of the 16 values at p and g (the AVX-512 kernels only): the low
+ * 8 into s0 and q0, the high 8 into s1 and q1 (mean m0, m1); with the ReLU,
+ * k = the forward's constants (h, l, a, b) and g kept where v > 0 (or NaN),
+ * else +0.  With the builtins the compare's mask (v > 0 or unordered) zeroes
+ * the conversions of g to double: the same +0 as the and-not of KEEP16, but
+ * two instructions (vmovdqa32, vpandnd) fewer and no vextractf32x8 (x and g
+ * are converted by halves); g goes through an empty asm so that GCC does
+ * not fold its load into the masked conversion (a zero-masking load, slow
+ * here, see KEEP16).
+ */
+KERNEL void gsums16(const float *p, const float *g, const v16f *k, const v8d *m0, const v8d *m1,
+                    v8d *s0, v8d *q0, v8d *s1, v8d *q1, const int relu, const int fm) {
+  const v8d x0 = cvt8(ld8f(p)), x1 = cvt8(ld8f(p + 8));
+  v8d g0, g1;
+  if (!relu) {
+    g0 = cvt8(ld8f(g)), g1 = cvt8(ld8f(g + 8));
+  } else {
+    const v16f v = ((ld16f(p) - k[0]) - k[1]) * k[2] + k[3];
+#if SBN_BN_BUILTINS
+    v8f gl = ld8f(g), gh = ld8f(g + 8);
+    MASK_BARRIER(gl, fm);
+    MASK_BARRIER(gh, fm);
+    const unsigned short keep =
+        __builtin_ia32_cmpps512_mask(v, splat16(0.0f), 6 /* _CMP_NLE_UQ */, (unsigned short)-1, 4);
+    g0 = __builtin_ia32_cvtps2pd512_mask(gl, splat8d(0.0), (unsigned char)keep, 4);
+    g1 = __builtin_ia32_cvtps2pd512_mask(gh, splat8d(0.0), (unsigned char)(keep >> 8), 4);
+#else
+    const v16f gv = KEEP16(v, ld16f(g));
+    g0 = cvt16_lo(&gv), g1 = cvt16_hi(&gv);
+#endif
+  }
+  GSUMS8(x0, g0, *m0, *s0, *q0);
+  GSUMS8(x1, g1, *m1, *s1, *q1);
+}
+
 /* plane_grad_sums_one with 512-bit vectors (as plane_stats_one8). */
 KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, double mu,
                                  const float *aff, size_t C, size_t c, stats_acc8 *a,
                                  const int relu, const int fm) {
   const v8d mv = bcast8d(mu);
+  v16f k[4];
+  if (relu)
+    for (int j = 0; j < 4; j++) k[j] = bcast16(aff + (size_t)j * C + c);
   size_t i = 0;
-  for (; i + 16 <= S; i += 16) {
-    const v16f xv = ld16f(p + i);
-    v16f gv = ld16f(g + i);
-    if (relu) gv = KEEP16(FWD16_SPLAT(xv, aff, C, c), gv);
-    GSUMS8(cvt16_lo(&xv), cvt16_lo(&gv), mv, a->s01, a->q01);
-    GSUMS8(cvt16_hi(&xv), cvt16_hi(&gv), mv, a->s23, a->q23);
-  }
+  for (; i + 16 <= S; i += 16)
+    gsums16(p + i, g + i, k, &mv, &mv, &a->s01, &a->q01, &a->s23, &a->q23, relu, fm);
   for (; i + 4 <= S; i += 4) {
     const v4f xv = ld4f(p + i);
     v4f gv = ld4f(g + i);
@@ -1011,13 +1037,11 @@ KERNEL void rows_grad_sums(const float *x, const float *dy, size_t R, size_t C,
         const v8d m0 = ld8d(mean + c), m1 = ld8d(mean + c + 8);
         v8d a0 = ld8d(sdy + c), a1 = ld8d(sdy + c + 8), b0 = ld8d(sdyx + c),
             b1 = ld8d(sdyx + c + 8);
-        for (size_t j = 0; j < nr; j++) {
-          const v16f xv = ld16f(xr + j * C + c);
-          v16f gv = ld16f(gr + j * C + c);
-          if (relu) gv = KEEP16(FWD16_AT(xv, aff, C, c), gv);
-          GSUMS8(cvt16_lo(&xv), cvt16_lo(&gv), m0, a0, b0);
-          GSUMS8(cvt16_hi(&xv), cvt16_hi(&gv), m1, a1, b1);
-        }
+        v16f k[4];
+        if (relu)
+          for (int i = 0; i < 4; i++) k[i] = ld16f(aff + (size_t)i * C + c);
+        for (size_t j = 0; j < nr; j++)
+          gsums16(xr + j * C + c, gr + j * C + c, k, &m0, &m1, &a0, &b0, &a1, &b1, relu, fm);
         st8d(sdy + c, &a0), st8d(sdy + c + 8, &a1), st8d(sdyx + c, &b0), st8d(sdyx + c + 8, &b1);
       }
     for (; c + 16 <= C; c += 16) {
