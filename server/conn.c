@@ -85,9 +85,12 @@ static void conn_on_close(uv_handle_t *h) {
   if (conn->next != NULL)
     conn->next->prev = conn->prev;
   c->nconns--;
+  sbn__srv_ready_remove(conn);
+  conn->park_env = NULL;
   sbn__framer_release(&conn->rx);
   sbn__arena_release(&conn->arena);
   sbn__arena_release(&conn->hello_arena);
+  sbn__arena_release(&conn->park_arena);
   free(conn);
   sbn__http_conn_freed(c);
 }
@@ -270,9 +273,31 @@ static void conn_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(room > 0 ? (char *)space : NULL, room > 0 ? (unsigned)room : 0);
 }
 
+void sbn__srv_conn_unpark(sbn__srv_conn *conn) {
+  sbn__srv_ready_remove(conn);
+  Sbn__Envelope *env = conn->park_env;
+  if (env == NULL)
+    return;
+  conn->park_env = NULL;
+  if (conn->closing || conn->job == NULL) {
+    sbn__arena_reset(&conn->park_arena);
+    return;
+  }
+  /* conn->arena is empty between dispatches: the parked memory takes its
+   * place, exactly as if the message had just been decoded. */
+  sbn__arena_swap(&conn->arena, &conn->park_arena);
+  sbn__srv_contribute(conn, env);
+  sbn__arena_reset(&conn->arena);
+}
+
 /* Hands every whole frame held to the dispatcher, stopping when one closes us. */
 static void conn_drain(sbn__srv_conn *conn) {
   while (!conn->closing) {
+    /* A parked message whose round has ended goes before anything newer. */
+    if (conn->park_env != NULL && conn->round == NULL)
+      sbn__srv_conn_unpark(conn);
+    if (conn->closing)
+      return;
     const uint8_t *body;
     size_t len;
     int rc = sbn__framer_next(&conn->rx, &body, &len);
@@ -486,6 +511,7 @@ void sbn__srv_conn_accept(sbn__coord *c) {
                                                                          : c->cfg.max_frame);
   sbn__arena_init(&conn->arena, SBN_SRV_ARENA_KEEP_MAX);
   sbn__arena_init(&conn->hello_arena, 0);
+  sbn__arena_init(&conn->park_arena, SBN_SRV_ARENA_KEEP_MAX);
   uv_tcp_init(c->loop, &conn->tcp);
   uv_timer_init(c->loop, &conn->timer);
   conn->handles_open = 2;

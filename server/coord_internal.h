@@ -58,6 +58,13 @@
 #define SBN_SRV_POOL_WBUFS_MAX 64u
 #define SBN_SRV_POOL_WBUF_BYTES_MAX (64u << 20)
 #define SBN_SRV_POOL_WRITES_MAX 1024u
+/*
+ * Pipelining: allreduce contributions a connection may send ahead of its open
+ * one (the same group, the next seq).  Each is parked, decoded, in the
+ * connection's park_arena until the open round ends, so a connection holds at
+ * most this many extra messages (one chunk each).  Sent in the Welcome.
+ */
+#define SBN_SRV_PIPELINE_DEPTH 1u
 
 /* A rank's state within the current generation of its job. */
 enum sbn__srv_rank_state {
@@ -122,6 +129,15 @@ struct sbn__coord {
   size_t pool_wbuf_bytes;
   sbn__srv_write *pool_writes;
   uint32_t pool_nwrites;
+  /*
+   * Connections whose open round ended while they held a parked allreduce
+   * contribution: dispatched from `ready_check` (never from inside the
+   * round's completion), a list through conn->ready_prev/next.
+   */
+  sbn__srv_conn *ready;
+  uv_check_t ready_check;
+  uv_idle_t ready_idle; /* active with ready_check: the poll before it must not block */
+  int ready_check_init; /* both were initialized (closed by sbn__coord_stop) */
 };
 
 struct sbn__srv_conn {
@@ -163,6 +179,16 @@ struct sbn__srv_conn {
   uint32_t rank;
   uint64_t generation;
   sbn__srv_round *round; /* the open round holding this rank's contribution */
+  /*
+   * An allreduce contribution sent ahead of the open round (same group, seq
+   * + 1), with its memory in park_arena; NULL when none.  At most
+   * SBN_SRV_PIPELINE_DEPTH of them.  When the open round ends the connection
+   * goes on coord->ready and the parked message is dispatched from there.
+   */
+  Sbn__Envelope *park_env;
+  sbn__arena park_arena;
+  int on_ready; /* in coord->ready */
+  sbn__srv_conn *ready_prev, *ready_next;
 };
 
 /* One entry of a job's rank table. */
@@ -233,6 +259,11 @@ struct sbn__srv_round {
 
 /* coordinator.c */
 double *sbn__srv_scratch(sbn__coord *c, size_t n);
+/* Puts conn (whose open round just ended, holding a parked message) on the
+ * ready list; a no-op when it is already there or the coordinator stops. */
+void sbn__srv_ready_add(sbn__srv_conn *conn);
+/* Takes conn off the ready list if it is there. */
+void sbn__srv_ready_remove(sbn__srv_conn *conn);
 
 /* pool.c */
 /* A round with room for n members, timer initialized and stopped; NULL
@@ -264,6 +295,12 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb);
 void sbn__srv_conn_error(sbn__srv_conn *conn, int code, const uint32_t *ranks, size_t nranks,
                          uint64_t seq, int phase, const char *layer, const char *fmt, ...)
     __attribute__((format(printf, 8, 9)));
+/*
+ * Dispatches conn's parked contribution as if it had just arrived (its open
+ * round has ended), or drops it when conn is closing or has left its job.
+ * Takes conn off the ready list.  No-op without a parked message.
+ */
+void sbn__srv_conn_unpark(sbn__srv_conn *conn);
 
 /* Encodes env as a frame into a wbuf with one reference; NULL on failure
  * with the status in *rc (SBN_ENOMEM or SBN_ETOOBIG). */

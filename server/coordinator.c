@@ -102,6 +102,60 @@ double *sbn__srv_scratch(sbn__coord *c, size_t n) {
   return c->scratch;
 }
 
+/* Ready list: parked contributions whose open round has ended */
+
+static void coord_on_ready(uv_check_t *h) {
+  sbn__coord *c = h->data;
+  /* Each dispatch may end rounds and append connections: run until empty. */
+  while (c->ready != NULL)
+    sbn__srv_conn_unpark(c->ready);
+}
+
+static void coord_on_ready_idle(uv_idle_t *h) {
+  (void)h; /* only there so that the loop does not block before the check */
+}
+
+void sbn__srv_ready_add(sbn__srv_conn *conn) {
+  sbn__coord *c = conn->coord;
+  if (conn->on_ready || c->stopping || conn->closing)
+    return;
+  if (!c->ready_check_init) {
+    uv_check_init(c->loop, &c->ready_check);
+    uv_idle_init(c->loop, &c->ready_idle);
+    c->ready_check.data = c;
+    c->ready_check_init = 1;
+  }
+  conn->on_ready = 1;
+  conn->ready_prev = NULL;
+  conn->ready_next = c->ready;
+  if (c->ready != NULL)
+    c->ready->ready_prev = conn;
+  c->ready = conn;
+  /* The check phase follows the poll phase of this iteration.  A round that
+   * ends in a timer callback (a timeout) comes before the poll: the idle
+   * handle keeps that poll from blocking, so the check runs at once. */
+  uv_check_start(&c->ready_check, coord_on_ready);
+  uv_idle_start(&c->ready_idle, coord_on_ready_idle);
+}
+
+void sbn__srv_ready_remove(sbn__srv_conn *conn) {
+  sbn__coord *c = conn->coord;
+  if (!conn->on_ready)
+    return;
+  if (conn->ready_prev != NULL)
+    conn->ready_prev->ready_next = conn->ready_next;
+  else
+    c->ready = conn->ready_next;
+  if (conn->ready_next != NULL)
+    conn->ready_next->ready_prev = conn->ready_prev;
+  conn->ready_prev = conn->ready_next = NULL;
+  conn->on_ready = 0;
+  if (c->ready == NULL && c->ready_check_init) {
+    uv_check_stop(&c->ready_check);
+    uv_idle_stop(&c->ready_idle);
+  }
+}
+
 static void coord_on_connection(uv_stream_t *server, int status) {
   sbn__coord *c = server->data;
   if (status < 0) {
@@ -241,6 +295,13 @@ void sbn__coord_stop(sbn__coord *c) {
       sbn__srv_conn_send(conn, idle);
   sbn__srv_wbuf_unref(idle);
   sbn__srv_jobs_shutdown(c);
+  /* Parked contributions are dropped with their connections. */
+  while (c->ready != NULL)
+    sbn__srv_ready_remove(c->ready);
+  if (c->ready_check_init && !uv_is_closing((uv_handle_t *)&c->ready_check)) {
+    uv_close((uv_handle_t *)&c->ready_check, NULL);
+    uv_close((uv_handle_t *)&c->ready_idle, NULL);
+  }
   sbn__srv_pool_drain(c);
   for (sbn__srv_conn *conn = c->conns; conn != NULL; conn = conn->next)
     sbn__srv_conn_close(conn, 1, "the coordinator is shutting down");

@@ -231,6 +231,7 @@ static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
   w.max_frame = c->cfg.max_frame;
   w.round_timeout_ms = c->cfg.round_timeout_ms;
   w.session = ++c->next_session;
+  w.pipeline = SBN_SRV_PIPELINE_DEPTH;
   env.body_case = SBN__ENVELOPE__BODY_WELCOME;
   env.welcome = &w;
   int rc;

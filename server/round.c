@@ -82,8 +82,12 @@ static void round_detach(sbn__srv_round *r) {
     *pp = r->grp_next;
   for (uint32_t k = 0; k < r->nhave; k++) {
     sbn__srv_conn *c = job->ranks[sbn__srv_group_rank(g, r->arrived[k])].conn;
-    if (c != NULL && c->round == r)
+    if (c != NULL && c->round == r) {
       c->round = NULL;
+      /* Its contribution sent ahead is dispatched once this round is over. */
+      if (c->park_env != NULL)
+        sbn__srv_ready_add(c);
+    }
   }
   job->n_waiting -= r->nhave;
   job->nrounds--;
@@ -679,6 +683,30 @@ static sbn__srv_round *group_find_round(sbn__srv_group *g, uint64_t seq) {
   return NULL;
 }
 
+/* Whether members[0..n) name group g (n == 0: WORLD). */
+static int group_is(const sbn__srv_group *g, const uint32_t *members, size_t n) {
+  if (n == 0 || g->is_world)
+    return n == 0 && g->is_world;
+  return n == g->n && memcmp(members, g->members, n * sizeof(uint32_t)) == 0;
+}
+
+/*
+ * Pipelining (SBN_SRV_PIPELINE_DEPTH): while conn's round is open, an
+ * allreduce of the same group with the next seq waits, parked with its
+ * memory, until that round ends.  Returns 1 when m was parked.
+ */
+static int park(sbn__srv_conn *conn, Sbn__Envelope *env) {
+  const sbn__srv_round *open = conn->round;
+  const Sbn__Contribute *m = env->contribute;
+  if (conn->park_env != NULL || m->phase != SBN__PHASE__PHASE_ALLREDUCE ||
+      round_ref(open)->phase != SBN__PHASE__PHASE_ALLREDUCE || m->seq != open->seq + 1 ||
+      !group_is(open->group, m->members, m->n_members))
+    return 0;
+  conn->park_env = env;
+  sbn__arena_swap(&conn->arena, &conn->park_arena);
+  return 1;
+}
+
 void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
   sbn__srv_job *job = conn->job;
   Sbn__Contribute *m = env->contribute;
@@ -687,6 +715,17 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
   int rc;
   if (m->layer == NULL)
     m->layer = (char *)layer;
+  if (conn->round != NULL && park(conn, env))
+    return;
+  if (conn->round != NULL && conn->park_env != NULL) {
+    sbn__srv_conn_error(conn, SBN_ESTATE, &conn->rank, 1, m->seq, m->phase, layer,
+                        "rank %u sent seq %llu of layer '%s' while its seq %llu of layer '%s' "
+                        "is still open and seq %llu is already sent ahead",
+                        (unsigned)conn->rank, (unsigned long long)m->seq, layer,
+                        (unsigned long long)conn->round->seq, round_ref(conn->round)->layer,
+                        (unsigned long long)conn->park_env->contribute->seq);
+    return;
+  }
   if (conn->round != NULL) {
     sbn__srv_conn_error(conn, SBN_ESTATE, &conn->rank, 1, m->seq, m->phase, layer,
                         "rank %u sent seq %llu of layer '%s' while its seq %llu of layer '%s' "
