@@ -10,12 +10,24 @@
 
 #include "internal.h"
 
-/* One allreduce round over buf[0..n), n <= SBN_CHUNK_FLOATS. */
-static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
+/*
+ * Allreduce rounds a worker sends ahead of the one it awaits, at most: the
+ * coordinator's Welcome says how many it accepts (0 from older ones).
+ */
+#define SBN_ALLREDUCE_AHEAD_MAX 1u
+
+static sbn__round_req allreduce_req(float *buf, size_t n, sbn_reduce_op op) {
   sbn__round_req req = {.phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "allreduce",
                         .channels = n, .count = n, .fvals = buf, .op = (int)op};
+  return req;
+}
+
+/* Awaits the allreduce round tx over buf[0..n) and copies its result in. */
+static int allreduce_take(sbn_group *g, const sbn__round_tx *tx, float *buf, size_t n,
+                          sbn_reduce_op op) {
+  sbn__round_req req = allreduce_req(buf, n, op);
   Sbn__Envelope *reply;
-  int rc = sbn__round(g, &req, &reply);
+  int rc = sbn__round_await(g, &req, tx, &reply);
   if (rc != SBN_OK)
     return rc;
   const Sbn__Result *r = reply->result;
@@ -27,6 +39,47 @@ static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op)
   }
   sbn__conn_release(reply);
   return rc;
+}
+
+/* One allreduce round over buf[0..n), n <= SBN_CHUNK_FLOATS. */
+static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
+  sbn__round_req req = allreduce_req(buf, n, op);
+  sbn__round_tx tx = {0};
+  int rc = sbn__round_send(g, &req, &tx);
+  return rc == SBN_OK ? allreduce_take(g, &tx, buf, n, op) : rc;
+}
+
+/*
+ * Chunks of SBN_CHUNK_FLOATS in a pipeline: chunk k+1 is sent before chunk
+ * k's result is awaited, so its transfer overlaps chunk k's reduction.  On
+ * an error the chunk still in flight is abandoned: its reply, whenever it
+ * comes, is skipped as stale by the group's next round.
+ */
+static int allreduce_pipelined(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
+  sbn__round_tx tx[SBN_ALLREDUCE_AHEAD_MAX + 1];
+  size_t off[SBN_ALLREDUCE_AHEAD_MAX + 1], len[SBN_ALLREDUCE_AHEAD_MAX + 1];
+  size_t sent = 0, done = 0, nslots = SBN_ALLREDUCE_AHEAD_MAX + 1, pos = 0;
+  while (done * SBN_CHUNK_FLOATS < n) {
+    /* Keep up to nslots chunks in flight. */
+    while (pos < n && sent - done < nslots) {
+      size_t k = n - pos < SBN_CHUNK_FLOATS ? n - pos : SBN_CHUNK_FLOATS;
+      size_t s = sent % nslots;
+      sbn__round_req req = allreduce_req(buf + pos, k, op);
+      int rc = sbn__round_send(g, &req, &tx[s]);
+      if (rc != SBN_OK)
+        return rc;
+      off[s] = pos;
+      len[s] = k;
+      pos += k;
+      sent++;
+    }
+    size_t s = done % nslots;
+    int rc = allreduce_take(g, &tx[s], buf + off[s], len[s], op);
+    if (rc != SBN_OK)
+      return rc;
+    done++;
+  }
+  return SBN_OK;
 }
 
 static int check_op(sbn_reduce_op op) {
@@ -44,6 +97,8 @@ SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) 
     return sbn__fail(SBN_EINVAL, "sbn_allreduce got a NULL buffer of %zu values", n);
   if (sbn__group_is_local(g) || n == 0)
     return SBN_OK; /* the sum and the mean over one member are the values */
+  if (n > SBN_CHUNK_FLOATS && g->ctx->pipeline >= 1)
+    return allreduce_pipelined(g, buf, n, op);
   for (size_t off = 0; off < n; off += SBN_CHUNK_FLOATS) {
     size_t k = n - off < SBN_CHUNK_FLOATS ? n - off : SBN_CHUNK_FLOATS;
     rc = allreduce_chunk(g, buf + off, k, op);

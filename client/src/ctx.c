@@ -160,6 +160,7 @@ static int handshake(sbn_ctx *ctx, const sbn__secret *secret, uint64_t deadline_
   }
   ctx->conn.max_frame = w->max_frame ? w->max_frame : SBN_MAX_FRAME_DEFAULT;
   ctx->round_timeout_ms = w->round_timeout_ms;
+  ctx->pipeline = w->pipeline;
   if (ctx->timeout_ms == 0)
     ctx->timeout_ms = (int)(w->round_timeout_ms + SBN_ROUND_MARGIN_MS);
   sbn__conn_release(reply);

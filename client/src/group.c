@@ -99,9 +99,9 @@ static int error_from_reply(const Sbn__Error *e) {
   return sbn__fail(code, "%s", e->message && e->message[0] ? e->message : sbn_strerror(code));
 }
 
-int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
-  *reply = NULL;
+int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) {
   sbn_ctx *ctx = g->ctx;
+  memset(tx, 0, sizeof(*tx));
   if (req->layer != NULL && strlen(req->layer) >= SBN_LAYER_MAX)
     return sbn__fail(SBN_EINVAL, "layer name '%.40s...' is longer than %d bytes", req->layer,
                      SBN_LAYER_MAX - 1);
@@ -143,16 +143,31 @@ int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
   int rc = raw_fvals ? sbn__conn_send_tail(&ctx->conn, &env, SBN_MSG_CONTRIBUTE_FVALS, req->fvals,
                                            req->channels * sizeof(float), deadline)
                      : sbn__conn_send(&ctx->conn, &env, deadline);
-  if (rc != SBN_OK) {
+  tx->seq = seq;
+  tx->t0_ns = t0;
+  tx->deadline_ms = deadline;
+  if (rc != SBN_OK)
     ctx->rounds_failed++;
-    return rc;
-  }
-  rc = await_result(ctx, req, seq, deadline, reply);
+  return rc;
+}
+
+int sbn__round_await(sbn_group *g, const sbn__round_req *req, const sbn__round_tx *tx,
+                     Sbn__Envelope **reply) {
+  *reply = NULL;
+  sbn_ctx *ctx = g->ctx;
+  int rc = await_result(ctx, req, tx->seq, tx->deadline_ms, reply);
   if (rc == SBN_OK)
-    record_latency(ctx, sbn__now_ns() - t0);
+    record_latency(ctx, sbn__now_ns() - tx->t0_ns);
   else
     ctx->rounds_failed++;
   return rc;
+}
+
+int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply) {
+  *reply = NULL;
+  sbn__round_tx tx = {0};
+  int rc = sbn__round_send(g, req, &tx);
+  return rc == SBN_OK ? sbn__round_await(g, req, &tx, reply) : rc;
 }
 
 /* Keeps the last SBN_LATENCY_WINDOW latencies in a ring. */

@@ -67,6 +67,7 @@ struct sbn_ctx {
   uint64_t generation;
   int timeout_ms;            /* per round, resolved (never 0 once connected) */
   uint32_t round_timeout_ms; /* the coordinator's */
+  uint32_t pipeline;         /* allreduce rounds it accepts sent ahead (Welcome) */
   sbn__conn conn;
   struct sbn_group *world;
   /* Round latencies (us), a ring of SBN_LATENCY_WINDOW, and counters. */
@@ -105,6 +106,22 @@ typedef struct sbn__round_req {
  * group's sequence number advances either way so that members stay in step.
  */
 int sbn__round(sbn_group *g, const sbn__round_req *req, Sbn__Envelope **reply);
+
+/* A round sent and not yet answered (sbn__round in two halves). */
+typedef struct sbn__round_tx {
+  uint64_t seq;
+  uint64_t t0_ns;       /* when it was sent, for the latency statistics */
+  uint64_t deadline_ms; /* monotonic */
+} sbn__round_tx;
+/*
+ * Sends round req of group g and fills *tx; the group's sequence number
+ * advances either way.  req's buffers may be reused once this returns.
+ */
+int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx);
+/* Waits for the Result of tx, as sbn__round does; replies of other rounds
+ * (abandoned ones) are skipped. */
+int sbn__round_await(sbn_group *g, const sbn__round_req *req, const sbn__round_tx *tx,
+                     Sbn__Envelope **reply);
 
 /* True when g needs no coordinator (NULL, or one member). */
 int sbn__group_is_local(const sbn_group *g);
