@@ -16,10 +16,15 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "internal.h" /* ctx->pipeline: the pipelined allreduce path runs */
 #include "sbn/sbn.h"
 #include "workers.h"
 
+/* Multi-chunk allreduces run pipelined (two chunks in flight): an odd and an
+ * even number of chunks, the last one short or whole. */
 #define BIG_N (2 * SBN_CHUNK_FLOATS + 12345) /* three chunks */
+#define EVEN_N (2 * SBN_CHUNK_FLOATS)        /* two whole chunks */
+#define ODD_N (4 * SBN_CHUNK_FLOATS + 3)     /* five chunks */
 #define BCAST_BYTES (SBN_CHUNK_BYTES + 777)  /* two chunks */
 
 typedef struct shared {
@@ -81,8 +86,10 @@ static int collectives_worker(int rank, void *ap, void *sp) {
   if (ctx == NULL)
     return 1;
   sbn_group *w = sbn_world(ctx);
-  static const size_t sizes[] = {1, 7, 1000, SBN_CHUNK_FLOATS, BIG_N};
-  float *buf = malloc(BIG_N * sizeof(float));
+  if (ctx->pipeline < 1)
+    FAIL(sh, rank, "the coordinator's welcome offers no pipelining (%u)", (unsigned)ctx->pipeline);
+  static const size_t sizes[] = {1, 7, 1000, SBN_CHUNK_FLOATS, BIG_N, EVEN_N, ODD_N};
+  float *buf = malloc(ODD_N * sizeof(float));
   for (int op = 0; op < 2; op++)
     for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
       for (size_t i = 0; i < sizes[s]; i++)

@@ -264,6 +264,7 @@ START_TEST(hello_welcome) {
   ck_assert_str_eq(r->welcome->server_version, "0.1.0");
   ck_assert_uint_eq(r->welcome->max_frame, 65536);
   ck_assert_uint_eq(r->welcome->round_timeout_ms, 1234);
+  ck_assert_uint_eq(r->welcome->pipeline, 1); /* one allreduce sent ahead */
   uint64_t s1 = r->welcome->session;
   sbn__msg_free(r);
   peer *q = join("job-w", 1, 2);
@@ -838,6 +839,167 @@ START_TEST(bad_stats_and_shapes) {
 }
 END_TEST
 
+/* Pipelining: one allreduce contribution sent ahead of an open one */
+
+#define PIPE_N 1000
+
+/* An allreduce of PIPE_N values v[i] = base + i (members NULL: WORLD). */
+static void send_ar(peer *p, uint64_t seq, float base, const uint32_t *members, size_t nm) {
+  static float v[PIPE_N];
+  for (int i = 0; i < PIPE_N; i++)
+    v[i] = base + (float)i;
+  contrib c = {.members = members,
+               .n_members = nm,
+               .seq = seq,
+               .phase = SBN__PHASE__PHASE_ALLREDUCE,
+               .layer = "allreduce",
+               .channels = PIPE_N,
+               .count = PIPE_N,
+               .fvals = v,
+               .n_f = PIPE_N};
+  send_contrib(p, &c);
+}
+
+/* Expects the Result of seq: the sum of the allreduces of base b0 and b1. */
+static void expect_ar_sum(peer *p, uint64_t seq, float b0, float b1) {
+  Sbn__Envelope *e = expect_result(p, seq, NULL, NULL);
+  ck_assert_uint_eq(e->result->n_fvals, PIPE_N);
+  for (int i = 0; i < PIPE_N; i++) {
+    float want = (float)((double)(b0 + (float)i) + (double)(b1 + (float)i));
+    ck_assert_msg(e->result->fvals[i] == want, "rank %u seq %llu value %d: %g, wanted %g",
+                  (unsigned)p->rank, (unsigned long long)seq, i, e->result->fvals[i], want);
+  }
+  sbn__msg_free(e);
+}
+
+/* Expects an Error for seq with code whose message holds needle. */
+static void expect_seq_error(peer *p, int code, uint64_t seq, const char *needle, int ms) {
+  Sbn__Envelope *e = expect_error(p, code, needle, ms);
+  ck_assert_uint_eq(e->error->seq, seq);
+  sbn__msg_free(e);
+}
+
+START_TEST(pipelined_allreduce) {
+  start_coord(NULL);
+  peer *p[2] = {join("pipe", 0, 2), join("pipe", 1, 2)};
+  /* Both ranks send seq 1 and 2 back to back: results 1 then 2. */
+  for (int r = 0; r < 2; r++) {
+    send_ar(p[r], 1, 10.0f * (float)r, NULL, 0);
+    send_ar(p[r], 2, 100.0f + 10.0f * (float)r, NULL, 0);
+  }
+  for (int r = 0; r < 2; r++) {
+    expect_ar_sum(p[r], 1, 0.0f, 10.0f);
+    expect_ar_sum(p[r], 2, 100.0f, 110.0f);
+  }
+  /* Rank 0 parks seq 4 while seq 3 waits for rank 1: 4 goes once 3 is done. */
+  send_ar(p[0], 3, 1.0f, NULL, 0);
+  send_ar(p[0], 4, 2.0f, NULL, 0);
+  expect_quiet(p[0]);
+  send_ar(p[1], 3, 3.0f, NULL, 0);
+  for (int r = 0; r < 2; r++)
+    expect_ar_sum(p[r], 3, 1.0f, 3.0f);
+  expect_quiet(p[0]);
+  send_ar(p[1], 4, 4.0f, NULL, 0);
+  for (int r = 0; r < 2; r++)
+    expect_ar_sum(p[r], 4, 2.0f, 4.0f);
+  /* A third message while one is open and one parked. */
+  send_ar(p[0], 5, 0.0f, NULL, 0);
+  send_ar(p[0], 6, 0.0f, NULL, 0);
+  send_ar(p[0], 7, 0.0f, NULL, 0);
+  expect_seq_error(p[0], SBN_ESTATE, 7, "seq 7", IO_TIMEOUT_MS);
+  send_ar(p[1], 5, 1.0f, NULL, 0);
+  send_ar(p[1], 6, 1.0f, NULL, 0);
+  for (int r = 0; r < 2; r++) {
+    expect_ar_sum(p[r], 5, 0.0f, 1.0f);
+    expect_ar_sum(p[r], 6, 0.0f, 1.0f);
+  }
+  /* Not parked: another group (the same ranks named explicitly), seq + 2,
+   * a forward of seq + 1. */
+  static const uint32_t both[] = {0, 1};
+  double v = 1, q = 0;
+  send_ar(p[0], 8, 0.0f, NULL, 0);
+  send_ar(p[0], 9, 0.0f, both, 2);
+  expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
+  send_ar(p[0], 10, 0.0f, NULL, 0);
+  expect_seq_error(p[0], SBN_ESTATE, 10, "still open", IO_TIMEOUT_MS);
+  send_forward(p[0], 9, "bn", 1, 1, &v, &q);
+  expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
+  send_ar(p[1], 8, 5.0f, NULL, 0);
+  for (int r = 0; r < 2; r++)
+    expect_ar_sum(p[r], 8, 0.0f, 5.0f);
+  /* Nothing was left parked: seq 9 runs as usual. */
+  for (int r = 0; r < 2; r++)
+    send_ar(p[r], 9, (float)r, NULL, 0);
+  for (int r = 0; r < 2; r++)
+    expect_ar_sum(p[r], 9, 0.0f, 1.0f);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
+/* Ranks 0 and 1 of job; rank 0 sends seq 1 and parks seq 2, rank 1 waits. */
+static void park_seq2(const char *job, peer *p[2]) {
+  p[0] = join(job, 0, 2);
+  p[1] = join(job, 1, 2);
+  send_ar(p[0], 1, 0.0f, NULL, 0);
+  send_ar(p[0], 2, 0.0f, NULL, 0);
+}
+
+START_TEST(pipelined_peer_lost) {
+  const char *args[] = {"--round-timeout", "20000", NULL};
+  start_coord(args);
+  peer *p[2];
+  park_seq2("pipelost", p);
+  expect_quiet(p[0]);
+  long long t0 = test_now_ms();
+  close(p[1]->fd);
+  p[1]->fd = -1;
+  expect_seq_error(p[0], SBN_EPEERLOST, 1, "rank 1 of job 'pipelost' disconnected", 1000);
+  expect_seq_error(p[0], SBN_EPEERLOST, 2, "rank 1 of job 'pipelost' disconnected", 1000);
+  ck_assert_int_lt(test_now_ms() - t0, 1000);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
+START_TEST(pipelined_round_timeout) {
+  const char *args[] = {"--round-timeout", "300", NULL};
+  start_coord(args);
+  peer *p[2];
+  long long t0 = test_now_ms();
+  park_seq2("pipeto", p);
+  /* The round ends in a timer callback: seq 2 opens at once, then times out. */
+  expect_seq_error(p[0], SBN_ETIMEDOUT, 1, "timed out", 2000);
+  expect_seq_error(p[0], SBN_ETIMEDOUT, 2, "timed out", 2000);
+  long long took = test_now_ms() - t0;
+  ck_assert_msg(took >= 550 && took < 1500, "two timeouts of 300 ms took %lld ms", took);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
+START_TEST(pipelined_sigterm_with_parked) {
+  start_coord(NULL);
+  peer *p[2];
+  park_seq2("pipeterm", p);
+  peer *a = p[0], *b = p[1];
+  expect_quiet(a);
+  long long t0 = test_now_ms();
+  int st = stop_coord(SIGTERM, 3000);
+  ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+  ck_assert_int_lt(test_now_ms() - t0, 3000);
+  expect_seq_error(a, SBN_ESHUTDOWN, 1, "shutting down", 1000);
+  ck_assert(rp_wait_closed(a, 1000));
+  sbn__msg_free(expect_error(b, SBN_ESHUTDOWN, "shutting down", 1000));
+  ck_assert(rp_wait_closed(b, 1000));
+  rp_close(a);
+  rp_close(b);
+}
+END_TEST
+
 START_TEST(deadlock_detected) {
   start_coord(NULL);
   peer *p[2] = {join("dl", 0, 2), join("dl", 1, 2)};
@@ -1162,6 +1324,10 @@ int main(void) {
   tcase_add_test(tc, tombstone_for_late_member);
   tcase_add_test(tc, bad_stats_and_shapes);
   tcase_add_test(tc, deadlock_detected);
+  tcase_add_test(tc, pipelined_allreduce);
+  tcase_add_test(tc, pipelined_peer_lost);
+  tcase_add_test(tc, pipelined_round_timeout);
+  tcase_add_test(tc, pipelined_sigterm_with_parked);
   tcase_add_test(tc, peer_lost_mid_round);
   tcase_add_test(tc, round_timeout);
   tcase_add_test(tc, garbage_closes_only_its_connection);
