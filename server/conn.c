@@ -9,8 +9,9 @@
  *
  * Bounds: the framer holds at most one frame (cfg.max_frame, or
  * SBN_SRV_HELLO_MAX_FRAME before the welcome) plus one read; the write queue
- * at most cfg.max_queued bytes plus one frame, past which the worker (which
- * does not read its replies) is disconnected.  A welcomed connection holding
+ * at most cfg.max_queued bytes plus one frame per round the worker may have
+ * in flight (1 + SBN_SRV_PIPELINE_DEPTH), past which the worker (which does
+ * not read its replies) is disconnected.  A welcomed connection holding
  * part of a frame is closed after cfg.frame_timeout_ms without a byte.
  */
 #include <netinet/in.h>
@@ -184,6 +185,7 @@ static void conn_on_write(uv_write_t *req, int status) {
   sbn__srv_write *w = (sbn__srv_write *)req;
   sbn__srv_conn *conn = req->data;
   conn->queued -= w->len;
+  conn->nwrites--;
   if (status == 0)
     conn->coord->metrics.bytes_out += w->len;
   sbn__srv_wbuf_unref(w->wb);
@@ -212,10 +214,13 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
   }
   size_t off = n > 0 ? (size_t)n : 0;
   uint64_t limit = conn->coord->cfg.max_queued;
-  if (conn->queued > 0 && conn->queued + (wb->len - off) > limit) {
+  if (conn->nwrites > SBN_SRV_PIPELINE_DEPTH && conn->queued + (wb->len - off) > limit) {
     /*
-     * The worker does not read what it is sent.  One frame may always be
-     * queued, whatever its size, so a large reply never fails on its own.
+     * The worker does not read what it is sent.  One frame per round it may
+     * have in flight may always be queued, whatever its size, so large
+     * replies never fail on their own: a pipelining worker still sending
+     * chunk k + 1 reads result k only after it, when result k + 1 may be
+     * out already.
      */
     char why[160];
     snprintf(why, sizeof(why),
@@ -236,10 +241,12 @@ void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
   w->req.data = conn;
   wb->refs++;
   conn->queued += w->len;
+  conn->nwrites++;
   buf = uv_buf_init((char *)wb->data + off, (unsigned)(wb->len - off));
   int rc = uv_write(&w->req, (uv_stream_t *)&conn->tcp, &buf, 1, conn_on_write);
   if (rc != 0) {
     conn->queued -= w->len;
+    conn->nwrites--;
     sbn__srv_wbuf_unref(wb);
     write_put(conn, w);
     conn_break(conn, "write failed", rc);

@@ -162,7 +162,8 @@ struct sbn__srv_conn {
   char broken_why[192];
   int welcomed;
   int said_goodbye;
-  uint64_t queued; /* bytes handed to uv_write() and not yet written */
+  uint64_t queued;  /* bytes handed to uv_write() and not yet written */
+  uint32_t nwrites; /* uv_write() calls whose callback is still to come */
   /* The first queued write's record; more come from the pool. */
   sbn__srv_write wrec;
   int wrec_busy;

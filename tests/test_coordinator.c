@@ -946,6 +946,47 @@ static void park_seq2(const char *job, peer *p[2]) {
   send_ar(p[0], 2, 0.0f, NULL, 0);
 }
 
+START_TEST(pipelined_results_queue) {
+  /* A pipelining worker reads result k only after sending chunk k + 1, when
+   * result k + 1 may be out already: two results (4 MiB each, far over
+   * --max-queued) queued for a slow reader do not disconnect it. */
+  const char *args[] = {"--max-queued", "4096", NULL};
+  start_coord(args);
+  enum { N = 1u << 20 };
+  float *v = calloc(N, sizeof(float));
+  ck_assert_ptr_nonnull(v);
+  for (uint32_t i = 0; i < N; i++)
+    v[i] = (float)(i % 1000);
+  peer *p[2] = {join("pipeq", 0, 2), rp_open(cp.port, 4096)};
+  Sbn__Envelope *w = hello_raw(p[1], SBN_PROTOCOL_VERSION, "pipeq", 1, 2, 0);
+  ck_assert_int_eq(w->body_case, SBN__ENVELOPE__BODY_WELCOME);
+  sbn__msg_free(w);
+  for (uint64_t seq = 1; seq <= 2; seq++)
+    for (int r = 0; r < 2; r++) {
+      contrib c = {.seq = seq,
+                   .phase = SBN__PHASE__PHASE_ALLREDUCE,
+                   .layer = "allreduce",
+                   .channels = N,
+                   .count = N,
+                   .fvals = v,
+                   .n_f = N};
+      send_contrib(p[r], &c);
+    }
+  usleep(200000); /* both results queued for rank 1 before it reads */
+  for (uint64_t seq = 1; seq <= 2; seq++)
+    for (int r = 1; r >= 0; r--) {
+      Sbn__Envelope *e = expect_result(p[r], seq, NULL, NULL);
+      ck_assert_uint_eq(e->result->n_fvals, N);
+      ck_assert(e->result->fvals[N - 1] == 2.0f * v[N - 1]);
+      sbn__msg_free(e);
+    }
+  free(v);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
 START_TEST(pipelined_peer_lost) {
   const char *args[] = {"--round-timeout", "20000", NULL};
   start_coord(args);
@@ -1325,6 +1366,7 @@ int main(void) {
   tcase_add_test(tc, bad_stats_and_shapes);
   tcase_add_test(tc, deadlock_detected);
   tcase_add_test(tc, pipelined_allreduce);
+  tcase_add_test(tc, pipelined_results_queue);
   tcase_add_test(tc, pipelined_peer_lost);
   tcase_add_test(tc, pipelined_round_timeout);
   tcase_add_test(tc, pipelined_sigterm_with_parked);
