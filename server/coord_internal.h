@@ -188,6 +188,11 @@ struct sbn__srv_conn {
    */
   Sbn__Envelope *park_env;
   sbn__arena park_arena;
+  /* The last round of this rank's that completed: an allreduce sent ahead of
+   * it (Contribute.ahead) is accepted after it, and fails otherwise.  The
+   * group is only compared, never followed. */
+  const sbn__srv_group *ok_group;
+  uint64_t ok_seq;
   int on_ready; /* in coord->ready */
   sbn__srv_conn *ready_prev, *ready_next;
 };

@@ -168,6 +168,8 @@ static void round_fail_msg(sbn__srv_round *r, int code, const uint32_t *ranks, s
       sbn__srv_conn_send(c, wb);
   }
   sbn__srv_wbuf_unref(wb);
+  /* What members parked, sent ahead of this round, now goes through the
+   * ready list to sbn__srv_contribute, which fails it (no ok_seq). */
   round_free(r);
 }
 
@@ -667,8 +669,12 @@ static void round_complete(sbn__srv_round *r) {
   round_detach(r);
   for (uint32_t i = 0; i < r->n; i++) {
     sbn__srv_conn *c = job->ranks[sbn__srv_group_rank(g, i)].conn;
-    if (c != NULL)
+    if (c != NULL) {
       sbn__srv_conn_send(c, wb);
+      /* An allreduce sent ahead of this round may follow it. */
+      c->ok_group = g;
+      c->ok_seq = r->seq;
+    }
   }
   sbn__srv_wbuf_unref(wb);
   round_free(r);
@@ -698,7 +704,7 @@ static int group_is(const sbn__srv_group *g, const uint32_t *members, size_t n) 
 static int park(sbn__srv_conn *conn, Sbn__Envelope *env) {
   const sbn__srv_round *open = conn->round;
   const Sbn__Contribute *m = env->contribute;
-  if (conn->park_env != NULL || m->phase != SBN__PHASE__PHASE_ALLREDUCE ||
+  if (conn->park_env != NULL || !m->ahead || m->phase != SBN__PHASE__PHASE_ALLREDUCE ||
       round_ref(open)->phase != SBN__PHASE__PHASE_ALLREDUCE || m->seq != open->seq + 1 ||
       !group_is(open->group, m->members, m->n_members))
     return 0;
@@ -757,6 +763,16 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
                                               g->tomb_nranks, m->seq, m->phase, layer);
     sbn__srv_conn_send(conn, wb);
     sbn__srv_wbuf_unref(wb);
+    return;
+  }
+  if (m->ahead && !(conn->ok_group == g && conn->ok_seq + 1 == m->seq)) {
+    /* Sent ahead of a round of this rank's that did not complete (it failed,
+     * or was refused): it fails too, so that nothing stays open for it. */
+    int late = g->tomb_set && g->tomb_seq + 1 == m->seq;
+    sbn__srv_conn_error(conn, late ? g->tomb_code : SBN_ESTATE, &conn->rank, 1, m->seq, m->phase,
+                        layer, "seq %llu was sent ahead of seq %llu, which failed: %s",
+                        (unsigned long long)m->seq, (unsigned long long)m->seq - 1,
+                        late ? g->tomb_msg : "it is not open and did not complete");
     return;
   }
   const uint64_t now = uv_hrtime();

@@ -171,6 +171,7 @@ typedef struct contrib {
   size_t bloblen;
   uint32_t root;
   int op;
+  int ahead;
 } contrib;
 
 static void send_contrib(peer *p, const contrib *c) {
@@ -192,6 +193,7 @@ static void send_contrib(peer *p, const contrib *c) {
   m.blob.len = c->bloblen;
   m.root = c->root;
   m.op = (Sbn__ReduceOp)c->op;
+  m.ahead = c->ahead != 0;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &m;
   rp_send(p, &env);
@@ -843,8 +845,10 @@ END_TEST
 
 #define PIPE_N 1000
 
-/* An allreduce of PIPE_N values v[i] = base + i (members NULL: WORLD). */
-static void send_ar(peer *p, uint64_t seq, float base, const uint32_t *members, size_t nm) {
+/* An allreduce of PIPE_N values v[i] = base + i (members NULL: WORLD),
+ * marked as sent ahead of seq - 1 when ahead. */
+static void send_ar_x(peer *p, uint64_t seq, float base, const uint32_t *members, size_t nm,
+                      int ahead, uint32_t channels) {
   static float v[PIPE_N];
   for (int i = 0; i < PIPE_N; i++)
     v[i] = base + (float)i;
@@ -853,11 +857,21 @@ static void send_ar(peer *p, uint64_t seq, float base, const uint32_t *members, 
                .seq = seq,
                .phase = SBN__PHASE__PHASE_ALLREDUCE,
                .layer = "allreduce",
-               .channels = PIPE_N,
+               .channels = channels,
                .count = PIPE_N,
                .fvals = v,
-               .n_f = PIPE_N};
+               .n_f = channels,
+               .ahead = ahead};
   send_contrib(p, &c);
+}
+
+static void send_ar(peer *p, uint64_t seq, float base, const uint32_t *members, size_t nm) {
+  send_ar_x(p, seq, base, members, nm, 0, PIPE_N);
+}
+
+/* The same, sent ahead of seq - 1. */
+static void send_ahead(peer *p, uint64_t seq, float base, const uint32_t *members, size_t nm) {
+  send_ar_x(p, seq, base, members, nm, 1, PIPE_N);
 }
 
 /* Expects the Result of seq: the sum of the allreduces of base b0 and b1. */
@@ -885,7 +899,7 @@ START_TEST(pipelined_allreduce) {
   /* Both ranks send seq 1 and 2 back to back: results 1 then 2. */
   for (int r = 0; r < 2; r++) {
     send_ar(p[r], 1, 10.0f * (float)r, NULL, 0);
-    send_ar(p[r], 2, 100.0f + 10.0f * (float)r, NULL, 0);
+    send_ahead(p[r], 2, 100.0f + 10.0f * (float)r, NULL, 0);
   }
   for (int r = 0; r < 2; r++) {
     expect_ar_sum(p[r], 1, 0.0f, 10.0f);
@@ -893,22 +907,22 @@ START_TEST(pipelined_allreduce) {
   }
   /* Rank 0 parks seq 4 while seq 3 waits for rank 1: 4 goes once 3 is done. */
   send_ar(p[0], 3, 1.0f, NULL, 0);
-  send_ar(p[0], 4, 2.0f, NULL, 0);
+  send_ahead(p[0], 4, 2.0f, NULL, 0);
   expect_quiet(p[0]);
   send_ar(p[1], 3, 3.0f, NULL, 0);
   for (int r = 0; r < 2; r++)
     expect_ar_sum(p[r], 3, 1.0f, 3.0f);
   expect_quiet(p[0]);
-  send_ar(p[1], 4, 4.0f, NULL, 0);
+  send_ahead(p[1], 4, 4.0f, NULL, 0); /* after 3 completed: accepted */
   for (int r = 0; r < 2; r++)
     expect_ar_sum(p[r], 4, 2.0f, 4.0f);
   /* A third message while one is open and one parked. */
   send_ar(p[0], 5, 0.0f, NULL, 0);
-  send_ar(p[0], 6, 0.0f, NULL, 0);
-  send_ar(p[0], 7, 0.0f, NULL, 0);
+  send_ahead(p[0], 6, 0.0f, NULL, 0);
+  send_ahead(p[0], 7, 0.0f, NULL, 0);
   expect_seq_error(p[0], SBN_ESTATE, 7, "seq 7", IO_TIMEOUT_MS);
   send_ar(p[1], 5, 1.0f, NULL, 0);
-  send_ar(p[1], 6, 1.0f, NULL, 0);
+  send_ahead(p[1], 6, 1.0f, NULL, 0);
   for (int r = 0; r < 2; r++) {
     expect_ar_sum(p[r], 5, 0.0f, 1.0f);
     expect_ar_sum(p[r], 6, 0.0f, 1.0f);
@@ -918,10 +932,13 @@ START_TEST(pipelined_allreduce) {
   static const uint32_t both[] = {0, 1};
   double v = 1, q = 0;
   send_ar(p[0], 8, 0.0f, NULL, 0);
-  send_ar(p[0], 9, 0.0f, both, 2);
+  send_ahead(p[0], 9, 0.0f, both, 2);
   expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
-  send_ar(p[0], 10, 0.0f, NULL, 0);
+  send_ahead(p[0], 10, 0.0f, NULL, 0);
   expect_seq_error(p[0], SBN_ESTATE, 10, "still open", IO_TIMEOUT_MS);
+  /* Not marked as sent ahead: one open contribution, as always. */
+  send_ar(p[0], 9, 0.0f, NULL, 0);
+  expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
   send_forward(p[0], 9, "bn", 1, 1, &v, &q);
   expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
   send_ar(p[1], 8, 5.0f, NULL, 0);
@@ -943,7 +960,7 @@ static void park_seq2(const char *job, peer *p[2]) {
   p[0] = join(job, 0, 2);
   p[1] = join(job, 1, 2);
   send_ar(p[0], 1, 0.0f, NULL, 0);
-  send_ar(p[0], 2, 0.0f, NULL, 0);
+  send_ahead(p[0], 2, 0.0f, NULL, 0);
 }
 
 START_TEST(pipelined_results_queue) {
@@ -969,7 +986,8 @@ START_TEST(pipelined_results_queue) {
                    .channels = N,
                    .count = N,
                    .fvals = v,
-                   .n_f = N};
+                   .n_f = N,
+                   .ahead = seq == 2};
       send_contrib(p[r], &c);
     }
   usleep(200000); /* both results queued for rank 1 before it reads */
@@ -997,7 +1015,9 @@ START_TEST(pipelined_peer_lost) {
   close(p[1]->fd);
   p[1]->fd = -1;
   expect_seq_error(p[0], SBN_EPEERLOST, 1, "rank 1 of job 'pipelost' disconnected", 1000);
-  expect_seq_error(p[0], SBN_EPEERLOST, 2, "rank 1 of job 'pipelost' disconnected", 1000);
+  expect_seq_error(p[0], SBN_EPEERLOST, 2, "sent ahead of seq 1, which failed: rank 1 of job "
+                                           "'pipelost' disconnected",
+                   1000);
   ck_assert_int_lt(test_now_ms() - t0, 1000);
   rp_close(p[0]);
   rp_close(p[1]);
@@ -1011,11 +1031,61 @@ START_TEST(pipelined_round_timeout) {
   peer *p[2];
   long long t0 = test_now_ms();
   park_seq2("pipeto", p);
-  /* The round ends in a timer callback: seq 2 opens at once, then times out. */
+  /* Seq 1 times out; seq 2, sent ahead of it, fails with it at once. */
   expect_seq_error(p[0], SBN_ETIMEDOUT, 1, "timed out", 2000);
-  expect_seq_error(p[0], SBN_ETIMEDOUT, 2, "timed out", 2000);
+  expect_seq_error(p[0], SBN_ETIMEDOUT, 2, "sent ahead of seq 1, which failed", 200);
   long long took = test_now_ms() - t0;
-  ck_assert_msg(took >= 550 && took < 1500, "two timeouts of 300 ms took %lld ms", took);
+  ck_assert_msg(took >= 250 && took < 1000, "a timeout of 300 ms took %lld ms", took);
+  /* Nothing stays open for the rank: its next round runs. */
+  send_ar(p[0], 3, 0.0f, NULL, 0);
+  send_ar(p[1], 3, 1.0f, NULL, 0);
+  for (int r = 0; r < 2; r++)
+    expect_ar_sum(p[r], 3, 0.0f, 1.0f);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
+/* A round that fails takes what was sent ahead of it along, promptly, and
+ * leaves every member free for its next round; so does one refused. */
+START_TEST(pipelined_failure_takes_ahead_along) {
+  start_coord(NULL);
+  peer *p[2] = {join("pipefail", 0, 2), join("pipefail", 1, 2)};
+  long long t0 = test_now_ms();
+  /* Rank 1's seq 1 has one element less: EMISMATCH for both, and for
+   * both seq 2s, sent ahead of it. */
+  send_ar(p[0], 1, 0.0f, NULL, 0);
+  send_ahead(p[0], 2, 0.0f, NULL, 0);
+  send_ar_x(p[1], 1, 0.0f, NULL, 0, 0, PIPE_N - 1);
+  send_ahead(p[1], 2, 0.0f, NULL, 0);
+  for (int r = 0; r < 2; r++) {
+    expect_seq_error(p[r], SBN_EMISMATCH, 1, "channels", IO_TIMEOUT_MS);
+    expect_seq_error(p[r], SBN_EMISMATCH, 2, "sent ahead of seq 1, which failed", IO_TIMEOUT_MS);
+  }
+  ck_assert_int_lt(test_now_ms() - t0, 1000);
+  /* Sent ahead of one refused (its values do not match its size). */
+  contrib bad = {.seq = 3,
+                 .phase = SBN__PHASE__PHASE_ALLREDUCE,
+                 .layer = "allreduce",
+                 .channels = 5,
+                 .count = 5,
+                 .fvals = (const float[4]){0},
+                 .n_f = 4};
+  send_contrib(p[0], &bad);
+  send_ahead(p[0], 4, 0.0f, NULL, 0);
+  expect_seq_error(p[0], SBN_EINVAL, 3, "4 values for 5 elements", IO_TIMEOUT_MS);
+  expect_seq_error(p[0], SBN_ESTATE, 4, "not open and did not complete", IO_TIMEOUT_MS);
+  expect_quiet(p[1]);
+  /* Both are free: seq 5 runs, and a pipeline after it too. */
+  for (int r = 0; r < 2; r++) {
+    send_ar(p[r], 5, (float)r, NULL, 0);
+    send_ahead(p[r], 6, 2.0f * (float)r, NULL, 0);
+  }
+  for (int r = 0; r < 2; r++) {
+    expect_ar_sum(p[r], 5, 0.0f, 1.0f);
+    expect_ar_sum(p[r], 6, 0.0f, 2.0f);
+  }
   rp_close(p[0]);
   rp_close(p[1]);
   stop_ok();
@@ -1369,6 +1439,7 @@ int main(void) {
   tcase_add_test(tc, pipelined_results_queue);
   tcase_add_test(tc, pipelined_peer_lost);
   tcase_add_test(tc, pipelined_round_timeout);
+  tcase_add_test(tc, pipelined_failure_takes_ahead_along);
   tcase_add_test(tc, pipelined_sigterm_with_parked);
   tcase_add_test(tc, peer_lost_mid_round);
   tcase_add_test(tc, round_timeout);

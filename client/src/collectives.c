@@ -5,6 +5,7 @@
  * round each, so the coordinator's memory per round stays bounded whatever
  * the gradient size.  Small buffers are fused into shared chunks.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,10 +51,40 @@ static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op)
 }
 
 /*
+ * Chunk `first`'s round failed with chunks first..sent-1 sent ahead of it.
+ * The coordinator fails those at once too (Contribute.ahead): take their
+ * answers, so that nothing of this call is left on the connection, and
+ * give their sequence numbers back when they failed, so that this rank
+ * stays in step with members that had sent fewer chunks (the group never
+ * ran those rounds).  The failed chunk's error stays the last error.
+ */
+static void abandon_ahead(sbn_group *g, const sbn__round_tx *tx, size_t first, size_t sent,
+                          size_t nslots, sbn_reduce_op op) {
+  if (first >= sent)
+    return;
+  char saved[512];
+  snprintf(saved, sizeof(saved), "%s", sbn_last_error());
+  int rewind = 0;
+  for (size_t j = first; j < sent; j++) {
+    sbn__round_req req = allreduce_req(NULL, 0, op);
+    Sbn__Envelope *reply = NULL;
+    int rc = sbn__round_await(g, &req, &tx[j % nslots], &reply);
+    sbn__conn_release(reply);
+    if (rc != SBN_OK && !rewind && g->ctx->conn.fd >= 0) {
+      g->seq = tx[j % nslots].seq;
+      rewind = 1;
+    }
+  }
+  sbn__fail(SBN_OK, "%s", saved); /* the message only; the caller returns the code */
+}
+
+/*
  * Chunks of SBN_CHUNK_FLOATS in a pipeline: chunk k+1 is sent before chunk
- * k's result is awaited, so its transfer overlaps chunk k's reduction.  On
- * an error the chunk still in flight is abandoned: its reply, whenever it
- * comes, is skipped as stale by the group's next round.
+ * k's result is awaited, so its transfer overlaps chunk k's reduction.  It
+ * goes marked as sent ahead: if chunk k's round fails, the coordinator
+ * fails it at once too.  So on an error the chunk in flight is abandoned
+ * (its error reply is skipped as stale by the group's next round) and the
+ * connection is free for the next collective.
  */
 static int allreduce_pipelined(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
   sbn__round_tx tx[SBN_ALLREDUCE_AHEAD_MAX + 1];
@@ -65,6 +96,7 @@ static int allreduce_pipelined(sbn_group *g, float *buf, size_t n, sbn_reduce_op
       size_t k = n - pos < SBN_CHUNK_FLOATS ? n - pos : SBN_CHUNK_FLOATS;
       size_t s = sent % nslots;
       sbn__round_req req = allreduce_req(buf + pos, k, op);
+      req.ahead = sent > done; /* an earlier chunk's result is still to come */
       int rc = sbn__round_send(g, &req, &tx[s]);
       if (rc != SBN_OK)
         return rc;
@@ -75,8 +107,10 @@ static int allreduce_pipelined(sbn_group *g, float *buf, size_t n, sbn_reduce_op
     }
     size_t s = done % nslots;
     int rc = allreduce_take(g, &tx[s], buf + off[s], len[s], op);
-    if (rc != SBN_OK)
+    if (rc != SBN_OK) {
+      abandon_ahead(g, tx, done + 1, sent, nslots, op);
       return rc;
+    }
     done++;
   }
   return SBN_OK;

@@ -136,6 +136,7 @@ int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) 
   c.blob.len = req->blob_len;
   c.root = req->root;
   c.op = (Sbn__ReduceOp)req->op;
+  c.ahead = req->ahead != 0;
   env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
   env.contribute = &c;
   uint64_t t0 = sbn__now_ns();

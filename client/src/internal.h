@@ -95,7 +95,8 @@ typedef struct sbn__round_req {
   const void *blob;
   size_t blob_len;
   uint32_t root;
-  int op; /* SBN_REDUCE_* for allreduce */
+  int op;    /* SBN_REDUCE_* for allreduce */
+  int ahead; /* allreduce sent before the previous one's result (Contribute.ahead) */
 } sbn__round_req;
 
 /*
