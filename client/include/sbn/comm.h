@@ -155,6 +155,9 @@ SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset);
  * is updated only when the call succeeds; a larger one travels in several
  * chunks, and a failure part-way leaves the earlier chunks updated (the call
  * still returns the error; treat the buffer's contents as undefined then).
+ * With a coordinator that allows it (its Welcome), the next chunk is sent
+ * while the previous one is reduced (two in flight); a failed call still
+ * leaves the group ready for the next collective on every member.
  */
 
 /* Values per chunk: larger buffers travel in several rounds, so the
