@@ -38,22 +38,25 @@ static void round_on_close(uv_handle_t *h) {
 
 /*
  * Pooled items are taken by best fit, and never one more than twice the
- * size asked for (plus 64, the slack of a small buffer): otherwise small requests would drain the pool of large
+ * size asked for: otherwise small requests would drain the pool of large
  * items, and the next large request would allocate (the pool's contents
- * would drift with timing instead of settling).
+ * would drift with timing instead of settling).  A reply buffer may also
+ * exceed twice a small request by its own slack (sbn__srv_pool_wbuf_get).
  */
-static int fits(size_t have, size_t want) { return have >= want && have - want <= want + 64; }
+static int fits(size_t have, size_t want, size_t slack) {
+  return have >= want && have - want <= want + slack;
+}
+#define WBUF_SLACK(len) ((len) / 8 + 64)
 
 sbn__srv_round *sbn__srv_pool_round_get(sbn__coord *c, uint32_t n) {
-  sbn__srv_round **pp = NULL;
+  sbn__srv_round **best = NULL;
   for (sbn__srv_round **q = &c->pool_rounds; *q != NULL; q = &(*q)->pool_next)
-    if (fits((*q)->cap, n) && (pp == NULL || (*q)->cap < (*pp)->cap))
-      pp = q;
-  if (pp == NULL)
-    pp = &c->pool_rounds; /* *pp is not taken below unless it fits */
-  sbn__srv_round *r = *pp;
-  if (r != NULL && fits(r->cap, n)) {
-    *pp = r->pool_next;
+    if (fits((*q)->cap, n, 0) && (best == NULL || (*q)->cap < (*best)->cap))
+      best = q;
+  sbn__srv_round *r;
+  if (best != NULL) {
+    r = *best;
+    *best = r->pool_next;
     c->pool_nrounds--;
     c->pool_round_bytes -= round_arena_bytes(r);
   } else {
@@ -110,7 +113,7 @@ void sbn__srv_pool_round_put(sbn__coord *c, sbn__srv_round *r) {
 sbn__srv_wbuf *sbn__srv_pool_wbuf_get(sbn__coord *c, size_t len) {
   sbn__srv_wbuf **pp = &c->pool_wbufs, **best = NULL;
   for (; *pp != NULL; pp = &(*pp)->next)
-    if (fits((*pp)->cap, len) && (best == NULL || (*pp)->cap < (*best)->cap))
+    if (fits((*pp)->cap, len, 64) && (best == NULL || (*pp)->cap < (*best)->cap))
       best = pp;
   sbn__srv_wbuf *wb;
   if (best != NULL) {
@@ -121,7 +124,7 @@ sbn__srv_wbuf *sbn__srv_pool_wbuf_get(sbn__coord *c, size_t len) {
   } else {
     /* Some room to spare: the same reply grows by a byte when a varint in
      * it (a sequence number, say) crosses a power of 128. */
-    size_t cap = len + len / 8 + 64;
+    size_t cap = len + WBUF_SLACK(len);
     wb = malloc(sizeof(*wb) + cap);
     if (wb == NULL)
       return NULL;
