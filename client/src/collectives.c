@@ -3,7 +3,8 @@
  *
  * Large buffers travel in chunks of at most SBN_CHUNK_FLOATS values, one
  * round each, so the coordinator's memory per round stays bounded whatever
- * the gradient size.  Small buffers are fused into shared chunks.
+ * the gradient size.  Small buffers are fused into shared chunks.  Both
+ * kinds run through one pipeline (allreduce_list).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,46 +18,102 @@
  */
 #define SBN_ALLREDUCE_AHEAD_MAX 1u
 
-static sbn__round_req allreduce_req(float *buf, size_t n, sbn_reduce_op op) {
+static sbn__round_req allreduce_req(const float *buf, size_t n, sbn_reduce_op op) {
   sbn__round_req req = {.phase = SBN__PHASE__PHASE_ALLREDUCE, .layer = "allreduce",
                         .channels = n, .count = n, .fvals = buf, .op = (int)op};
   return req;
 }
 
-/* Awaits the allreduce round tx over buf[0..n) and copies its result in. */
-static int allreduce_take(sbn_group *g, const sbn__round_tx *tx, float *buf, size_t n,
-                          sbn_reduce_op op) {
-  sbn__round_req req = allreduce_req(buf, n, op);
+/*
+ * The chunks of an allreduce over a list of buffers (sbn_allreduce is the
+ * list of one).  A buffer of SBN_CHUNK_FLOATS values or more goes on its
+ * own, in slices of SBN_CHUNK_FLOATS sent from the buffer itself;
+ * consecutive smaller ones share chunks of at most SBN_CHUNK_FLOATS (tensor
+ * fusion), packed into one buffer to be sent.  Empty buffers are skipped.
+ * Every member computes the same chunks from the same list of sizes.
+ */
+typedef struct chunk_list {
+  float *const *bufs;
+  const size_t *ns;
+  size_t k;
+  size_t i, off; /* where the next chunk starts */
+} chunk_list;
+
+/* n values from bufs[i][off] on, through the next buffers (then off = 0). */
+typedef struct chunk {
+  size_t i, off, n;
+} chunk;
+
+/* The next chunk into *out; 0 when the list is done. */
+static int next_chunk(chunk_list *l, chunk *out) {
+  while (l->i < l->k && l->ns[l->i] == 0)
+    l->i++;
+  if (l->i >= l->k)
+    return 0;
+  const size_t n = l->ns[l->i];
+  if (n >= SBN_CHUNK_FLOATS) {
+    const size_t take = n - l->off < SBN_CHUNK_FLOATS ? n - l->off : SBN_CHUNK_FLOATS;
+    *out = (chunk){l->i, l->off, take};
+    if ((l->off += take) == n)
+      l->i++, l->off = 0;
+    return 1;
+  }
+  size_t j = l->i, total = 0;
+  while (j < l->k && l->ns[j] < SBN_CHUNK_FLOATS && total + l->ns[j] <= SBN_CHUNK_FLOATS)
+    total += l->ns[j++];
+  *out = (chunk){l->i, 0, total};
+  l->i = j;
+  return 1;
+}
+
+/* True when the chunk lies in one buffer, which can then be sent as it is. */
+static int chunk_direct(const chunk_list *l, const chunk *c) {
+  return c->n <= l->ns[c->i] - c->off;
+}
+
+/* Copies the chunk's values into flat (to_flat) or back out of it. */
+static void chunk_copy(const chunk_list *l, const chunk *c, float *flat, int to_flat) {
+  size_t i = c->i, off = c->off, done = 0;
+  while (done < c->n) {
+    size_t take = l->ns[i] - off < c->n - done ? l->ns[i] - off : c->n - done;
+    if (take > 0) { /* an empty buffer may be NULL */
+      float *buf = l->bufs[i] + off;
+      memcpy(to_flat ? flat + done : buf, to_flat ? buf : flat + done, take * sizeof(float));
+    }
+    done += take;
+    i++, off = 0;
+  }
+}
+
+/*
+ * Awaits the allreduce round tx over chunk c and copies its result into
+ * the buffers.
+ */
+static int chunk_take(sbn_group *g, const chunk_list *l, const chunk *c, const sbn__round_tx *tx,
+                      sbn_reduce_op op) {
+  sbn__round_req req = allreduce_req(NULL, c->n, op);
   Sbn__Envelope *reply;
   int rc = sbn__round_await(g, &req, tx, &reply);
   if (rc != SBN_OK)
     return rc;
   const Sbn__Result *r = reply->result;
-  if (r->n_fvals != n) {
+  if (r->n_fvals != c->n)
     rc = sbn__fail(SBN_EPROTO, "coordinator answered an allreduce of %zu values with %zu",
-                   n, r->n_fvals);
-  } else {
-    memcpy(buf, r->fvals, n * sizeof(float));
-  }
+                   c->n, r->n_fvals);
+  else
+    chunk_copy(l, c, r->fvals, 0);
   sbn__conn_release(reply);
   return rc;
 }
 
-/* One allreduce round over buf[0..n), n <= SBN_CHUNK_FLOATS. */
-static int allreduce_chunk(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
-  sbn__round_req req = allreduce_req(buf, n, op);
-  sbn__round_tx tx = {0};
-  int rc = sbn__round_send(g, &req, &tx);
-  return rc == SBN_OK ? allreduce_take(g, &tx, buf, n, op) : rc;
-}
-
 /*
- * Chunk `first`'s round failed with chunks first..sent-1 sent ahead of it.
- * The coordinator fails those at once too (Contribute.ahead): take their
- * answers, so that nothing of this call is left on the connection, and
- * give their sequence numbers back when they failed, so that this rank
- * stays in step with members that had sent fewer chunks (the group never
- * ran those rounds).  The failed chunk's error stays the last error.
+ * Chunk `first`'s round failed (or could not be sent) with chunks
+ * first..sent-1 in flight.  The coordinator fails those at once too when
+ * `first` failed (Contribute.ahead): take their answers, so that nothing of
+ * this call is left on the connection, and give their sequence numbers back
+ * when they failed, so that this rank stays in step with members that had
+ * sent fewer chunks (the group never ran those rounds).  The failed chunk's
+ * error stays the last error.
  */
 static void abandon_ahead(sbn_group *g, const sbn__round_tx *tx, size_t first, size_t sent,
                           size_t nslots, sbn_reduce_op op) {
@@ -79,41 +136,58 @@ static void abandon_ahead(sbn_group *g, const sbn__round_tx *tx, size_t first, s
 }
 
 /*
- * Chunks of SBN_CHUNK_FLOATS in a pipeline: chunk k+1 is sent before chunk
- * k's result is awaited, so its transfer overlaps chunk k's reduction.  It
- * goes marked as sent ahead: if chunk k's round fails, the coordinator
- * fails it at once too.  So on an error the chunk in flight is abandoned
- * (its error reply is skipped as stale by the group's next round) and the
- * connection is free for the next collective.
+ * The rounds of an allreduce over the list, one per chunk.  With a
+ * coordinator that accepts it (Welcome.pipeline), chunk k+1 is sent before
+ * chunk k's result is awaited, so its transfer overlaps chunk k's
+ * reduction; it goes marked as sent ahead: if chunk k's round fails, the
+ * coordinator fails it at once too.  So on an error the chunk in flight is
+ * abandoned and the connection is free for the next collective.  Each send
+ * completes before the call returns (sbn__round_send), so one packing
+ * buffer serves every fused chunk.
  */
-static int allreduce_pipelined(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) {
-  sbn__round_tx tx[SBN_ALLREDUCE_AHEAD_MAX + 1];
-  size_t off[SBN_ALLREDUCE_AHEAD_MAX + 1], len[SBN_ALLREDUCE_AHEAD_MAX + 1];
-  size_t sent = 0, done = 0, nslots = SBN_ALLREDUCE_AHEAD_MAX + 1, pos = 0;
-  while (done * SBN_CHUNK_FLOATS < n) {
+static int allreduce_list(sbn_group *g, chunk_list *l, sbn_reduce_op op) {
+  enum { SLOTS = SBN_ALLREDUCE_AHEAD_MAX + 1 };
+  const size_t nslots = g->ctx->pipeline >= SBN_ALLREDUCE_AHEAD_MAX ? SLOTS : 1;
+  sbn__round_tx tx[SLOTS];
+  chunk ch[SLOTS];
+  float *pack = NULL;
+  size_t sent = 0, done = 0;
+  int more = 1, rc = SBN_OK;
+  for (;;) {
     /* Keep up to nslots chunks in flight. */
-    while (pos < n && sent - done < nslots) {
-      size_t k = n - pos < SBN_CHUNK_FLOATS ? n - pos : SBN_CHUNK_FLOATS;
-      size_t s = sent % nslots;
-      sbn__round_req req = allreduce_req(buf + pos, k, op);
+    while (more && sent - done < nslots) {
+      chunk *c = &ch[sent % nslots];
+      if (!(more = next_chunk(l, c)))
+        break;
+      const float *src = l->bufs[c->i] + c->off;
+      if (!chunk_direct(l, c)) {
+        if (pack == NULL && (pack = malloc(SBN_CHUNK_BYTES)) == NULL) {
+          rc = sbn__fail(SBN_ENOMEM, "out of memory for the fusion buffer");
+          goto fail;
+        }
+        chunk_copy(l, c, pack, 1);
+        src = pack;
+      }
+      sbn__round_req req = allreduce_req(src, c->n, op);
       req.ahead = sent > done; /* an earlier chunk's result is still to come */
-      int rc = sbn__round_send(g, &req, &tx[s]);
-      if (rc != SBN_OK)
-        return rc;
-      off[s] = pos;
-      len[s] = k;
-      pos += k;
+      if ((rc = sbn__round_send(g, &req, &tx[sent % nslots])) != SBN_OK)
+        goto fail;
       sent++;
     }
-    size_t s = done % nslots;
-    int rc = allreduce_take(g, &tx[s], buf + off[s], len[s], op);
-    if (rc != SBN_OK) {
-      abandon_ahead(g, tx, done + 1, sent, nslots, op);
-      return rc;
+    if (done == sent)
+      break;
+    if ((rc = chunk_take(g, l, &ch[done % nslots], &tx[done % nslots], op)) != SBN_OK) {
+      done++;
+      goto fail;
     }
     done++;
   }
+  free(pack);
   return SBN_OK;
+fail:
+  abandon_ahead(g, tx, done, sent, nslots, op);
+  free(pack);
+  return rc;
 }
 
 static int check_op(sbn_reduce_op op) {
@@ -131,15 +205,8 @@ SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op) 
     return sbn__fail(SBN_EINVAL, "sbn_allreduce got a NULL buffer of %zu values", n);
   if (sbn__group_is_local(g) || n == 0)
     return SBN_OK; /* the sum and the mean over one member are the values */
-  if (n > SBN_CHUNK_FLOATS && g->ctx->pipeline >= 1)
-    return allreduce_pipelined(g, buf, n, op);
-  for (size_t off = 0; off < n; off += SBN_CHUNK_FLOATS) {
-    size_t k = n - off < SBN_CHUNK_FLOATS ? n - off : SBN_CHUNK_FLOATS;
-    rc = allreduce_chunk(g, buf + off, k, op);
-    if (rc != SBN_OK)
-      return rc;
-  }
-  return SBN_OK;
+  chunk_list l = {.bufs = &buf, .ns = &n, .k = 1};
+  return allreduce_list(g, &l, op);
 }
 
 SBN_API int sbn_allreduce_many(sbn_group *g, float *const *bufs, const size_t *ns,
@@ -154,42 +221,8 @@ SBN_API int sbn_allreduce_many(sbn_group *g, float *const *bufs, const size_t *n
       return sbn__fail(SBN_EINVAL, "sbn_allreduce_many: buffer %zu is NULL", i);
   if (sbn__group_is_local(g))
     return SBN_OK;
-  float *pack = NULL;
-  size_t i = 0;
-  while (i < k) {
-    /* A buffer of a chunk or more goes on its own, in place. */
-    if (ns[i] >= SBN_CHUNK_FLOATS) {
-      rc = sbn_allreduce(g, bufs[i], ns[i], op);
-      if (rc != SBN_OK)
-        break;
-      i++;
-      continue;
-    }
-    /* Otherwise fuse consecutive small buffers into one chunk. */
-    size_t j = i, total = 0;
-    while (j < k && ns[j] < SBN_CHUNK_FLOATS && total + ns[j] <= SBN_CHUNK_FLOATS)
-      total += ns[j++];
-    if (pack == NULL && (pack = malloc(SBN_CHUNK_BYTES)) == NULL) {
-      rc = sbn__fail(SBN_ENOMEM, "out of memory for the fusion buffer");
-      break;
-    }
-    size_t off = 0;
-    for (size_t t = i; t < j; t++) {
-      memcpy(pack + off, bufs[t], ns[t] * sizeof(float));
-      off += ns[t];
-    }
-    rc = total ? allreduce_chunk(g, pack, total, op) : SBN_OK;
-    if (rc != SBN_OK)
-      break;
-    off = 0;
-    for (size_t t = i; t < j; t++) {
-      memcpy(bufs[t], pack + off, ns[t] * sizeof(float));
-      off += ns[t];
-    }
-    i = j;
-  }
-  free(pack);
-  return rc;
+  chunk_list l = {.bufs = bufs, .ns = ns, .k = k};
+  return allreduce_list(g, &l, op);
 }
 
 SBN_API int sbn_broadcast(sbn_group *g, void *buf, size_t len, int root) {

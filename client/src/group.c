@@ -147,8 +147,14 @@ int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) 
   tx->seq = seq;
   tx->t0_ns = t0;
   tx->deadline_ms = deadline;
-  if (rc != SBN_OK)
+  if (rc != SBN_OK) {
     ctx->rounds_failed++;
+    /* Nothing went out while the connection lives (a failed write closes
+     * it): the round never started, so its sequence number is given back
+     * and this rank stays in step with the group. */
+    if (ctx->conn.fd >= 0)
+      g->seq = seq;
+  }
   return rc;
 }
 

@@ -180,10 +180,14 @@ typedef enum sbn_reduce_op {
 SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op);
 
 /*
- * Fused allreduce of k buffers (like Horovod's tensor fusion): the buffers
- * are packed into as few chunks as fit SBN_CHUNK_FLOATS, so many small
- * gradients cost few rounds.  bufs[i] has ns[i] floats; every member must
- * pass the same list of sizes.
+ * Fused allreduce of k buffers (like Horovod's tensor fusion): consecutive
+ * buffers smaller than SBN_CHUNK_FLOATS are packed into shared chunks of at
+ * most SBN_CHUNK_FLOATS, so many small gradients cost few rounds; a larger
+ * buffer goes in chunks of its own, sent from the buffer itself.  The
+ * chunks of the whole list run two in flight like sbn_allreduce's.
+ * bufs[i] has ns[i] floats (0 is allowed, and bufs[i] may then be NULL);
+ * every member must pass the same list of sizes.  Uses one temporary
+ * buffer of SBN_CHUNK_BYTES when buffers are fused (SBN_ENOMEM without it).
  */
 SBN_API int sbn_allreduce_many(sbn_group *g, float *const *bufs, const size_t *ns,
                                size_t k, sbn_reduce_op op);
