@@ -148,12 +148,25 @@ double coord_sched_us(const coord *c);
 /* A job id unique to this run: "bench-<pid>-<name>-<counter>". */
 void unique_job(char *buf, size_t len, const char *name);
 
+/* ---- loopback TCP (star.c) ------------------------------------------------- */
+
+/* A socket listening on 127.0.0.1 at a port the kernel picks (*port); the
+ * fd, or -1. */
+int loopback_listen(int backlog, int *port);
+/* A socket connected to 127.0.0.1:port; the fd, or -1 (errno kept). */
+int loopback_connect(int port);
+
 /* ---- benches --------------------------------------------------------------- */
 
 /* Floor: returns p50 in us for a channel count (running it silently when
  * the floor bench has not run yet); spin selects the busy-polling variant. */
 double floor_p50_us(int channels, int spin);
 size_t floor_payload_bytes(int channels);
+
+/* The star floor of an allreduce of `bytes` across `workers` (star.c): runs
+ * it, writes its "allreduce_floor" line and returns its p50 in ms (NAN when
+ * it failed). */
+double allreduce_floor_p50_ms(size_t bytes, int workers, int warm, int reps);
 
 int bench_floor(void);
 int bench_round(coord *c);

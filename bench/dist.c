@@ -1,7 +1,8 @@
 /*
  * dist.c - the benches that go through a real sbn-coordinator: `round`
  * (forward rounds of one group), `groups` (many jobs at once) and
- * `allreduce` (gradient allreduce throughput).
+ * `allreduce` (gradient allreduce throughput: one buffer, and ResNet-50's
+ * parameter tensors fused, each against the raw TCP star of star.c).
  *
  * Every worker is a forked process with its own sbn_ctx.  The parent
  * coordinates through a shared control block: workers connect and warm up,
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "resnet50_sizes.h"
 #include "sbn/sbn.h"
 
 #define WORKER_ROUND_TIMEOUT_MS 30000
@@ -406,115 +408,161 @@ int bench_groups(coord *c) {
 
 /* ---- allreduce ---------------------------------------------------------------- */
 
+/* Untimed calls before the timed ones, for sbn and for its star floor alike. */
+#define AR_WARM 1
+/* The allreduce_many rows: the parameter tensors of ResNet-50. */
+#define AR_MANY_MODEL "resnet50"
+
 typedef struct ar_arg {
   const char *addr;
   char job[96];
   int world;
-  size_t n; /* floats */
+  size_t n;         /* floats in all */
+  const size_t *ns; /* k > 0: sbn_allreduce_many over k tensors of ns[i] floats */
+  size_t k;
   int warm, reps;
   bench_ctl *ctl;
   double *lat; /* [reps], rank 0, milliseconds */
 } ar_arg;
+
+static void free_tensors(float **bufs, size_t m) {
+  for (size_t t = 0; bufs != NULL && t < m; t++)
+    free(bufs[t]);
+  free(bufs);
+}
 
 static int allreduce_worker(int rank, void *argp) {
   ar_arg *a = argp;
   sbn_ctx *ctx = NULL;
   if (connect_worker(a->ctl, a->addr, a->job, rank, a->world, 0, &ctx) != 0)
     return 1;
-  float *buf = malloc(sizeof(float) * a->n);
-  if (buf == NULL) {
+  /* One buffer, or one allocation per tensor as a framework's gradients
+   * would be: nothing lets the library count on them being adjacent. */
+  size_t m = a->k > 0 ? a->k : 1;
+  const size_t *ns = a->k > 0 ? a->ns : &a->n;
+  float **bufs = calloc(m, sizeof(float *));
+  for (size_t t = 0; bufs != NULL && t < m; t++) {
+    if ((bufs[t] = malloc(sizeof(float) * (ns[t] > 0 ? ns[t] : 1))) == NULL) {
+      free_tensors(bufs, m);
+      bufs = NULL;
+      break;
+    }
+    for (size_t i = 0; i < ns[t]; i++)
+      bufs[t][i] = (float)(rank + 1) * 0.5f + (float)(i & 1023) * 1e-3f;
+  }
+  if (bufs == NULL) {
     sbn_finalize(ctx);
     return ctl_fail(a->ctl, "out of memory for %zu floats", a->n);
   }
-  for (size_t i = 0; i < a->n; i++)
-    buf[i] = (float)(rank + 1) * 0.5f + (float)(i & 1023) * 1e-3f;
   sbn_group *w = sbn_world(ctx);
   int rc = sbn_barrier(w);
-  for (int i = 0; rc == SBN_OK && i < a->warm; i++)
-    rc = sbn_allreduce(w, buf, a->n, SBN_REDUCE_MEAN);
-  if (rc != SBN_OK)
-    goto fail;
-  atomic_fetch_add(&a->ctl->ready, 1);
-  if (ctl_wait_go(a->ctl, READY_TIMEOUT_MS) != 0) {
-    sbn_finalize(ctx);
-    free(buf);
-    return 1;
-  }
-  for (int i = 0; i < a->reps; i++) {
-    rc = sbn_barrier(w);
-    if (rc != SBN_OK)
-      goto fail;
+  for (int i = 0; rc == SBN_OK && i < a->warm + a->reps; i++) {
+    if (i == a->warm) {
+      atomic_fetch_add(&a->ctl->ready, 1);
+      if (ctl_wait_go(a->ctl, READY_TIMEOUT_MS) != 0) {
+        sbn_finalize(ctx);
+        free_tensors(bufs, m);
+        return 1;
+      }
+    }
+    if (i >= a->warm && (rc = sbn_barrier(w)) != SBN_OK)
+      break;
     double t0 = now_s();
-    rc = sbn_allreduce(w, buf, a->n, SBN_REDUCE_MEAN);
-    if (rc != SBN_OK)
-      goto fail;
-    if (rank == 0)
-      a->lat[i] = (now_s() - t0) * 1e3;
+    rc = a->k > 0 ? sbn_allreduce_many(w, bufs, a->ns, a->k, SBN_REDUCE_MEAN)
+                  : sbn_allreduce(w, bufs[0], a->n, SBN_REDUCE_MEAN);
+    if (rc == SBN_OK && i >= a->warm && rank == 0)
+      a->lat[i - a->warm] = (now_s() - t0) * 1e3;
+  }
+  if (rc != SBN_OK) {
+    ctl_fail(a->ctl, "%s rank %d: %s (%s)", a->job, rank, sbn_strerror(rc),
+             sbn_last_error());
+    sbn_finalize(ctx);
+    free_tensors(bufs, m);
+    return 1;
   }
   atomic_fetch_add(&a->ctl->done, 1);
   sbn_finalize(ctx);
-  free(buf);
+  free_tensors(bufs, m);
   return 0;
-fail:
-  ctl_fail(a->ctl, "%s rank %d: %s (%s)", a->job, rank, sbn_strerror(rc), sbn_last_error());
-  sbn_finalize(ctx);
-  free(buf);
-  return 1;
+}
+
+/* Timed repetitions by size: 30 up to 1 MiB, 10 up to 16 MiB, 5 beyond. */
+static int ar_reps(size_t bytes) {
+  return bench_reps(bytes <= (1u << 20) ? 30 : bytes <= (16u << 20) ? 10 : 5, 2);
+}
+
+/* N workers allreduce n floats (k > 0: as the k tensors ns[]) AR_WARM + reps
+ * times; fills st with rank 0's timed calls (ms).  0 or -1. */
+static int ar_run(coord *c, int N, size_t n, const size_t *ns, size_t k, int reps,
+                  bench_stats *st) {
+  size_t off_lat = align8(sizeof(bench_ctl));
+  size_t size = off_lat + sizeof(double) * (size_t)reps;
+  char *sh = shared_alloc(size);
+  if (sh == NULL)
+    return -1;
+  ar_arg a = {.addr = c->addr, .world = N, .n = n, .ns = ns, .k = k, .warm = AR_WARM,
+              .reps = reps, .ctl = (bench_ctl *)sh, .lat = (double *)(sh + off_lat)};
+  unique_job(a.job, sizeof(a.job), k > 0 ? "allreduce-many" : "allreduce");
+  size_t bytes = n * sizeof(float);
+  procs ps;
+  int ok = 0;
+  if (procs_start(&ps, N, allreduce_worker, &a) == 0) {
+    long long tmo = 60000 + (long long)reps * (long long)(bytes >> 20) * N * 100;
+    if (procs_wait_ctl(&ps, a.ctl, pred_ready, N, READY_TIMEOUT_MS + (int)(tmo / 4)) == 0 &&
+        (procs_go(&ps), procs_wait_ctl(&ps, a.ctl, pred_done, N, (int)tmo) == 0) &&
+        procs_wait(&ps, STOP_TIMEOUT_MS) == N)
+      ok = 1;
+    if (!ok) {
+      note("allreduce workers failed: %s",
+           a.ctl->err[0] ? a.ctl->err : "a worker exited early");
+      procs_kill(&ps);
+    }
+  }
+  if (ok)
+    stats_compute(a.lat, reps, st);
+  shared_free(sh, size);
+  return ok ? 0 : -1;
+}
+
+/* One row: the star floor for the same bytes and workers first (its own
+ * line), then sbn, with the ratio of the two.  0 or -1. */
+static int ar_case(coord *c, const char *bench, int N, size_t n, const size_t *ns, size_t k) {
+  size_t bytes = n * sizeof(float);
+  int reps = ar_reps(bytes);
+  double fl = allreduce_floor_p50_ms(bytes, N, AR_WARM, reps);
+  bench_stats st;
+  note("%s N=%d bytes=%zu", bench, N, bytes);
+  if (ar_run(c, N, n, ns, k, reps, &st) != 0)
+    return -1;
+  jline j;
+  j_begin(&j, bench);
+  j_int(&j, "bytes", (long long)bytes);
+  j_int(&j, "workers", N);
+  if (k > 0) {
+    j_str(&j, "model", AR_MANY_MODEL);
+    j_int(&j, "tensors", (long long)k);
+  }
+  j_str(&j, "op", "mean");
+  j_int(&j, "reps", reps);
+  j_num(&j, "p50_ms", st.p50);
+  j_num(&j, "p99_ms", st.p99);
+  j_num(&j, "min_ms", st.min);
+  j_num(&j, "gbps", (double)bytes / (st.p50 * 1e-3) / 1e9);
+  j_num(&j, "floor_p50_ms", fl);
+  j_num(&j, "floor_ratio", st.p50 / fl);
+  j_emit(&j);
+  return isnan(fl) ? -1 : 0;
 }
 
 int bench_allreduce(coord *c) {
   static const size_t sizes[] = {1u << 20, 16u << 20, 100u << 20};
-  static const int full_reps[] = {30, 10, 5};
   static const int Ns[] = {2, 4};
   int fails = 0;
   for (int ni = 0; ni < 2; ni++)
-    for (int si = 0; si < 3; si++) {
-      int N = Ns[ni];
-      size_t bytes = sizes[si];
-      int reps = bench_reps(full_reps[si], 2), warm = 1;
-      size_t off_lat = align8(sizeof(bench_ctl));
-      size_t size = off_lat + sizeof(double) * (size_t)reps;
-      char *sh = shared_alloc(size);
-      if (sh == NULL)
-        return -1;
-      ar_arg a = {.addr = c->addr, .world = N, .n = bytes / sizeof(float), .warm = warm,
-                  .reps = reps, .ctl = (bench_ctl *)sh, .lat = (double *)(sh + off_lat)};
-      unique_job(a.job, sizeof(a.job), "allreduce");
-      note("allreduce N=%d bytes=%zu", N, bytes);
-      procs ps;
-      int ok = 0;
-      if (procs_start(&ps, N, allreduce_worker, &a) == 0) {
-        long long tmo = 60000 + (long long)reps * (long long)(bytes >> 20) * N * 100;
-        if (procs_wait_ctl(&ps, a.ctl, pred_ready, N, READY_TIMEOUT_MS + (int)(tmo / 4)) ==
-                0 &&
-            (procs_go(&ps),
-             procs_wait_ctl(&ps, a.ctl, pred_done, N, (int)tmo) == 0) &&
-            procs_wait(&ps, STOP_TIMEOUT_MS) == N)
-          ok = 1;
-        if (!ok) {
-          note("allreduce workers failed: %s",
-               a.ctl->err[0] ? a.ctl->err : "a worker exited early");
-          procs_kill(&ps);
-        }
-      }
-      if (ok) {
-        bench_stats st;
-        stats_compute(a.lat, reps, &st);
-        jline j;
-        j_begin(&j, "allreduce");
-        j_int(&j, "bytes", (long long)bytes);
-        j_int(&j, "workers", N);
-        j_str(&j, "op", "mean");
-        j_int(&j, "reps", reps);
-        j_num(&j, "p50_ms", st.p50);
-        j_num(&j, "p99_ms", st.p99);
-        j_num(&j, "min_ms", st.min);
-        j_num(&j, "gbps", (double)bytes / (st.p50 * 1e-3) / 1e9);
-        j_emit(&j);
-      } else {
-        fails++;
-      }
-      shared_free(sh, size);
-    }
+    for (int si = 0; si < 3; si++)
+      fails += ar_case(c, "allreduce", Ns[ni], sizes[si] / sizeof(float), NULL, 0) != 0;
+  for (int ni = 0; ni < 2; ni++)
+    fails += ar_case(c, "allreduce_many", Ns[ni], RESNET50_FLOATS, resnet50_sizes,
+                     RESNET50_TENSORS) != 0;
   return fails ? -1 : 0;
 }
