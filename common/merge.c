@@ -30,12 +30,28 @@ void sbn__sums_add(double *acc, const double *b, size_t n) {
     acc[i] += b[i];
 }
 
+/* Whether any of v[0..n) is Inf or NaN (exponent all ones), or with
+ * neg_too below zero, without branches: the checks below run on every
+ * member's values in every round, and nearly always pass. */
+static int any_suspect_d(const double *v, size_t n, int neg_too) {
+  uint64_t bad = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint64_t b;
+    memcpy(&b, &v[i], sizeof(b));
+    bad |= (uint64_t)((b & 0x7ff0000000000000u) == 0x7ff0000000000000u);
+    bad |= (uint64_t)(neg_too && (b >> 63) && (b << 1) != 0); /* < 0, -0 is fine */
+  }
+  return bad != 0;
+}
+
 long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C,
                       const char **what) {
   if (n > SBN_MAX_COUNT) {
     *what = "count is larger than 2^53";
     return 0;
   }
+  if (!any_suspect_d(mean, C, 0) && !any_suspect_d(m2, C, 1))
+    return -1;
   for (size_t c = 0; c < C; c++) {
     if (!isfinite(mean[c])) {
       *what = "mean is not finite";
@@ -54,6 +70,8 @@ long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C
 }
 
 long sbn__finite_check(const double *v, size_t n) {
+  if (!any_suspect_d(v, n, 0))
+    return -1;
   for (size_t i = 0; i < n; i++)
     if (!isfinite(v[i]))
       return (long)i;

@@ -185,6 +185,21 @@ START_TEST(stats_check) {
   ck_assert_ptr_nonnull(strstr(what, "count"));
   mean[0] = -INFINITY;
   ck_assert_int_eq(sbn__stats_check(1, mean, m2, 3, &what), 0);
+  /* The edges of the branch-free pre-check: -0 and negative means pass,
+   * the smallest negative M2 and a NaN with its sign bit set do not. */
+  double mv[1000], qv[1000];
+  for (int i = 0; i < 1000; i++)
+    mv[i] = -1.5 * i, qv[i] = i % 2 ? -0.0 : DBL_MAX;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 1000, &what), -1);
+  qv[777] = -DBL_TRUE_MIN;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 1000, &what), 777);
+  ck_assert_ptr_nonnull(strstr(what, "negative"));
+  qv[777] = 0;
+  mv[999] = -NAN;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 1000, &what), 999);
+  ck_assert_int_eq(sbn__finite_check(mv, 1000), 999);
+  ck_assert_int_eq(sbn__finite_check(mv, 999), -1);
+  ck_assert_int_eq(sbn__finite_check(qv, 1000), -1); /* -0 and DBL_MAX are finite */
 }
 END_TEST
 
