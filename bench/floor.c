@@ -6,6 +6,13 @@
  * Blocking variant: both ends sleep in recv().  Spinning variant: both ends
  * busy-poll recv(MSG_DONTWAIT), as a worker with spin_us does while it
  * waits for its reply.
+ *
+ * Star floor (`floor_star`): the same messages through the smallest relay
+ * one can write, N worker processes and one relay process: each worker
+ * sends its message and waits for the reply; the relay reads until every
+ * worker's message is in, then writes the reply to each.  It is a round's
+ * topology with nothing else (no framing, decoding, merging or checks), so
+ * `round` p50 over it is what the coordinator adds to the topology.
  */
 #define _GNU_SOURCE
 #include "bench.h"
@@ -108,12 +115,8 @@ typedef struct floor_arg {
 static int echo_child(int index, void *argp) {
   (void)index;
   floor_arg *a = argp;
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  int fd = loopback_connect(a->port);
   if (fd < 0)
-    return 1;
-  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)a->port)};
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0)
     return 1;
   set_nodelay(fd);
   char *buf = malloc(a->bytes);
@@ -131,21 +134,11 @@ static int echo_child(int index, void *argp) {
 /* One measurement: warm + reps round trips; fills st (microseconds). */
 static int floor_measure(int channels, int spin, int warm, int reps, bench_stats *st) {
   size_t bytes = floor_payload_bytes(channels);
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int port;
+  int lfd = loopback_listen(4, &port);
   if (lfd < 0)
     return -1;
-  int one = 1;
-  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = 0};
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t sl = sizeof(sa);
-  if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(lfd, 4) != 0 ||
-      getsockname(lfd, (struct sockaddr *)&sa, &sl) != 0) {
-    close(lfd);
-    return -1;
-  }
-  floor_arg a = {.port = ntohs(sa.sin_port), .bytes = bytes, .spin = spin,
-                 .total = warm + reps};
+  floor_arg a = {.port = port, .bytes = bytes, .spin = spin, .total = warm + reps};
   procs ps;
   if (procs_start(&ps, 1, echo_child, &a) != 0) {
     close(lfd);
@@ -194,6 +187,158 @@ static int floor_index(int channels) {
 
 static int floor_reps(void) { return bench_reps(5000, 300); }
 static int floor_warm(void) { return g_opts.quick ? 50 : 500; }
+
+/* ---- star floor ----------------------------------------------------------- */
+
+/* Workers of the star floor, at most (the round bench's largest N). */
+#define STAR_WORKERS_MAX 8
+
+typedef struct star_arg {
+  int port;
+  size_t bytes;
+  int warm, total; /* round trips, warm-up ones first */
+  double *lat;     /* [total - warm] in shared memory, written by worker 0 */
+} star_arg;
+
+/* A star worker: connects, then sends and awaits `total` messages; worker 0
+ * times each round trip after the warm-up. */
+static int star_worker(int index, void *argp) {
+  star_arg *a = argp;
+  int fd = loopback_connect(a->port);
+  if (fd < 0)
+    return 1;
+  set_nodelay(fd);
+  char *buf = malloc(a->bytes);
+  if (buf == NULL)
+    return 1;
+  memset(buf, 0x5a, a->bytes);
+  for (int i = 0; i < a->total; i++) {
+    double t0 = now_s();
+    if (send_all(fd, buf, a->bytes) != 0 || recv_all(fd, buf, a->bytes, 0) != 0)
+      return 1;
+    if (index == 0 && i >= a->warm)
+      a->lat[i - a->warm] = (now_s() - t0) * 1e6;
+  }
+  free(buf);
+  close(fd);
+  return 0;
+}
+
+/* The relay's side of one round: reads every worker's message (sleeping in
+ * poll() like an event loop), then writes the reply to each in turn. */
+static int star_relay_round(const int *fd, int n, char *buf, size_t bytes) {
+  size_t got[STAR_WORKERS_MAX] = {0};
+  struct pollfd pf[STAR_WORKERS_MAX];
+  int complete = 0;
+  long long deadline = now_ms() + FLOOR_IO_TIMEOUT_MS;
+  while (complete < n) {
+    int np = 0;
+    for (int i = 0; i < n; i++)
+      if (got[i] < bytes)
+        pf[np++] = (struct pollfd){.fd = fd[i], .events = POLLIN};
+    if (now_ms() > deadline || poll(pf, (nfds_t)np, 1000) < 0)
+      return -1;
+    for (int k = 0; k < np; k++) {
+      if (!(pf[k].revents & (POLLIN | POLLHUP | POLLERR)))
+        continue;
+      int i = 0;
+      while (fd[i] != pf[k].fd)
+        i++;
+      ssize_t r = recv(fd[i], buf + got[i], bytes - got[i], MSG_DONTWAIT);
+      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+        return -1;
+      if (r > 0 && (got[i] += (size_t)r) == bytes)
+        complete++;
+    }
+  }
+  for (int i = 0; i < n; i++)
+    if (send_all(fd[i], buf, bytes) != 0)
+      return -1;
+  return 0;
+}
+
+/* One star measurement: n workers, warm + reps rounds; fills st (us). */
+static int star_measure(int n, int channels, int warm, int reps, bench_stats *st) {
+  if (n < 1 || n > STAR_WORKERS_MAX || reps < 1)
+    return -1;
+  size_t bytes = floor_payload_bytes(channels);
+  int port;
+  int lfd = loopback_listen(STAR_WORKERS_MAX, &port);
+  if (lfd < 0)
+    return -1;
+  star_arg *a = shared_alloc(sizeof(*a) + sizeof(double) * (size_t)reps);
+  if (a == NULL) {
+    close(lfd);
+    return -1;
+  }
+  *a = (star_arg){.port = port, .bytes = bytes, .warm = warm, .total = warm + reps,
+                  .lat = (double *)(a + 1)};
+  procs ps;
+  int fd[STAR_WORKERS_MAX], nfd = 0, rc = -1;
+  char *buf = malloc(bytes);
+  if (buf == NULL || procs_start(&ps, n, star_worker, a) != 0) {
+    free(buf);
+    close(lfd);
+    shared_free(a, sizeof(*a) + sizeof(double) * (size_t)reps);
+    return -1;
+  }
+  while (nfd < n) {
+    struct pollfd pf = {.fd = lfd, .events = POLLIN};
+    if (poll(&pf, 1, FLOOR_IO_TIMEOUT_MS) != 1 || (fd[nfd] = accept(lfd, NULL, NULL)) < 0)
+      goto out;
+    set_nodelay(fd[nfd++]);
+  }
+  for (int i = 0; i < warm + reps; i++)
+    if (star_relay_round(fd, n, buf, bytes) != 0)
+      goto out;
+  rc = 0;
+out:
+  for (int i = 0; i < nfd; i++)
+    close(fd[i]);
+  close(lfd);
+  if (procs_wait(&ps, rc == 0 ? FLOOR_IO_TIMEOUT_MS : 100) != n && rc == 0) {
+    note("floor_star: a worker failed");
+    rc = -1;
+  }
+  if (rc == 0)
+    stats_compute(a->lat, reps, st);
+  free(buf);
+  shared_free(a, sizeof(*a) + sizeof(double) * (size_t)reps);
+  return rc;
+}
+
+/* Cached star p50 per [N index (2, 4, 8)][channel index]; <0 = not measured. */
+static double star_cache[3][N_FLOOR] = {
+    {-1, -1, -1, -1}, {-1, -1, -1, -1}, {-1, -1, -1, -1}};
+
+static int star_index(int workers) {
+  return workers == 2 ? 0 : workers == 4 ? 1 : workers == 8 ? 2 : -1;
+}
+
+double floor_star_p50_us(int workers, int channels, int reps) {
+  int w = star_index(workers), i = floor_index(channels);
+  if (w >= 0 && i >= 0 && star_cache[w][i] >= 0)
+    return star_cache[w][i];
+  bench_stats st;
+  note("floor_star N=%d C=%d", workers, channels);
+  if (star_measure(workers, channels, floor_warm(), reps, &st) != 0) {
+    note("floor_star N=%d C=%d failed", workers, channels);
+    return NAN;
+  }
+  if (w >= 0 && i >= 0)
+    star_cache[w][i] = st.p50;
+  jline j;
+  j_begin(&j, "floor_star");
+  j_int(&j, "workers", workers);
+  j_int(&j, "channels", channels);
+  j_int(&j, "payload_bytes", (long long)floor_payload_bytes(channels));
+  j_int(&j, "reps", st.n);
+  j_num(&j, "p50_us", st.p50);
+  j_num(&j, "p99_us", st.p99);
+  j_num(&j, "mean_us", st.mean);
+  j_emit(&j);
+  return st.p50;
+}
 
 double floor_p50_us(int channels, int spin) {
   int i = floor_index(channels);
