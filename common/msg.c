@@ -40,6 +40,119 @@ Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *bo
   return env;
 }
 
+/* Reads a varint at *p (< end) into *v; 0 when it runs past end or is too long. */
+static int varint_get(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+  uint64_t r = 0;
+  for (unsigned shift = 0; shift < 64 && *p < end; shift += 7) {
+    const uint8_t b = *(*p)++;
+    r |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) {
+      *v = r;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/*
+ * Finds the one length-delimited field `field` of the message in
+ * [p, end), when it is the message's last field: 1 with its tag's start
+ * and its data, else 0 (absent, repeated, not last, or bytes that do not
+ * parse, which the full decoder then judges).
+ */
+static int find_last_field(const uint8_t *p, const uint8_t *end, uint32_t field,
+                           const uint8_t **tag_at, const uint8_t **data, size_t *data_len) {
+  int found = 0;
+  while (p < end) {
+    const uint8_t *start = p;
+    uint64_t tag, v;
+    if (!varint_get(&p, end, &tag))
+      return 0;
+    if (tag >> 3 == field && (tag & 7) != 2)
+      return 0; /* unpacked values of the field: the decoder joins them */
+    switch (tag & 7) {
+    case 0: /* varint */
+      if (!varint_get(&p, end, &v))
+        return 0;
+      break;
+    case 1: /* 64-bit */
+      if (end - p < 8)
+        return 0;
+      p += 8;
+      break;
+    case 5: /* 32-bit */
+      if (end - p < 4)
+        return 0;
+      p += 4;
+      break;
+    case 2: /* length-delimited */
+      if (!varint_get(&p, end, &v) || v > (uint64_t)(end - p))
+        return 0;
+      if (tag >> 3 == field) {
+        if (found)
+          return 0; /* a packed field may come in pieces: let the decoder join them */
+        found = 1;
+        *tag_at = start;
+        *data = p;
+        *data_len = (size_t)v;
+      }
+      p += v;
+      break;
+    default:
+      return 0;
+    }
+    if (found && p != *data + *data_len)
+      return 0; /* another field follows it */
+  }
+  return found;
+}
+
+Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *body, size_t len,
+                                    char *err, size_t errlen) {
+  const uint8_t *p = body, *end = body + len;
+  uint64_t tag, sub_len;
+  if (!SBN_WIRE_IS_HOST_ORDER || !varint_get(&p, end, &tag) || (tag & 7) != 2 ||
+      !varint_get(&p, end, &sub_len) || sub_len != (uint64_t)(end - p))
+    return sbn__msg_decode_with(alloc, body, len, err, errlen);
+  const ProtobufCMessageDescriptor *desc;
+  uint32_t field;
+  if (tag >> 3 == SBN__ENVELOPE__BODY_CONTRIBUTE) {
+    desc = &sbn__contribute__descriptor;
+    field = SBN_MSG_CONTRIBUTE_FVALS;
+  } else if (tag >> 3 == SBN__ENVELOPE__BODY_RESULT) {
+    desc = &sbn__result__descriptor;
+    field = SBN_MSG_RESULT_FVALS;
+  } else {
+    return sbn__msg_decode_with(alloc, body, len, err, errlen);
+  }
+  const uint8_t *tag_at = NULL, *data = NULL;
+  size_t data_len = 0;
+  if (!find_last_field(p, end, field, &tag_at, &data, &data_len) || data_len % sizeof(float))
+    return sbn__msg_decode_with(alloc, body, len, err, errlen);
+  /* The body without the field, then the field's values where they are. */
+  ProtobufCMessage *sub = protobuf_c_message_unpack(desc, alloc, (size_t)(tag_at - p), p);
+  Sbn__Envelope *env = alloc->alloc(alloc->allocator_data, sizeof(*env));
+  if (sub == NULL || env == NULL) {
+    snprintf(err, errlen, "frame body of %zu bytes is not a valid message", len);
+    return NULL;
+  }
+  sbn__envelope__init(env);
+  if (desc == &sbn__contribute__descriptor) {
+    Sbn__Contribute *c = (Sbn__Contribute *)sub;
+    env->body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
+    env->contribute = c;
+    c->n_fvals = data_len / sizeof(float);
+    c->fvals = (float *)data;
+  } else {
+    Sbn__Result *r = (Sbn__Result *)sub;
+    env->body_case = SBN__ENVELOPE__BODY_RESULT;
+    env->result = r;
+    r->n_fvals = data_len / sizeof(float);
+    r->fvals = (float *)data;
+  }
+  return env;
+}
+
 static size_t varint_size(uint64_t v) {
   size_t n = 1;
   while (v >= 0x80) {

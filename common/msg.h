@@ -31,6 +31,18 @@ Sbn__Envelope *sbn__msg_decode_with(ProtobufCAllocator *alloc, const uint8_t *bo
                                     char *err, size_t errlen);
 void sbn__msg_free(Sbn__Envelope *env);
 
+/*
+ * sbn__msg_decode_with for an arena's allocator (sbn__arena_allocator: its
+ * frees are no-ops), without copying a Contribute's or Result's packed float
+ * field when it is the body's last field (as sbn__msg_tail_prefix writes
+ * it): n_fvals and fvals then point into body, which must outlive the
+ * envelope.  Such fvals may be unaligned: read them with memcpy (or through
+ * sbn__reduce_floats and sbn__finite_check_f, which do).  Any other body is
+ * decoded like sbn__msg_decode_with, with the same result.
+ */
+Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *body, size_t len,
+                                    char *err, size_t errlen);
+
 /* Packed floats and doubles travel little-endian: on a host of that order
  * they can be written to the wire straight from memory. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__

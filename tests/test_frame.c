@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "frame.h"
 #include "msg.h"
 #include "sbn/status.h"
@@ -359,6 +360,164 @@ START_TEST(raw_tail_decodes_alike) {
 }
 END_TEST
 
+/* Encodes a decoded envelope the usual way: two envelopes are equal when
+ * these bytes are. */
+static uint8_t *plain_frame(const Sbn__Envelope *env, size_t *len) {
+  uint8_t *out = NULL;
+  ck_assert_int_eq(sbn__msg_encode(env, SBN_MAX_FRAME_CEILING, &out, len), SBN_OK);
+  return out;
+}
+
+/* decode_tail's result against sbn__msg_decode's for the same body: both
+ * fail, or both give the same message.  Returns decode_tail's envelope
+ * (in the arena) or NULL. */
+static Sbn__Envelope *decode_both(sbn__arena *a, const uint8_t *body, size_t len) {
+  char err[160], err2[160];
+  ProtobufCAllocator al = sbn__arena_allocator(a);
+  Sbn__Envelope *t = sbn__msg_decode_tail(&al, body, len, err, sizeof(err));
+  Sbn__Envelope *d = sbn__msg_decode(body, len, err2, sizeof(err2));
+  ck_assert_msg((t == NULL) == (d == NULL), "decode_tail %s, decode %s at %zu bytes",
+                t ? "ok" : err, d ? "ok" : err2, len);
+  if (t != NULL) {
+    size_t lt, ld;
+    uint8_t *ft = plain_frame(t, &lt), *fd = plain_frame(d, &ld);
+    ck_assert_uint_eq(lt, ld);
+    ck_assert(memcmp(ft, fd, lt) == 0);
+    free(ft);
+    free(fd);
+  }
+  sbn__msg_free(d);
+  return t;
+}
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v) {
+  for (; v >= 0x80; v >>= 7)
+    *p++ = (uint8_t)(v | 0x80);
+  *p++ = (uint8_t)v;
+  return p;
+}
+
+/* An envelope body: a Contribute packed without fvals, then `extra`, the
+ * raw bytes of further fields. */
+static size_t contribute_body(const Sbn__Contribute *c, const uint8_t *extra, size_t nextra,
+                              uint8_t *out) {
+  size_t sub = sbn__contribute__get_packed_size(c) + nextra;
+  uint8_t *p = put_varint(out, (SBN__ENVELOPE__BODY_CONTRIBUTE << 3) | 2);
+  p = put_varint(p, sub);
+  p += sbn__contribute__pack(c, p);
+  memcpy(p, extra, nextra);
+  return (size_t)(p + nextra - out);
+}
+
+/* Allreduce values decode in place when they are the body's last field (as
+ * workers and the coordinator send them), and like sbn__msg_decode in every
+ * other case. */
+START_TEST(raw_tail_decodes_in_place) {
+  sbn__arena a;
+  sbn__arena_init(&a, 0);
+  static const size_t ns[] = {0, 1, 31, 4096, 300000};
+  static const uint32_t members[] = {1, 3, 200, 70000};
+  for (size_t k = 0; k < sizeof(ns) / sizeof(ns[0]); k++) {
+    size_t n = ns[k];
+    float *v = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+      v[i] = (float)i * 0.61f - 3e-30f * (float)(i % 5);
+    Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
+    Sbn__Envelope env = SBN__ENVELOPE__INIT;
+    c.n_members = 4;
+    c.members = (uint32_t *)members;
+    c.seq = 77 + k;
+    c.phase = SBN__PHASE__PHASE_ALLREDUCE;
+    c.layer = "allreduce";
+    c.channels = (uint32_t)n;
+    c.count = n;
+    c.ahead = 1;
+    env.body_case = SBN__ENVELOPE__BODY_CONTRIBUTE;
+    env.contribute = &c;
+    size_t len;
+    uint8_t *fr = tail_frame(&env, SBN_MSG_CONTRIBUTE_FVALS, v, n, &len);
+    Sbn__Envelope *t = decode_both(&a, fr + SBN_FRAME_HEADER_SIZE, len - SBN_FRAME_HEADER_SIZE);
+    ck_assert_ptr_nonnull(t);
+    ck_assert_uint_eq(t->contribute->n_fvals, n);
+    ck_assert(t->contribute->ahead && t->contribute->seq == c.seq);
+    ck_assert_ptr_eq((const uint8_t *)t->contribute->fvals, fr + len - n * sizeof(float));
+    /* The usual encoding puts `ahead` after fvals: decoded by copy. */
+    c.n_fvals = n;
+    c.fvals = v;
+    size_t plen;
+    uint8_t *plain = plain_frame(&env, &plen);
+    t = decode_both(&a, plain + SBN_FRAME_HEADER_SIZE, plen - SBN_FRAME_HEADER_SIZE);
+    if (n > 0) {
+      ck_assert((const uint8_t *)t->contribute->fvals < plain ||
+                (const uint8_t *)t->contribute->fvals >= plain + plen);
+      ck_assert(memcmp(t->contribute->fvals, v, n * sizeof(float)) == 0);
+    }
+    free(plain);
+    free(fr);
+    c.n_fvals = 0;
+    c.fvals = NULL;
+    /* A Result, in place. */
+    Sbn__Result r = SBN__RESULT__INIT;
+    Sbn__Envelope renv = SBN__ENVELOPE__INIT;
+    r.seq = c.seq;
+    r.phase = c.phase;
+    r.layer = "allreduce";
+    r.channels = (uint32_t)n;
+    renv.body_case = SBN__ENVELOPE__BODY_RESULT;
+    renv.result = &r;
+    fr = tail_frame(&renv, SBN_MSG_RESULT_FVALS, v, n, &len);
+    t = decode_both(&a, fr + SBN_FRAME_HEADER_SIZE, len - SBN_FRAME_HEADER_SIZE);
+    ck_assert_int_eq(t->body_case, SBN__ENVELOPE__BODY_RESULT);
+    ck_assert_uint_eq(t->result->n_fvals, n);
+    ck_assert_ptr_eq((const uint8_t *)t->result->fvals, fr + len - n * sizeof(float));
+    free(fr);
+    free(v);
+    sbn__arena_reset(&a);
+  }
+
+  /* Fields the in-place path must leave to the full decoder, which joins or
+   * refuses them: fvals in two packed pieces; an unpacked value before the
+   * packed piece; a length that is no multiple of 4; fvals followed by
+   * another field; fvals as the wrong wire type. */
+  Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
+  c.seq = 5;
+  c.layer = "allreduce";
+  c.phase = SBN__PHASE__PHASE_ALLREDUCE;
+  const uint8_t f = (SBN_MSG_CONTRIBUTE_FVALS << 3) | 2, f32 = (SBN_MSG_CONTRIBUTE_FVALS << 3) | 5;
+  static const uint8_t two_pieces[] = {f, 4, 0, 0, 128, 63, f, 8, 0, 0, 0, 64, 0, 0, 64, 64};
+  static const uint8_t unpacked_first[] = {f32, 0, 0, 128, 63, f, 4, 0, 0, 0, 64};
+  static const uint8_t ragged[] = {f, 5, 0, 0, 128, 63, 1};
+  static const uint8_t then_ahead[] = {f, 4, 0, 0, 128, 63, 13 << 3, 1};
+  static const uint8_t wrong_type[] = {(SBN_MSG_CONTRIBUTE_FVALS << 3) | 1, 0, 0, 0, 0, 0, 0, 0, 0};
+  static const struct {
+    const uint8_t *b;
+    size_t n, want; /* values after decoding, or (size_t)-1: refused */
+  } cases[] = {{two_pieces, sizeof(two_pieces), 3},
+               {unpacked_first, sizeof(unpacked_first), 2},
+               {ragged, sizeof(ragged), (size_t)-1},
+               {then_ahead, sizeof(then_ahead), 1},
+               {wrong_type, sizeof(wrong_type), (size_t)-1}};
+  uint8_t body[256];
+  for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+    size_t len = contribute_body(&c, cases[k].b, cases[k].n, body);
+    Sbn__Envelope *t = decode_both(&a, body, len);
+    if (cases[k].want == (size_t)-1) {
+      ck_assert_msg(t == NULL, "case %zu decoded", k);
+      continue;
+    }
+    ck_assert_msg(t != NULL, "case %zu refused", k);
+    ck_assert_uint_eq(t->contribute->n_fvals, cases[k].want);
+    ck_assert(t->contribute->fvals[0] == 1.0f && t->contribute->fvals[cases[k].want - 1] ==
+                                                     (cases[k].want == 3 ? 3.0f : cases[k].want));
+    /* Every cut of the body decodes alike both ways (or fails both ways). */
+    for (size_t cut = 0; cut < len; cut++)
+      decode_both(&a, body, cut);
+    sbn__arena_reset(&a);
+  }
+  sbn__arena_release(&a);
+}
+END_TEST
+
 /* The frame limit holds at its edge; other bodies and fields are refused. */
 START_TEST(raw_tail_limits) {
   Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
@@ -419,6 +578,7 @@ int main(void) {
   tcase_add_test(tc, bad_bodies);
   tcase_add_test(tc, encode_too_big);
   tcase_add_test(tc, raw_tail_decodes_alike);
+  tcase_add_test(tc, raw_tail_decodes_in_place);
   tcase_add_test(tc, raw_tail_limits);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);

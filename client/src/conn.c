@@ -271,7 +271,8 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
     if (r > 0) {
       char err[160];
       sbn__arena_reset(&c->arena); /* the previous reply is released by now */
-      Sbn__Envelope *env = sbn__msg_decode_with(&c->alloc, body, len, err, sizeof(err));
+      /* A Result's allreduce values stay in the receive buffer (no copy). */
+      Sbn__Envelope *env = sbn__msg_decode_tail(&c->alloc, body, len, err, sizeof(err));
       if (env == NULL) {
         char msg[200];
         snprintf(msg, sizeof(msg), "bad message from the coordinator: %s", err);

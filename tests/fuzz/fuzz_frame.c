@@ -2,7 +2,8 @@
  * fuzz_frame.c - libFuzzer target for the pure decoding path: the frame
  * decoder fed in pieces of input-chosen sizes, the Envelope decoder on
  * every whole frame, a re-encode of what decoded, and the statistics checks
- * on decoded contributions.
+ * on decoded contributions, and the in-place decoder (sbn__msg_decode_tail)
+ * against the copying one.
  *
  * Input: byte 0 chooses the piece size pattern and the frame limit, the
  * rest is the byte stream.
@@ -11,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "frame.h"
 #include "merge.h"
 #include "msg.h"
@@ -18,9 +20,32 @@
 
 static const uint32_t limits[] = {SBN_MAX_FRAME_FLOOR, 4096, 65536, SBN_MAX_FRAME_DEFAULT};
 
+/* The in-place decoder agrees with the copying one: both refuse the bytes,
+ * or both give a message that encodes to the same bytes. */
+static void check_tail_decode(const uint8_t *body, size_t len, const Sbn__Envelope *env) {
+  static sbn__arena arena; /* kept across inputs, as a connection keeps it */
+  char err[160];
+  ProtobufCAllocator al = sbn__arena_allocator(&arena);
+  Sbn__Envelope *t = sbn__msg_decode_tail(&al, body, len, err, sizeof(err));
+  if ((t == NULL) != (env == NULL))
+    abort();
+  if (t != NULL) {
+    uint8_t *a = NULL, *b = NULL;
+    size_t la = 0, lb = 0;
+    int ra = sbn__msg_encode(t, SBN_MAX_FRAME_CEILING, &a, &la);
+    int rb = sbn__msg_encode(env, SBN_MAX_FRAME_CEILING, &b, &lb);
+    if (ra != rb || la != lb || (ra == SBN_OK && memcmp(a, b, la) != 0))
+      abort();
+    free(a);
+    free(b);
+  }
+  sbn__arena_reset(&arena);
+}
+
 static void check_envelope(const uint8_t *body, size_t len) {
   char err[160];
   Sbn__Envelope *env = sbn__msg_decode(body, len, err, sizeof(err));
+  check_tail_decode(body, len, env);
   if (env == NULL)
     return;
   /*
