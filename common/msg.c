@@ -3,6 +3,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "frame.h"
 #include "sbn/status.h"
@@ -127,7 +128,8 @@ Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *bo
   }
   const uint8_t *tag_at = NULL, *data = NULL;
   size_t data_len = 0;
-  if (!find_last_field(p, end, field, &tag_at, &data, &data_len) || data_len % sizeof(float))
+  if (!find_last_field(p, end, field, &tag_at, &data, &data_len) || data_len % sizeof(float) ||
+      (uintptr_t)data % _Alignof(float) != 0)
     return sbn__msg_decode_with(alloc, body, len, err, errlen);
   /* The body without the field, then the field's values where they are. */
   ProtobufCMessage *sub = protobuf_c_message_unpack(desc, alloc, (size_t)(tag_at - p), p);
@@ -182,19 +184,27 @@ int sbn__msg_tail_prefix(const Sbn__Envelope *env, uint32_t field, size_t tail_b
   const ProtobufCMessage *sub;
   uint32_t body_field;
   if (env->body_case == SBN__ENVELOPE__BODY_CONTRIBUTE && field == SBN_MSG_CONTRIBUTE_FVALS &&
-      env->contribute->n_fvals == 0) {
+      env->contribute->n_fvals == 0 && env->contribute->pad.len == 0) {
     sub = &env->contribute->base;
     body_field = SBN__ENVELOPE__BODY_CONTRIBUTE;
   } else if (env->body_case == SBN__ENVELOPE__BODY_RESULT && field == SBN_MSG_RESULT_FVALS &&
-             env->result->n_fvals == 0) {
+             env->result->n_fvals == 0 && env->result->pad.len == 0) {
     sub = &env->result->base;
     body_field = SBN__ENVELOPE__BODY_RESULT;
   } else {
     return SBN_EINVAL;
   }
-  size_t sub_fixed = protobuf_c_message_get_packed_size(sub);
-  size_t sub_len = sub_fixed + 1 + varint_size(tail_bytes) + tail_bytes;
-  size_t body = 1 + varint_size(sub_len) + sub_len;
+  /* The smallest pad field (none, or its tag, length and 0..127 zeros)
+   * that puts the values at a multiple of SBN_MSG_TAIL_ALIGN. */
+  const size_t sub_fixed = protobuf_c_message_get_packed_size(sub);
+  size_t pad = 0, sub_len = 0, body = 0;
+  for (size_t k = 0; k <= 128; k++) {
+    pad = k == 0 ? 0 : 2 + (k - 1); /* k - 1 zeros: their length fits one byte */
+    sub_len = sub_fixed + pad + 1 + varint_size(tail_bytes) + tail_bytes;
+    body = 1 + varint_size(sub_len) + sub_len;
+    if ((SBN_FRAME_HEADER_SIZE + body - tail_bytes) % SBN_MSG_TAIL_ALIGN == 0)
+      break;
+  }
   *prefix_len = SBN_FRAME_HEADER_SIZE + body - tail_bytes;
   *body_len = body;
   if (body > max_frame)
@@ -208,6 +218,12 @@ int sbn__msg_tail_prefix(const Sbn__Envelope *env, uint32_t field, size_t tail_b
   *p++ = tag_len_delim(body_field);
   p = varint_put(p, sub_len);
   p += protobuf_c_message_pack(sub, p);
+  if (pad > 0) {
+    *p++ = tag_len_delim(SBN_MSG_PAD);
+    *p++ = (uint8_t)(pad - 2);
+    memset(p, 0, pad - 2);
+    p += pad - 2;
+  }
   *p++ = tag_len_delim(field);
   p = varint_put(p, tail_bytes);
   return SBN_OK;

@@ -35,10 +35,9 @@ void sbn__msg_free(Sbn__Envelope *env);
  * sbn__msg_decode_with for an arena's allocator (sbn__arena_allocator: its
  * frees are no-ops), without copying a Contribute's or Result's packed float
  * field when it is the body's last field (as sbn__msg_tail_prefix writes
- * it): n_fvals and fvals then point into body, which must outlive the
- * envelope.  Such fvals may be unaligned: read them with memcpy (or through
- * sbn__reduce_floats and sbn__finite_check_f, which do).  Any other body is
- * decoded like sbn__msg_decode_with, with the same result.
+ * it) and its values are aligned for float: n_fvals and fvals then point
+ * into body, which must outlive the envelope.  Any other body is decoded
+ * like sbn__msg_decode_with, with the same result.
  */
 Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *body, size_t len,
                                     char *err, size_t errlen);
@@ -60,11 +59,17 @@ Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *bo
  * envelope tag and length, the body without the field, the field's tag and
  * length) is *prefix_len bytes, the frame body *body_len bytes; with out !=
  * NULL (cap >= *prefix_len) writes the prefix there.  The field must be
- * empty in env.  Returns SBN_OK, or SBN_ETOOBIG when the body would exceed
- * max_frame, or SBN_EINVAL for a body without such a field.
+ * empty in env, and so must its pad.  Returns SBN_OK, or SBN_ETOOBIG when
+ * the body would exceed max_frame, or SBN_EINVAL for a body without such a
+ * field.
  */
 #define SBN_MSG_CONTRIBUTE_FVALS 9 /* Contribute.fvals in sbn.proto */
 #define SBN_MSG_RESULT_FVALS 8     /* Result.fvals */
+#define SBN_MSG_PAD 15             /* Contribute.pad and Result.pad */
+/* The values start at a multiple of this many bytes from the frame's first
+ * byte (a pad field before them makes it so), so that a receiver whose
+ * frame starts aligned finds them aligned (see sbn__msg_decode_tail). */
+#define SBN_MSG_TAIL_ALIGN 64
 int sbn__msg_tail_prefix(const Sbn__Envelope *env, uint32_t field, size_t tail_bytes,
                          uint32_t max_frame, uint8_t *out, size_t cap, size_t *prefix_len,
                          size_t *body_len);

@@ -286,6 +286,7 @@ static uint8_t *tail_frame(const Sbn__Envelope *env, uint32_t field, const float
   ck_assert_int_eq(sbn__msg_tail_prefix(env, field, n * sizeof(float), SBN_MAX_FRAME_CEILING, fr,
                                         prefix, &prefix, &body),
                    SBN_OK);
+  ck_assert_uint_eq(prefix % SBN_MSG_TAIL_ALIGN, 0); /* the values start aligned */
   if (n > 0)
     memcpy(fr + prefix, v, n * sizeof(float));
   return fr;
@@ -333,7 +334,8 @@ START_TEST(raw_tail_decodes_alike) {
     sbn__msg_free(d);
     free(fr);
 
-    /* A Result ends with fvals anyway: the very bytes of the usual encoding. */
+    /* A Result: the usual encoding of the same message, once the pad that
+     * aligned the values is dropped. */
     Sbn__Result r = SBN__RESULT__INIT;
     Sbn__Envelope renv = SBN__ENVELOPE__INIT;
     r.seq = c.seq;
@@ -346,13 +348,21 @@ START_TEST(raw_tail_decodes_alike) {
     fr = tail_frame(&renv, SBN_MSG_RESULT_FVALS, v, n, &len);
     r.n_fvals = n;
     r.fvals = v;
-    uint8_t *plain = NULL;
-    size_t plen = 0;
+    uint8_t *plain = NULL, *again = NULL;
+    size_t plen = 0, alen = 0;
     ck_assert_int_eq(sbn__msg_encode(&renv, SBN_MAX_FRAME_CEILING, &plain, &plen), SBN_OK);
-    if (n > 0) {
-      ck_assert_uint_eq(plen, len);
-      ck_assert(memcmp(plain, fr, len) == 0);
-    }
+    Sbn__Envelope *rd = sbn__msg_decode(fr + SBN_FRAME_HEADER_SIZE, len - SBN_FRAME_HEADER_SIZE,
+                                        err, sizeof(err));
+    ck_assert_msg(rd != NULL, "%s", err);
+    ck_assert_uint_lt(rd->result->pad.len, 128);
+    for (size_t i = 0; i < rd->result->pad.len; i++)
+      ck_assert_uint_eq(rd->result->pad.data[i], 0);
+    rd->result->pad.len = 0;
+    ck_assert_int_eq(sbn__msg_encode(rd, SBN_MAX_FRAME_CEILING, &again, &alen), SBN_OK);
+    ck_assert_uint_eq(plen, alen);
+    ck_assert(memcmp(plain, again, plen) == 0);
+    sbn__msg_free(rd);
+    free(again);
     free(plain);
     free(fr);
     free(v);
@@ -441,6 +451,15 @@ START_TEST(raw_tail_decodes_in_place) {
     ck_assert_uint_eq(t->contribute->n_fvals, n);
     ck_assert(t->contribute->ahead && t->contribute->seq == c.seq);
     ck_assert_ptr_eq((const uint8_t *)t->contribute->fvals, fr + len - n * sizeof(float));
+    /* The same bytes one byte off: the values would be misaligned, so they
+     * are copied (the same message either way, as decode_both checks). */
+    uint8_t *off1 = malloc(len + 1);
+    memcpy(off1 + 1, fr, len);
+    t = decode_both(&a, off1 + 1 + SBN_FRAME_HEADER_SIZE, len - SBN_FRAME_HEADER_SIZE);
+    if (n > 0)
+      ck_assert((const uint8_t *)t->contribute->fvals < off1 ||
+                (const uint8_t *)t->contribute->fvals >= off1 + len + 1);
+    free(off1);
     /* The usual encoding puts `ahead` after fvals: decoded by copy. */
     c.n_fvals = n;
     c.fvals = v;

@@ -49,9 +49,9 @@ int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, 
                         size_t tail_bytes, uint64_t deadline_ms);
 /*
  * Receives one envelope before deadline_ms.  It lives in the connection's
- * arena, and a Result's fvals in its receive buffer (sbn__msg_decode_tail:
- * maybe unaligned, copy them out with memcpy): valid until the next
- * sbn__conn_recv or sbn__conn_close on c.
+ * arena, and an allreduce Result's fvals usually in its receive buffer
+ * (sbn__msg_decode_tail): valid until the next sbn__conn_recv or
+ * sbn__conn_close on c.
  * sbn__conn_release() marks where the caller is done with it (a no-op).
  */
 int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms);
