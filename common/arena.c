@@ -59,6 +59,7 @@ void sbn__arena_release(sbn__arena *a) {
   sbn__arena_reset(a);
   free(a->spill);
   free(a->buf);
+  free(a->block);
   sbn__arena_init(a, keep_max);
 }
 

@@ -11,6 +11,11 @@
  * An arena holds no pointer to itself, so two arenas may be swapped to hand
  * a decoded message (and the memory under it) to a new owner.  Not
  * thread-safe: one owner at a time.
+ *
+ * An arena also carries one block of raw bytes (block, block_cap) that
+ * travels with it through swaps: the receive buffer holding a message
+ * decoded in place (sbn__msg_decode_tail), traded for the reader's next
+ * buffer with sbn__framer_swap_buf.  Resets keep it; release frees it.
  */
 #ifndef SBN_COMMON_ARENA_H
 #define SBN_COMMON_ARENA_H
@@ -25,6 +30,8 @@ typedef struct sbn__arena {
   size_t keep_max;        /* the buffer grows to at most this; 0 = no limit */
   void **spill;           /* what did not fit, malloc'd until the next reset */
   size_t nspill, spill_cap;
+  uint8_t *block;         /* raw bytes that travel with the arena (see above) */
+  size_t block_cap;
 } sbn__arena;
 
 /* An empty arena whose buffer grows to at most keep_max bytes (0: no limit). */
@@ -33,6 +40,8 @@ void sbn__arena_init(sbn__arena *a, size_t keep_max);
 void sbn__arena_reset(sbn__arena *a);
 /* Frees all memory; the arena is empty and usable again. */
 void sbn__arena_release(sbn__arena *a);
+/* The bytes a holds while idle: its buffer and its block. */
+static inline size_t sbn__arena_bytes(const sbn__arena *a) { return a->cap + a->block_cap; }
 /* A protobuf-c allocator drawing on a (valid while a is not moved). */
 ProtobufCAllocator sbn__arena_allocator(sbn__arena *a);
 

@@ -116,6 +116,28 @@ long sbn__framer_space(sbn__framer *f, size_t want, uint8_t **space) {
 
 void sbn__framer_commit(sbn__framer *f, size_t n) { f->len += n; }
 
+int sbn__framer_swap_buf(sbn__framer *f, uint8_t **buf, size_t *cap) {
+  const size_t pending = f->len - f->off;
+  if (pending > *cap) {
+    uint8_t *nb = realloc(*buf, pending);
+    if (nb == NULL)
+      return SBN_ENOMEM;
+    *buf = nb;
+    *cap = pending;
+  }
+  if (pending > 0)
+    memcpy(*buf, f->buf + f->off, pending);
+  uint8_t *ob = f->buf;
+  size_t ocap = f->cap;
+  f->buf = *buf;
+  f->cap = *cap;
+  f->off = 0;
+  f->len = pending;
+  *buf = ob;
+  *cap = ocap;
+  return SBN_OK;
+}
+
 int sbn__framer_feed(sbn__framer *f, const void *data, size_t n) {
   const uint8_t *p = data;
   while (n > 0) {

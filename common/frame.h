@@ -65,6 +65,15 @@ void sbn__framer_release(sbn__framer *f);
 long sbn__framer_space(sbn__framer *f, size_t want, uint8_t **space);
 void sbn__framer_commit(sbn__framer *f, size_t n);
 
+/*
+ * Trades f's buffer for *buf (*cap bytes, malloc'd or NULL): the bytes not
+ * yet handed out as frames move to the front of *buf (grown when too small),
+ * which f reads into from then on, and *buf gets f's old buffer, where the
+ * frames already handed out stay valid.  SBN_OK, or SBN_ENOMEM with nothing
+ * changed.
+ */
+int sbn__framer_swap_buf(sbn__framer *f, uint8_t **buf, size_t *cap);
+
 /* Copies n bytes in (space + commit in one).  SBN_OK or a negative status. */
 int sbn__framer_feed(sbn__framer *f, const void *data, size_t n);
 

@@ -297,6 +297,37 @@ void sbn__srv_conn_unpark(sbn__srv_conn *conn) {
   sbn__arena_reset(&conn->arena);
 }
 
+/*
+ * An allreduce contribution decoded in place has its values in the receive
+ * buffer: that buffer goes along with the message in conn->arena (as its
+ * block), so the values live exactly as long as the rest of the message,
+ * wherever the handler files it (a round's slot, the park), and the reader
+ * goes on in the arena's spare block.  Without memory for that, the values
+ * are copied into the arena instead.  SBN_OK or SBN_ENOMEM.
+ */
+static int keep_in_place(sbn__srv_conn *conn, Sbn__Envelope *env) {
+  if (env->body_case != SBN__ENVELOPE__BODY_CONTRIBUTE || env->contribute->n_fvals == 0)
+    return SBN_OK;
+  Sbn__Contribute *m = env->contribute;
+  const uint8_t *p = (const uint8_t *)m->fvals;
+  if (conn->rx.buf == NULL || p < conn->rx.buf || p >= conn->rx.buf + conn->rx.cap) {
+    conn->coord->metrics.fvals_copied++;
+    return SBN_OK; /* decoded by copy: already in the arena */
+  }
+  if (sbn__framer_swap_buf(&conn->rx, &conn->arena.block, &conn->arena.block_cap) == SBN_OK) {
+    conn->coord->metrics.fvals_in_place++;
+    return SBN_OK;
+  }
+  ProtobufCAllocator pa = sbn__arena_allocator(&conn->arena);
+  float *copy = pa.alloc(pa.allocator_data, m->n_fvals * sizeof(float));
+  if (copy == NULL)
+    return SBN_ENOMEM;
+  memcpy(copy, m->fvals, m->n_fvals * sizeof(float));
+  m->fvals = copy;
+  conn->coord->metrics.fvals_copied++;
+  return SBN_OK;
+}
+
 /* Hands every whole frame held to the dispatcher, stopping when one closes us. */
 static void conn_drain(sbn__srv_conn *conn) {
   while (!conn->closing) {
@@ -317,11 +348,17 @@ static void conn_drain(sbn__srv_conn *conn) {
     }
     char err[160];
     ProtobufCAllocator pa = sbn__arena_allocator(&conn->arena);
-    Sbn__Envelope *env = sbn__msg_decode_with(&pa, body, len, err, sizeof(err));
+    Sbn__Envelope *env = sbn__msg_decode_tail(&pa, body, len, err, sizeof(err));
     if (env == NULL) {
       sbn__arena_reset(&conn->arena);
       sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "%s", err);
       sbn__srv_conn_close(conn, 1, "bad message: %s", err);
+      return;
+    }
+    if (keep_in_place(conn, env) != SBN_OK) {
+      sbn__arena_reset(&conn->arena);
+      sbn__srv_conn_error(conn, SBN_ENOMEM, NULL, 0, 0, 0, "", "out of memory for a message");
+      sbn__srv_conn_close(conn, 1, "out of memory for a message of %zu bytes", len);
       return;
     }
     conn_dispatch(conn, env);

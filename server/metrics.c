@@ -255,6 +255,13 @@ void sbn__metrics_write(sbn__coord *c, sbn__sbuf *o) {
   sbn__sbuf_printf(o, "sbn_received_bytes_total %llu\n", (unsigned long long)m->bytes_in);
   head(o, "sbn_sent_bytes_total", "counter", "Bytes written to worker connections.");
   sbn__sbuf_printf(o, "sbn_sent_bytes_total %llu\n", (unsigned long long)m->bytes_out);
+  head(o, "sbn_allreduce_values_received_total", "counter",
+       "Allreduce contributions received, by how their values were kept: \"in_place\" where "
+       "they arrived (the receive buffer goes with the message), \"copied\" otherwise.");
+  sbn__sbuf_printf(o, "sbn_allreduce_values_received_total{kept=\"in_place\"} %llu\n",
+                   (unsigned long long)m->fvals_in_place);
+  sbn__sbuf_printf(o, "sbn_allreduce_values_received_total{kept=\"copied\"} %llu\n",
+                   (unsigned long long)m->fvals_copied);
 
   if (sbn__srv_heap_counted()) {
     head(o, "sbn_heap_allocations_total", "counter",

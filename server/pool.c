@@ -21,7 +21,7 @@
 static size_t round_arena_bytes(const sbn__srv_round *r) {
   size_t b = 0;
   for (uint32_t i = 0; i < r->cap; i++)
-    b += r->arenas[i].cap;
+    b += sbn__arena_bytes(&r->arenas[i]);
   return b;
 }
 

@@ -54,6 +54,10 @@
 
 #define FWD_OK "sbn_rounds_total{phase=\"forward\",outcome=\"ok\"}"
 #define ALLOCS "sbn_heap_allocations_total"
+#define IN_PLACE "sbn_allreduce_values_received_total{kept=\"in_place\"}"
+#define COPIED "sbn_allreduce_values_received_total{kept=\"copied\"}"
+/* Allreduce contributions per worker and mix: the small one, the big one's two chunks. */
+#define ALLREDUCE_PER_MIX 3
 
 typedef struct shared {
   atomic_int warm; /* workers done with the warm-up */
@@ -204,10 +208,12 @@ START_TEST(steady_rounds_allocate_nothing) {
   }
   double before = scrape(mport, ALLOCS);
   double fwd_before = scrape(mport, FWD_OK);
+  double inp_before = scrape(mport, IN_PLACE), cp_before = scrape(mport, COPIED);
   atomic_store(&sh->go, 1);
   ck_assert_msg(wait_for(&sh->done, NW), "the steady part did not finish");
   double after = scrape(mport, ALLOCS);
   double fwd_after = scrape(mport, FWD_OK);
+  double inp = scrape(mport, IN_PLACE) - inp_before, cp = scrape(mport, COPIED) - cp_before;
   atomic_store(&sh->bye, 1);
   ck_assert_int_eq(workers_wait(&ws, WORKERS_TIMEOUT_MS), NW);
   for (int r = 0; r < NW; r++)
@@ -219,6 +225,12 @@ START_TEST(steady_rounds_allocate_nothing) {
                 at_start, before);
   /* The rounds ran: world and subgroup forwards of every steady mix. */
   ck_assert(fwd_after - fwd_before == 2 * STEADY_ITERS);
+  /* Every allreduce contribution was counted once, and they arrive aligned,
+   * so the coordinator uses their values where they arrived (a frame that
+   * shares a read with a small one before it may start unaligned: copied). */
+  ck_assert_msg(inp + cp == ALLREDUCE_PER_MIX * NW * STEADY_ITERS, "%.0f in place + %.0f copied",
+                inp, cp);
+  ck_assert_msg(inp >= cp, "%.0f in place, %.0f copied", inp, cp);
   ck_assert_msg(after - before <= POOL_GROWTH_MAX,
                 "%.0f heap allocations in %d steady mixes of rounds (%d rounds)", after - before,
                 STEADY_ITERS, STEADY_ITERS * 9);
