@@ -52,6 +52,7 @@ void sbn__arena_reset(sbn__arena *a) {
     a->cap = a->buf ? ncap : 0;
   }
   a->used = a->want = 0;
+  a->block_used = 0;
 }
 
 void sbn__arena_release(sbn__arena *a) {

@@ -12,10 +12,13 @@
  * a decoded message (and the memory under it) to a new owner.  Not
  * thread-safe: one owner at a time.
  *
- * An arena also carries one block of raw bytes (block, block_cap) that
- * travels with it through swaps: the receive buffer holding a message
- * decoded in place (sbn__msg_decode_tail), traded for the reader's next
- * buffer with sbn__framer_swap_buf.  Resets keep it; release frees it.
+ * An arena also carries one block of raw bytes (block, block_cap): the
+ * receive buffer holding a message decoded in place (sbn__msg_decode_tail),
+ * traded for the reader's next buffer with sbn__framer_swap_buf, after which
+ * the owner sets block_used.  A swap moves the blocks along when one of them
+ * is in use (the message goes with its bytes); otherwise each arena keeps
+ * its own block, so a reader's spare buffer stays with its reader.  Resets
+ * keep the block (no longer in use); release frees it.
  */
 #ifndef SBN_COMMON_ARENA_H
 #define SBN_COMMON_ARENA_H
@@ -30,8 +33,9 @@ typedef struct sbn__arena {
   size_t keep_max;        /* the buffer grows to at most this; 0 = no limit */
   void **spill;           /* what did not fit, malloc'd until the next reset */
   size_t nspill, spill_cap;
-  uint8_t *block;         /* raw bytes that travel with the arena (see above) */
+  uint8_t *block;         /* raw bytes that may travel with the arena (see above) */
   size_t block_cap;
+  int block_used;         /* block holds bytes of the message in the arena */
 } sbn__arena;
 
 /* An empty arena whose buffer grows to at most keep_max bytes (0: no limit). */
@@ -49,6 +53,14 @@ static inline void sbn__arena_swap(sbn__arena *a, sbn__arena *b) {
   sbn__arena t = *a;
   *a = *b;
   *b = t;
+  if (!a->block_used && !b->block_used) { /* the blocks stay where they were */
+    uint8_t *blk = a->block;
+    size_t cap = a->block_cap;
+    a->block = b->block;
+    a->block_cap = b->block_cap;
+    b->block = blk;
+    b->block_cap = cap;
+  }
 }
 
 #endif

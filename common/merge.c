@@ -111,9 +111,13 @@ long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, d
   int e;
   const int pow2 = frexp(scale, &e) == 0.5 && scale >= 1.0;
   const double inv = 1.0 / scale;
-  float o[SBN_REDUCE_BLOCK];
+  /* Aligned output is written in place; otherwise each block is rounded
+   * into o (L1) and copied out. */
+  const int direct = (uintptr_t)out % _Alignof(float) == 0;
+  float ob[SBN_REDUCE_BLOCK];
   for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
     size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
+    float *o = direct ? (float *)out + j : ob;
     const float *a = in[0] + j;
     for (size_t i = 0; i < m; i++)
       acc[i] = (double)a[i];
@@ -140,8 +144,8 @@ long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, d
           return (long)(j + i);
         }
     }
-    /* From the L1 cache to wherever out is, aligned or not. */
-    memcpy((unsigned char *)out + j * sizeof(float), o, m * sizeof(float));
+    if (!direct)
+      memcpy((unsigned char *)out + j * sizeof(float), ob, m * sizeof(float));
   }
   return -1;
 }

@@ -315,6 +315,7 @@ static int keep_in_place(sbn__srv_conn *conn, Sbn__Envelope *env) {
     return SBN_OK; /* decoded by copy: already in the arena */
   }
   if (sbn__framer_swap_buf(&conn->rx, &conn->arena.block, &conn->arena.block_cap) == SBN_OK) {
+    conn->arena.block_used = 1;
     conn->coord->metrics.fvals_in_place++;
     return SBN_OK;
   }

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "arena.h"
+#include "frame.h"
 #include "coord_internal.h"
 #include "coordinator.h"
 #include "sbn/status.h"
@@ -206,6 +207,50 @@ START_TEST(arena_keep_max) {
 }
 END_TEST
 
+/* A reader's spare block stays with its arena through swaps, unless a
+ * block holds the message being handed over; then it goes with it. */
+START_TEST(arena_blocks_travel_with_messages) {
+  sbn__arena conn, slot;
+  sbn__arena_init(&conn, 0);
+  sbn__arena_init(&slot, 0);
+  sbn__framer rx;
+  sbn__framer_init(&rx, 1 << 20);
+  /* Two frames' bytes in the reader; the first is "decoded in place". */
+  static const uint8_t bytes[] = "first frame|second...";
+  ck_assert_int_eq(sbn__framer_feed(&rx, bytes, sizeof(bytes)), SBN_OK);
+  rx.off = 12; /* the first 12 bytes were handed out */
+  uint8_t *first = rx.buf;
+  ck_assert_int_eq(sbn__framer_swap_buf(&rx, &conn.block, &conn.block_cap), SBN_OK);
+  ck_assert_ptr_eq(conn.block, first); /* the handed-out frame stays valid */
+  ck_assert(memcmp(conn.block, "first frame|", 12) == 0);
+  ck_assert_uint_eq(rx.off, 0); /* the rest moved to the reader's new buffer */
+  ck_assert_uint_eq(rx.len, sizeof(bytes) - 12);
+  ck_assert(memcmp(rx.buf, "second...", 10) == 0);
+  conn.block_used = 1;
+  /* Filed into a slot: the block goes with the message. */
+  sbn__arena_swap(&conn, &slot);
+  ck_assert_ptr_eq(slot.block, first);
+  ck_assert(slot.block_used && !conn.block_used);
+  ck_assert_ptr_null(conn.block);
+  /* The round ends: the slot keeps the block, no longer in use; a message
+   * not in place swapped with it leaves each block where it is. */
+  sbn__arena_reset(&slot);
+  ck_assert_ptr_eq(slot.block, first);
+  ck_assert(!slot.block_used);
+  uint8_t *reader_spare = malloc(64);
+  conn.block = reader_spare;
+  conn.block_cap = 64;
+  sbn__arena_swap(&conn, &slot);
+  ck_assert_ptr_eq(conn.block, reader_spare);
+  ck_assert_ptr_eq(slot.block, first);
+  ck_assert_uint_eq(sbn__arena_bytes(&slot), slot.cap + slot.block_cap);
+  sbn__framer_release(&rx);
+  sbn__arena_release(&conn);
+  sbn__arena_release(&slot);
+  ck_assert_ptr_null(slot.block);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("pool");
   TCase *tc = tcase_create("pool");
@@ -215,6 +260,7 @@ int main(void) {
   tcase_add_test(tc, reply_buffers_bounded);
   tcase_add_test(tc, write_records_bounded);
   tcase_add_test(tc, arena_keep_max);
+  tcase_add_test(tc, arena_blocks_travel_with_messages);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
