@@ -89,31 +89,19 @@ static int any_nonfinite_f(const float *v, size_t n) {
   return bad != 0;
 }
 
-long sbn__finite_check_f(const float *v, size_t n) {
-  for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
-    size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
-    if (!any_nonfinite_f(v + j, m))
-      continue;
-    for (size_t i = 0; i < m; i++)
-      if (!isfinite(v[j + i]))
-        return (long)(j + i);
-  }
-  return -1;
-}
-
 /*
  * Block by block, so the double accumulator stays in the L1 cache and every
  * input is read once: the sums are the same as element by element (each
  * element's additions keep their order).
  */
 long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, double scale,
-                        double *acc, double *bad_value) {
+                        double *acc, double *bad_value, long *bad_input) {
   int e;
   const int pow2 = frexp(scale, &e) == 0.5 && scale >= 1.0;
   const double inv = 1.0 / scale;
   /* Aligned output is written in place; otherwise each block is rounded
    * into o (L1) and copied out. */
-  const int direct = (uintptr_t)out % _Alignof(float) == 0;
+  const int direct = (uintptr_t)out % _Alignof(float) == 0 && (k == 0 || out != in[0]);
   float ob[SBN_REDUCE_BLOCK];
   for (size_t j = 0; j < n; j += SBN_REDUCE_BLOCK) {
     size_t m = n - j < SBN_REDUCE_BLOCK ? n - j : SBN_REDUCE_BLOCK;
@@ -137,10 +125,16 @@ long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, d
       for (size_t i = 0; i < m; i++)
         o[i] = (float)(acc[i] / scale);
     }
+    /* A non-finite input makes its element's result non-finite too, so the
+     * inputs need no pass of their own: only a bad result is looked into. */
     if (any_nonfinite_f(o, m)) {
       for (size_t i = 0; i < m; i++)
         if (!isfinite(o[i])) {
           *bad_value = acc[i] / scale;
+          *bad_input = -1;
+          for (size_t r = 0; r < k && *bad_input < 0; r++)
+            if (!isfinite(in[r][j + i]))
+              *bad_input = (long)r;
           return (long)(j + i);
         }
     }

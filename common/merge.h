@@ -33,18 +33,18 @@ long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C
 
 /* Checks that every value is finite; returns the first bad index or -1. */
 long sbn__finite_check(const double *v, size_t n);
-/* The same for floats, vectorizable: blocks are checked without branches. */
-long sbn__finite_check_f(const float *v, size_t n);
 /*
  * Allreduce: out[j] = (float)((in[0][j] + in[1][j] + ... + in[k-1][j]) / scale)
  * with the sum in double, added in the order of in[] and rounded to float
  * once.  out need not be aligned (it may sit inside an encoded frame) and
  * may be in[0].  acc: SBN_REDUCE_BLOCK doubles of scratch.  Returns the
- * index of the first element whose result is not a finite float
- * (overflow), with that result in double in *bad_value, or -1.
+ * index of the first element whose result is not a finite float, or -1;
+ * then *bad_input is the first input (in[] order) whose value there is Inf
+ * or NaN, or -1 when all were finite and their sum overflowed (its value in
+ * double in *bad_value).  The inputs need no finiteness check beforehand.
  */
 #define SBN_REDUCE_BLOCK 2048
 long sbn__reduce_floats(void *out, const float *const *in, size_t k, size_t n, double scale,
-                        double *acc, double *bad_value);
+                        double *acc, double *bad_value, long *bad_input);
 
 #endif /* SBN_MERGE_H */

@@ -339,10 +339,8 @@ static int check_values(const sbn__srv_conn *conn, const Sbn__Contribute *m, cha
     else if ((bad = sbn__finite_check(m->b, m->n_b)) >= 0)
       what = "sum of dy*xhat is not finite";
     break;
-  case SBN__PHASE__PHASE_ALLREDUCE:
-    if ((bad = sbn__finite_check_f(m->fvals, m->n_fvals)) >= 0)
-      what = "value is not finite";
-    break;
+  /* Allreduce values: checked by the reduction itself (sbn__reduce_floats),
+   * which reads them anyway. */
   default: break;
   }
   if (bad < 0)
@@ -591,7 +589,7 @@ static void round_complete(sbn__srv_round *r) {
     /* The mean divides the double sum, so it too is rounded only once. */
     double scale = ref->op == SBN__REDUCE_OP__REDUCE_MEAN ? (double)r->n : 1.0;
     double bad_value = 0;
-    long bad;
+    long bad, bad_input = -1;
     res.count = count;
 #if SBN_WIRE_IS_HOST_ORDER
     /* The sums go straight into the reply's frame, after its prefix: no
@@ -614,12 +612,21 @@ static void round_complete(sbn__srv_round *r) {
                           sbn_strerror(prc));
       return;
     }
-    bad = sbn__reduce_floats(wb->data + prefix, in, r->n, C, scale, acc, &bad_value);
+    bad = sbn__reduce_floats(wb->data + prefix, in, r->n, C, scale, acc, &bad_value, &bad_input);
 #else
-    bad = sbn__reduce_floats(first->fvals, in, r->n, C, scale, acc, &bad_value);
+    bad = sbn__reduce_floats(first->fvals, in, r->n, C, scale, acc, &bad_value, &bad_input);
     res.n_fvals = C;
     res.fvals = first->fvals;
 #endif
+    if (bad >= 0 && bad_input >= 0) {
+      sbn__srv_wbuf_unref(wb);
+      uint32_t who = sbn__srv_group_rank(g, (uint32_t)bad_input);
+      sbn__srv_round_fail(r, SBN_EBADSTATS, &who, 1,
+                          "rank %u sent bad values for layer '%s' (seq %llu, allreduce), "
+                          "channel %ld: value is not finite",
+                          (unsigned)who, ref->layer, (unsigned long long)r->seq, bad);
+      return;
+    }
     if (bad >= 0) {
       sbn__srv_wbuf_unref(wb);
       sbn__srv_round_fail(r, SBN_EBADSTATS, NULL, 0,

@@ -241,10 +241,13 @@ START_TEST(reduce_floats_exact) {
           want[j] = (float)(sum / scale);
         }
         double bad_value = 0;
-        ck_assert_int_eq(sbn__reduce_floats(out, in, k, n, scale, acc, &bad_value), -1);
+        long bad_input = 0;
+        ck_assert_int_eq(sbn__reduce_floats(out, in, k, n, scale, acc, &bad_value, &bad_input),
+                         -1);
         ck_assert(n == 0 || memcmp(out, want, n * sizeof(float)) == 0);
         /* In place, as the coordinator does it. */
-        ck_assert_int_eq(sbn__reduce_floats(buf[0], in, k, n, scale, acc, &bad_value), -1);
+        ck_assert_int_eq(sbn__reduce_floats(buf[0], in, k, n, scale, acc, &bad_value, &bad_input),
+                         -1);
         ck_assert(n == 0 || memcmp(buf[0], want, n * sizeof(float)) == 0);
         for (size_t r = 0; r < k; r++)
           free(buf[r]);
@@ -264,35 +267,52 @@ START_TEST(reduce_floats_overflow) {
   a[SBN_REDUCE_BLOCK + 7] = b[SBN_REDUCE_BLOCK + 7] = FLT_MAX;
   a[N - 1] = b[N - 1] = FLT_MAX;
   double bad_value = 0;
-  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 1.0, acc, &bad_value),
+  long bad_input = 0;
+  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 1.0, acc, &bad_value, &bad_input),
                    SBN_REDUCE_BLOCK + 7);
   ck_assert(bad_value == 2.0 * (double)FLT_MAX);
+  ck_assert_int_eq(bad_input, -1); /* finite inputs: an overflow */
   /* The mean of the same values fits. */
-  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 2.0, acc, &bad_value), -1);
+  ck_assert_int_eq(sbn__reduce_floats(out, in, 2, N, 2.0, acc, &bad_value, &bad_input), -1);
   ck_assert(out[SBN_REDUCE_BLOCK + 7] == FLT_MAX);
 }
 END_TEST
 
-START_TEST(finite_check_floats) {
-  enum { N = 3 * SBN_REDUCE_BLOCK + 1 };
-  static float v[N];
-  for (size_t j = 0; j < N; j++)
-    v[j] = (float)j - 1000.0f;
-  ck_assert_int_eq(sbn__finite_check_f(v, N), -1);
-  ck_assert_int_eq(sbn__finite_check_f(v, 0), -1);
-  static const size_t at[] = {0, SBN_REDUCE_BLOCK - 1, SBN_REDUCE_BLOCK, N - 1};
-  static const float bad[] = {NAN, INFINITY, -INFINITY};
-  for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++)
-    for (size_t b = 0; b < sizeof(bad) / sizeof(bad[0]); b++) {
-      v[at[i]] = bad[b];
-      ck_assert_int_eq(sbn__finite_check_f(v, N), (long)at[i]);
-      v[at[i]] = 0;
-    }
-  /* The largest finite float and the smallest subnormal are finite. */
-  v[5] = FLT_MAX;
-  v[6] = -FLT_MAX;
-  v[7] = 1e-45f;
-  ck_assert_int_eq(sbn__finite_check_f(v, N), -1);
+/* Inf or NaN in an input is found by the reduction itself: the first bad
+ * element, and there the first input holding a non-finite value, also when
+ * the non-finite inputs cancel (Inf - Inf) or the output is the input. */
+START_TEST(reduce_floats_bad_inputs) {
+  enum { N = 3 * SBN_REDUCE_BLOCK + 5, K = 3 };
+  static float buf[K][N], out[N];
+  static double acc[SBN_REDUCE_BLOCK];
+  const float *in[K] = {buf[0], buf[1], buf[2]};
+  static const struct {
+    size_t at;
+    int rank;
+    float v, v2; /* rank's value, and rank + 1's (when not 1.0) */
+    long want_input;
+  } cases[] = {{0, 0, NAN, 1.0f, 0},
+               {SBN_REDUCE_BLOCK - 1, 2, INFINITY, 1.0f, 2},
+               {SBN_REDUCE_BLOCK, 1, -INFINITY, 1.0f, 1},
+               {N - 1, 1, INFINITY, -INFINITY, 1},
+               {2 * SBN_REDUCE_BLOCK + 3, 0, -NAN, NAN, 0}};
+  for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++)
+    for (int in_place = 0; in_place <= 1; in_place++)
+      for (int mean = 0; mean <= 1; mean++) {
+        for (int r = 0; r < K; r++)
+          for (size_t j = 0; j < N; j++)
+            buf[r][j] = 1.0f;
+        buf[cases[c].rank][cases[c].at] = cases[c].v;
+        if (cases[c].rank + 1 < K)
+          buf[cases[c].rank + 1][cases[c].at] = cases[c].v2;
+        buf[K - 1][N - 1] = buf[K - 1][N - 1] == 1.0f ? 2.0f : buf[K - 1][N - 1];
+        double bad_value = 0;
+        long bad_input = 99;
+        long at = sbn__reduce_floats(in_place ? buf[0] : out, in, K, N, mean ? 3.0 : 1.0, acc,
+                                     &bad_value, &bad_input);
+        ck_assert_msg(at == (long)cases[c].at, "case %zu: element %ld", c, at);
+        ck_assert_msg(bad_input == cases[c].want_input, "case %zu: input %ld", c, bad_input);
+      }
 }
 END_TEST
 
@@ -308,7 +328,7 @@ int main(void) {
   tcase_add_test(tc, stats_check);
   tcase_add_test(tc, reduce_floats_exact);
   tcase_add_test(tc, reduce_floats_overflow);
-  tcase_add_test(tc, finite_check_floats);
+  tcase_add_test(tc, reduce_floats_bad_inputs);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
