@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -257,8 +258,19 @@ static int star_relay_round(const int *fd, int n, char *buf, size_t bytes) {
   return 0;
 }
 
-/* One star measurement: n workers, warm + reps rounds; fills st (us). */
-static int star_measure(int n, int channels, int warm, int reps, bench_stats *st) {
+/* This process's CPU time (user + system), in microseconds. */
+static double self_cpu_us(void) {
+  struct rusage ru;
+  if (getrusage(RUSAGE_SELF, &ru) != 0)
+    return NAN;
+  return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+         (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+/* One star measurement: fills st (us) and *relay_cpu_us, the relay's CPU
+ * time per timed round. */
+static int star_measure(int n, int channels, int warm, int reps, bench_stats *st,
+                        double *relay_cpu_us) {
   if (n < 1 || n > STAR_WORKERS_MAX || reps < 1)
     return -1;
   size_t bytes = floor_payload_bytes(channels);
@@ -288,9 +300,14 @@ static int star_measure(int n, int channels, int warm, int reps, bench_stats *st
       goto out;
     set_nodelay(fd[nfd++]);
   }
-  for (int i = 0; i < warm + reps; i++)
+  double cpu0 = 0;
+  for (int i = 0; i < warm + reps; i++) {
+    if (i == warm)
+      cpu0 = self_cpu_us();
     if (star_relay_round(fd, n, buf, bytes) != 0)
       goto out;
+  }
+  *relay_cpu_us = (self_cpu_us() - cpu0) / reps;
   rc = 0;
 out:
   for (int i = 0; i < nfd; i++)
@@ -320,8 +337,9 @@ double floor_star_p50_us(int workers, int channels, int reps) {
   if (w >= 0 && i >= 0 && star_cache[w][i] >= 0)
     return star_cache[w][i];
   bench_stats st;
+  double relay_cpu = NAN;
   note("floor_star N=%d C=%d", workers, channels);
-  if (star_measure(workers, channels, floor_warm(), reps, &st) != 0) {
+  if (star_measure(workers, channels, floor_warm(), reps, &st, &relay_cpu) != 0) {
     note("floor_star N=%d C=%d failed", workers, channels);
     return NAN;
   }
@@ -336,6 +354,7 @@ double floor_star_p50_us(int workers, int channels, int reps) {
   j_num(&j, "p50_us", st.p50);
   j_num(&j, "p99_us", st.p99);
   j_num(&j, "mean_us", st.mean);
+  j_num(&j, "relay_cpu_us_per_round", relay_cpu);
   j_emit(&j);
   return st.p50;
 }
