@@ -30,18 +30,30 @@ void sbn__sums_add(double *acc, const double *b, size_t n) {
     acc[i] += b[i];
 }
 
-/* Whether any of v[0..n) is Inf or NaN (exponent all ones), or with
- * neg_too below zero, without branches: the checks below run on every
- * member's values in every round, and nearly always pass. */
+/*
+ * Whether any of v[0..n) is Inf or NaN, or with neg_too below zero, without
+ * branches: the checks below run on every member's values in every round,
+ * and nearly always pass.  x - x is +0 for a finite x and NaN otherwise, and
+ * a sum of negative numbers never comes to 0: so the sums are 0 (or -0)
+ * exactly when every value passes.  Eight sums side by side vectorize
+ * (GCC does not vectorize a mask reduction over doubles on SSE2).
+ */
 static int any_suspect_d(const double *v, size_t n, int neg_too) {
-  uint64_t bad = 0;
-  for (size_t i = 0; i < n; i++) {
-    uint64_t b;
-    memcpy(&b, &v[i], sizeof(b));
-    bad |= (uint64_t)((b & 0x7ff0000000000000u) == 0x7ff0000000000000u);
-    bad |= (uint64_t)(neg_too && (b >> 63) && (b << 1) != 0); /* < 0, -0 is fine */
+  double m[8] = {0};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) {
+      const double x = v[i + j];
+      m[j] += (x - x) + (neg_too && x < 0 ? x : 0.0);
+    }
+  double t = 0;
+  for (; i < n; i++) {
+    const double x = v[i];
+    t += (x - x) + (neg_too && x < 0 ? x : 0.0);
   }
-  return bad != 0;
+  for (int j = 0; j < 8; j++)
+    t += m[j];
+  return t != 0;
 }
 
 long sbn__stats_check(uint64_t n, const double *mean, const double *m2, size_t C,

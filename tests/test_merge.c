@@ -200,6 +200,18 @@ START_TEST(stats_check) {
   ck_assert_int_eq(sbn__finite_check(mv, 1000), 999);
   ck_assert_int_eq(sbn__finite_check(mv, 999), -1);
   ck_assert_int_eq(sbn__finite_check(qv, 1000), -1); /* -0 and DBL_MAX are finite */
+  /* Past the last whole group of eight values, and sums that overflow. */
+  mv[999] = -1;
+  for (int i = 0; i < 1000; i++)
+    qv[i] = DBL_MAX;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 1000, &what), -1);
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 997, &what), -1);
+  qv[995] = -DBL_MAX;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 997, &what), 995);
+  qv[995] = DBL_MAX;
+  mv[996] = INFINITY;
+  ck_assert_int_eq(sbn__stats_check(10, mv, qv, 997, &what), 996);
+  ck_assert_int_eq(sbn__finite_check(mv, 997), 996);
 }
 END_TEST
 
