@@ -152,9 +152,11 @@ SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset);
  * Served by the same coordinator, with the same failure rules as the rounds
  * above (a lost member, a disagreement or a timeout fails the call on every
  * member, with a message naming the ranks).  A buffer that fits one chunk
- * is updated only when the call succeeds; a larger one travels in several
- * chunks, and a failure part-way leaves the earlier chunks updated (the call
- * still returns the error; treat the buffer's contents as undefined then).
+ * is updated only when its chunk's round succeeds; a larger one travels in
+ * several chunks, and a failure part-way leaves the earlier chunks updated
+ * (the call still returns the error; treat the contents of every buffer of
+ * a failed call as undefined then: with sbn_allreduce_many, the buffers of
+ * chunks that completed before the failure hold their results).
  * With a coordinator that allows it (its Welcome), the next chunk is sent
  * while the previous one is reduced (two in flight); a failed call still
  * leaves the group ready for the next collective on every member.
