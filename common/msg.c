@@ -55,6 +55,15 @@ static int varint_get(const uint8_t **p, const uint8_t *end, uint64_t *v) {
   return 0;
 }
 
+/* A tag or a length: as protobuf-c reads them, at most 5 bytes, and here
+ * below 2^32 too (protobuf-c drops a tag's bits past 32, so a longer value
+ * could name a different field to it): 0 otherwise, and the full decoder
+ * judges the bytes. */
+static int varint32_get(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+  const uint8_t *start = *p;
+  return varint_get(p, end, v) && *p - start <= 5 && *v <= UINT32_MAX;
+}
+
 /*
  * Finds the one length-delimited field `field` of the message in
  * [p, end), when it is the message's last field: 1 with its tag's start
@@ -67,7 +76,7 @@ static int find_last_field(const uint8_t *p, const uint8_t *end, uint32_t field,
   while (p < end) {
     const uint8_t *start = p;
     uint64_t tag, v;
-    if (!varint_get(&p, end, &tag))
+    if (!varint32_get(&p, end, &tag))
       return 0;
     if (tag >> 3 == field && (tag & 7) != 2)
       return 0; /* unpacked values of the field: the decoder joins them */
@@ -87,7 +96,7 @@ static int find_last_field(const uint8_t *p, const uint8_t *end, uint32_t field,
       p += 4;
       break;
     case 2: /* length-delimited */
-      if (!varint_get(&p, end, &v) || v > (uint64_t)(end - p))
+      if (!varint32_get(&p, end, &v) || v > (uint64_t)(end - p))
         return 0;
       if (tag >> 3 == field) {
         if (found)
@@ -112,8 +121,8 @@ Sbn__Envelope *sbn__msg_decode_tail(ProtobufCAllocator *alloc, const uint8_t *bo
                                     char *err, size_t errlen) {
   const uint8_t *p = body, *end = body + len;
   uint64_t tag, sub_len;
-  if (!SBN_WIRE_IS_HOST_ORDER || !varint_get(&p, end, &tag) || (tag & 7) != 2 ||
-      !varint_get(&p, end, &sub_len) || sub_len != (uint64_t)(end - p))
+  if (!SBN_WIRE_IS_HOST_ORDER || !varint32_get(&p, end, &tag) || (tag & 7) != 2 ||
+      !varint32_get(&p, end, &sub_len) || sub_len != (uint64_t)(end - p))
     return sbn__msg_decode_with(alloc, body, len, err, errlen);
   const ProtobufCMessageDescriptor *desc;
   uint32_t field;
