@@ -302,6 +302,64 @@ START_TEST(test_poisoned_allreduce) {
 }
 END_TEST
 
+/*
+ * A round that one rank cannot send (its message is over the coordinator's
+ * frame limit, UNSENT_MAX_FRAME) never starts: that rank gives its sequence
+ * number back, so its next call meets the other rank's open round and both
+ * get a clear mismatch at once, and the group stays in step.  (Were the
+ * number kept, the two ranks would be one round apart from then on.)
+ */
+#define UNSENT_MAX_FRAME "8192"
+#define UNSENT_BIG_N 4096 /* 16 KiB of values */
+static int unsent_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  sbn_group *w = sbn_world(ctx);
+  static float big[UNSENT_BIG_N];
+  float small[16] = {0};
+  if (rank == 0) {
+    int rc = sbn_allreduce(w, big, UNSENT_BIG_N, SBN_REDUCE_SUM);
+    if (rc != SBN_ETOOBIG)
+      FAIL(sh, rank, "allreduce over the frame limit gave %d: %s", rc, sbn_last_error());
+    rc = sbn_barrier(w); /* meets rank 1's allreduce in the same round */
+    if (rc != SBN_EMISMATCH)
+      FAIL(sh, rank, "barrier against an allreduce gave %d: %s", rc, sbn_last_error());
+  } else {
+    int rc = sbn_allreduce(w, small, 16, SBN_REDUCE_SUM);
+    if (rc != SBN_EMISMATCH)
+      FAIL(sh, rank, "allreduce against a barrier gave %d: %s", rc, sbn_last_error());
+  }
+  /* In step again. */
+  for (int i = 0; i < 16; i++)
+    small[i] = (float)(rank + 1) * (float)i;
+  if (sbn_barrier(w) != SBN_OK || sbn_allreduce(w, small, 16, SBN_REDUCE_SUM) != SBN_OK)
+    FAIL(sh, rank, "after the unsent round: %s", sbn_last_error());
+  for (int i = 0; i < 16 && !sh->failures[rank]; i++)
+    if (small[i] != 3.0f * (float)i)
+      FAIL(sh, rank, "element %d is %g after the unsent round", i, small[i]);
+  sbn_finalize(ctx);
+  return sh->failures[rank] ? 1 : 0;
+}
+
+START_TEST(test_unsent_round_gives_seq_back) {
+  const char *args[] = {"--max-frame", UNSENT_MAX_FRAME, NULL};
+  ck_assert_int_eq(coord_start(&coord, args), 0);
+  arg a = {coord.addr, unique_job(), 2};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 2, unsent_worker, &a, sizeof(shared)), 0);
+  int ok = workers_wait(&ws, 30000);
+  shared *sh = ws.shared;
+  for (int r = 0; r < 2; r++)
+    ck_assert_msg(ws.status[r] == 0, "rank %d: status %d: %s", r, ws.status[r], sh->msg[r]);
+  ck_assert_int_eq(ok, 2);
+  workers_release(&ws);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
 START_TEST(test_local_collectives) {
   sbn_config cfg;
   sbn_config_init(&cfg);
@@ -326,6 +384,7 @@ int main(void) {
   tcase_set_timeout(tc, 150);
   tcase_add_loop_test(tc, test_collectives_n, 0, 2);
   tcase_add_test(tc, test_poisoned_allreduce);
+  tcase_add_test(tc, test_unsent_round_gives_seq_back);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);
   return run_suite(s);
