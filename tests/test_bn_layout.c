@@ -620,6 +620,13 @@ START_TEST(test_dispatch_paths_agree) {
       {2, {13, 53}, 53, RELU, 0.0f},        /* rows: 16-channel blocks + 4 + 1 */
       {3, {5, 7, 80}, 80, CL, 0.0f},        /* rows of 64 + 16 channels */
       {2, {21, 144}, 144, RELU, 0.0f},      /* 8 rows per sweep */
+      /* AVX-512 sums over all rows in one sweep (16-64 channels, from 128
+       * rows: ROWS_ALL_MIN), at the edge and around it. */
+      {3, {4, 40, 64}, 64, CL | RELU, 1e4f},
+      {3, {2, 64, 16}, 16, CL, 0.0f},       /* exactly 128 rows */
+      {3, {3, 43, 48}, 48, CL | RELU, 0.0f},
+      {2, {127, 32}, 32, RELU, 0.0f},       /* one row short: sweeps of RB */
+      {2, {130, 32}, 32, 0, 1e4f},
   };
   int paths[N_PATHS], np = 0;
   for (int p = 0; p < N_PATHS; p++)
