@@ -204,23 +204,36 @@ static int collectives_worker(int rank, void *ap, void *sp) {
 
 static coord_proc coord;
 
+/* Starts the coordinator (with coord_args) and world workers running fn,
+ * waits at most timeout_ms, and checks that every worker succeeded; the
+ * caller checks the rest in *ws, then calls finish(). */
+static shared *run_workers(worker_set *ws, const char *const *coord_args, int world,
+                           worker_fn fn, int timeout_ms) {
+  ck_assert_int_eq(coord_start(&coord, coord_args), 0);
+  arg a = {coord.addr, unique_job(), world}; /* the workers get a copy (fork) */
+  ck_assert_int_eq(workers_start(ws, world, fn, &a, sizeof(shared)), 0);
+  int ok = workers_wait(ws, timeout_ms);
+  shared *sh = ws->shared;
+  for (int r = 0; r < world; r++)
+    ck_assert_msg(ws->status[r] == 0, "rank %d: status %d: %s", r, ws->status[r], sh->msg[r]);
+  ck_assert_int_eq(ok, world);
+  return sh;
+}
+
+static void finish(worker_set *ws) {
+  workers_release(ws);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+
 START_TEST(test_collectives_n) {
   static const int worlds[] = {2, 4};
   int world = worlds[_i];
-  ck_assert_int_eq(coord_start(&coord, NULL), 0);
-  arg a = {coord.addr, unique_job(), world};
   worker_set ws;
-  ck_assert_int_eq(workers_start(&ws, world, collectives_worker, &a, sizeof(shared)), 0);
-  int ok = workers_wait(&ws, 100000);
-  shared *sh = ws.shared;
-  for (int r = 0; r < world; r++)
-    ck_assert_msg(ws.status[r] == 0, "rank %d: status %d: %s", r, ws.status[r], sh->msg[r]);
-  ck_assert_int_eq(ok, world);
+  shared *sh = run_workers(&ws, NULL, world, collectives_worker, 100000);
   for (int r = 0; r < world; r++)
     ck_assert_msg(sh->t_after_barrier[r] >= sh->t_before_barrier[0],
                   "rank %d left the barrier before rank 0 arrived", r);
-  workers_release(&ws);
-  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+  finish(&ws);
 }
 END_TEST
 
@@ -286,19 +299,11 @@ static int nan_worker(int rank, void *ap, void *sp) {
 }
 
 START_TEST(test_poisoned_allreduce) {
-  ck_assert_int_eq(coord_start(&coord, NULL), 0);
-  arg a = {coord.addr, unique_job(), 2};
   worker_set ws;
-  ck_assert_int_eq(workers_start(&ws, 2, nan_worker, &a, sizeof(shared)), 0);
-  int ok = workers_wait(&ws, 30000);
-  shared *sh = ws.shared;
-  for (int r = 0; r < 2; r++)
-    ck_assert_msg(ws.status[r] == 0, "rank %d: status %d: %s", r, ws.status[r], sh->msg[r]);
-  ck_assert_int_eq(ok, 2);
+  shared *sh = run_workers(&ws, NULL, 2, nan_worker, 30000);
   for (int r = 0; r < 2; r++)
     ck_assert_msg(sh->rc[r] == SBN_EBADSTATS, "rank %d: %d", r, sh->rc[r]);
-  workers_release(&ws);
-  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+  finish(&ws);
 }
 END_TEST
 
@@ -346,17 +351,9 @@ static int unsent_worker(int rank, void *ap, void *sp) {
 
 START_TEST(test_unsent_round_gives_seq_back) {
   const char *args[] = {"--max-frame", UNSENT_MAX_FRAME, NULL};
-  ck_assert_int_eq(coord_start(&coord, args), 0);
-  arg a = {coord.addr, unique_job(), 2};
   worker_set ws;
-  ck_assert_int_eq(workers_start(&ws, 2, unsent_worker, &a, sizeof(shared)), 0);
-  int ok = workers_wait(&ws, 30000);
-  shared *sh = ws.shared;
-  for (int r = 0; r < 2; r++)
-    ck_assert_msg(ws.status[r] == 0, "rank %d: status %d: %s", r, ws.status[r], sh->msg[r]);
-  ck_assert_int_eq(ok, 2);
-  workers_release(&ws);
-  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+  run_workers(&ws, args, 2, unsent_worker, 30000);
+  finish(&ws);
 }
 END_TEST
 
