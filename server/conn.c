@@ -309,8 +309,8 @@ static int keep_in_place(sbn__srv_conn *conn, Sbn__Envelope *env) {
   if (env->body_case != SBN__ENVELOPE__BODY_CONTRIBUTE || env->contribute->n_fvals == 0)
     return SBN_OK;
   Sbn__Contribute *m = env->contribute;
-  const uint8_t *p = (const uint8_t *)m->fvals;
-  if (conn->rx.buf == NULL || p < conn->rx.buf || p >= conn->rx.buf + conn->rx.cap) {
+  const uintptr_t p = (uintptr_t)m->fvals, rx = (uintptr_t)conn->rx.buf;
+  if (rx == 0 || p < rx || p - rx >= conn->rx.cap) {
     conn->coord->metrics.fvals_copied++;
     return SBN_OK; /* decoded by copy: already in the arena */
   }

@@ -176,11 +176,10 @@ static int allreduce_list(sbn_group *g, chunk_list *l, sbn_reduce_op op) {
     }
     if (done == sent)
       break;
-    if ((rc = chunk_take(g, l, &ch[done % nslots], &tx[done % nslots], op)) != SBN_OK) {
-      done++;
-      goto fail;
-    }
+    rc = chunk_take(g, l, &ch[done % nslots], &tx[done % nslots], op);
     done++;
+    if (rc != SBN_OK)
+      goto fail; /* the chunks after it are abandoned */
   }
   free(pack);
   return SBN_OK;
