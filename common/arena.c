@@ -23,14 +23,18 @@ static void *arena_alloc(void *ud, size_t size) {
   if (a->nspill == a->spill_cap) {
     size_t ncap = a->spill_cap ? 2 * a->spill_cap : 8;
     void **ns = realloc(a->spill, ncap * sizeof(*ns));
-    if (ns == NULL)
+    if (ns == NULL) {
+      a->failed = 1;
       return NULL;
+    }
     a->spill = ns;
     a->spill_cap = ncap;
   }
   void *p = malloc(size);
   if (p != NULL)
     a->spill[a->nspill++] = p;
+  else
+    a->failed = 1;
   return p;
 }
 
@@ -53,10 +57,12 @@ void sbn__arena_reset(sbn__arena *a) {
   }
   a->used = a->want = 0;
   a->block_used = 0;
+  a->failed = 0;
 }
 
 void sbn__arena_release(sbn__arena *a) {
   size_t keep_max = a->keep_max;
+  a->want = 0; /* no growing on the way out */
   sbn__arena_reset(a);
   free(a->spill);
   free(a->buf);

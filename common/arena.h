@@ -36,6 +36,8 @@ typedef struct sbn__arena {
   uint8_t *block;         /* raw bytes that may travel with the arena (see above) */
   size_t block_cap;
   int block_used;         /* block holds bytes of the message in the arena */
+  int failed;             /* an allocation failed since the reset: a decode that
+                             failed then was out of memory, not a bad message */
 } sbn__arena;
 
 /* An empty arena whose buffer grows to at most keep_max bytes (0: no limit). */

@@ -199,8 +199,12 @@ static void conn_on_write(uv_write_t *req, int status) {
  * many connections in a loop without their job vanishing under them.
  */
 void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb) {
-  if (conn->closing || conn->broken || wb == NULL)
+  if (conn->closing || conn->broken)
     return;
+  if (wb == NULL) {
+    conn_break(conn, "out of memory for a message to it", 0);
+    return;
+  }
   uv_buf_t buf = uv_buf_init((char *)wb->data, (unsigned)wb->len);
   /* Most replies fit in the socket buffer: then nothing is queued at all. */
   int n = uv_try_write((uv_stream_t *)&conn->tcp, &buf, 1);
@@ -350,6 +354,12 @@ static void conn_drain(sbn__srv_conn *conn) {
     char err[160];
     ProtobufCAllocator pa = sbn__arena_allocator(&conn->arena);
     Sbn__Envelope *env = sbn__msg_decode_tail(&pa, body, len, err, sizeof(err));
+    if (env == NULL && conn->arena.failed) {
+      sbn__arena_reset(&conn->arena);
+      sbn__srv_conn_error(conn, SBN_ENOMEM, NULL, 0, 0, 0, "", "out of memory for a message");
+      sbn__srv_conn_close(conn, 1, "out of memory decoding a message of %zu bytes", len);
+      return;
+    }
     if (env == NULL) {
       sbn__arena_reset(&conn->arena);
       sbn__srv_conn_error(conn, SBN_EPROTO, NULL, 0, 0, 0, "", "%s", err);
@@ -539,11 +549,37 @@ static void conn_keepalive(sbn__srv_conn *conn, unsigned idle_s) {
              uv_strerror(rc));
 }
 
+static void conn_on_refused(uv_handle_t *h) {
+  sbn__coord *c = h->data;
+  c->refuse_busy = 0;
+  if (c->refuse_again && !c->stopping) {
+    c->refuse_again = 0;
+    sbn__srv_conn_accept(c);
+  }
+}
+
+/* Takes the pending connection off the listener and closes it (no memory
+ * for it): see sbn__coord.refuse. */
+static void conn_refuse(sbn__coord *c) {
+  if (c->refuse_busy) {
+    c->refuse_again = 1; /* conn_on_refused comes back for it */
+    return;
+  }
+  uv_tcp_init(c->loop, &c->refuse);
+  c->refuse.data = c;
+  c->refuse_busy = 1;
+  int rc = uv_accept((uv_stream_t *)&c->listener, (uv_stream_t *)&c->refuse);
+  if (rc != 0)
+    SBN_LOGW("accept failed: %s", uv_strerror(rc));
+  c->metrics.refused_nomem++;
+  uv_close((uv_handle_t *)&c->refuse, conn_on_refused);
+}
+
 void sbn__srv_conn_accept(sbn__coord *c) {
   sbn__srv_conn *conn = calloc(1, sizeof(*conn));
   if (conn == NULL) {
-    /* Leave the connection in the backlog; the next accept may succeed. */
-    SBN_LOGE("out of memory accepting a connection");
+    SBN_LOGE("out of memory accepting a connection: closing it");
+    conn_refuse(c);
     return;
   }
   conn->coord = c;

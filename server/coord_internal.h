@@ -105,6 +105,15 @@ struct sbn__coord {
   sbn__coord_config cfg;
   uv_tcp_t listener;
   int listening;        /* the listener handle was initialized */
+  /*
+   * Out of memory for a new connection, the coordinator still takes it off
+   * the listener (libuv reads the listener no further until the pending one
+   * is accepted) into this handle and closes it, so the worker gets a closed
+   * connection at once, not a hang.  refuse_busy: the handle is closing;
+   * refuse_again: another connection waits for it.
+   */
+  uv_tcp_t refuse;
+  int refuse_busy, refuse_again;
   int stopping;         /* sbn__coord_stop() ran */
   sbn__srv_conn *conns; /* every connection not yet closed, a list */
   sbn__srv_map jobs;    /* job id -> sbn__srv_job */
@@ -294,7 +303,9 @@ void sbn__srv_conn_close(sbn__srv_conn *conn, int flush, const char *fmt, ...)
 /*
  * Queues a frame; takes its own reference.  No-op on a closing connection.
  * Never closes the connection synchronously, so it is safe in loops over
- * a round's members.
+ * a round's members.  wb NULL is a message that could not be built (out of
+ * memory): the connection is then closed (from the loop, soon after), so
+ * the worker fails at once instead of waiting for what it will not get.
  */
 void sbn__srv_conn_send(sbn__srv_conn *conn, sbn__srv_wbuf *wb);
 /* Sends an Error about one request to conn alone. */

@@ -76,8 +76,10 @@ int sbn__coord_new(uv_loop_t *loop, const sbn__coord_config *cfg, sbn__coord **o
     return SBN_EINVAL;
   }
   sbn__coord *c = calloc(1, sizeof(*c));
-  if (c == NULL)
+  if (c == NULL) {
+    SBN_LOGE("out of memory creating the coordinator");
     return SBN_ENOMEM;
+  }
   c->loop = loop;
   c->cfg = *cfg;
   c->auth = cfg->secret.len > 0;

@@ -211,7 +211,8 @@ void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   sbn__srv_conn_close(conn, 1, "hello rejected");
 }
 
-static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
+/* The Welcome for conn joining job (NULL: out of memory, or no proof). */
+static sbn__srv_wbuf *welcome_encode(sbn__srv_conn *conn, const Sbn__Hello *h, uint64_t session) {
   sbn__coord *c = conn->coord;
   Sbn__Welcome w = SBN__WELCOME__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
@@ -219,10 +220,8 @@ static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
   if (conn->authed) {
     /* The same transcript as the worker's proof, the other direction. */
     if (sbn__auth_proof(&c->cfg.secret, SBN_AUTH_COORDINATOR, conn->nonce_w, conn->nonce_c,
-                        h->job, h->rank, h->world_size, h->generation, proof) != SBN_OK) {
-      sbn__srv_reject(conn, SBN_EAUTH, "the coordinator cannot compute its proof");
-      return;
-    }
+                        h->job, h->rank, h->world_size, h->generation, proof) != SBN_OK)
+      return NULL;
     w.proof.data = proof;
     w.proof.len = SBN_AUTH_MAC_SIZE;
   }
@@ -230,22 +229,12 @@ static void welcome(sbn__srv_conn *conn, const Sbn__Hello *h) {
   w.server_version = (char *)SBN_VERSION_STRING;
   w.max_frame = c->cfg.max_frame;
   w.round_timeout_ms = c->cfg.round_timeout_ms;
-  w.session = ++c->next_session;
+  w.session = session;
   w.pipeline = SBN_SRV_PIPELINE_DEPTH;
   env.body_case = SBN__ENVELOPE__BODY_WELCOME;
   env.welcome = &w;
   int rc;
-  sbn__srv_wbuf *wb = sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, &rc);
-  sbn__srv_conn_send(conn, wb);
-  sbn__srv_wbuf_unref(wb);
-  /* A welcomed worker may send frames up to the configured limit. */
-  conn->rx.max_frame = c->cfg.max_frame;
-  SBN_LOGI("conn %llu %s: hello accepted%s: job '%s' rank %u world %u generation %llu "
-           "session %llu",
-           (unsigned long long)conn->id, conn->peer, conn->authed ? " (authenticated)" : "",
-           conn->job->name, (unsigned)conn->rank,
-           (unsigned)conn->job->world, (unsigned long long)conn->generation,
-           (unsigned long long)w.session);
+  return sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, &rc);
 }
 
 void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
@@ -324,6 +313,19 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
            (unsigned long long)job->generation);
     return;
   }
+  /* The Welcome is built before the rank is taken: without it (out of
+   * memory) the worker is refused and may simply try again. */
+  uint64_t session = c->next_session + 1;
+  sbn__srv_wbuf *wb = welcome_encode(conn, h, session);
+  if (wb == NULL) {
+    if (job->nconns == 0)
+      job_free(job); /* created for this hello, or holding nobody */
+    sbn__srv_reject(conn, conn->authed ? SBN_EAUTH : SBN_ENOMEM, "%s",
+                    conn->authed ? "the coordinator cannot compute its proof"
+                                 : "out of memory welcoming the worker");
+    return;
+  }
+  c->next_session = session;
   slot->conn = conn;
   slot->state = SBN_RANK_CONNECTED;
   job->nconns++;
@@ -331,7 +333,15 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
   conn->rank = h->rank;
   conn->generation = job->generation;
   conn->welcomed = 1;
-  welcome(conn, h);
+  sbn__srv_conn_send(conn, wb);
+  sbn__srv_wbuf_unref(wb);
+  /* A welcomed worker may send frames up to the configured limit. */
+  conn->rx.max_frame = c->cfg.max_frame;
+  SBN_LOGI("conn %llu %s: hello accepted%s: job '%s' rank %u world %u generation %llu "
+           "session %llu",
+           (unsigned long long)conn->id, conn->peer, conn->authed ? " (authenticated)" : "",
+           job->name, (unsigned)conn->rank, (unsigned)job->world,
+           (unsigned long long)conn->generation, (unsigned long long)session);
 }
 
 /* Losing a rank */

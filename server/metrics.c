@@ -240,6 +240,10 @@ void sbn__metrics_write(sbn__coord *c, sbn__sbuf *o) {
 
   head(o, "sbn_connections_accepted_total", "counter", "Connections accepted.");
   sbn__sbuf_printf(o, "sbn_connections_accepted_total %llu\n", (unsigned long long)m->accepted);
+  head(o, "sbn_connections_refused_total", "counter",
+       "Connections closed as soon as accepted, for want of memory to serve them.");
+  sbn__sbuf_printf(o, "sbn_connections_refused_total %llu\n",
+                   (unsigned long long)m->refused_nomem);
   static const int proto_always[] = {SBN_EPROTO};
   head(o, "sbn_protocol_errors_total", "counter",
        "Errors sent to one connection about its own stream or request (malformed frames "

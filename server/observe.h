@@ -49,6 +49,7 @@ typedef struct sbn__metrics {
   uint64_t bytes_in, bytes_out;
   uint64_t fvals_in_place, fvals_copied; /* allreduce contributions' values on receipt */
   uint64_t accepted;
+  uint64_t refused_nomem; /* connections closed at accept: no memory for them */
   uint64_t stalls;
   uint64_t start_unix_s;
 } sbn__metrics;

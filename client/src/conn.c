@@ -273,6 +273,8 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
       sbn__arena_reset(&c->arena); /* the previous reply is released by now */
       /* A Result's allreduce values stay in the receive buffer (no copy). */
       Sbn__Envelope *env = sbn__msg_decode_tail(&c->alloc, body, len, err, sizeof(err));
+      if (env == NULL && c->arena.failed)
+        return sbn__conn_kill(c, SBN_ENOMEM, "out of memory decoding the coordinator's reply");
       if (env == NULL) {
         char msg[200];
         snprintf(msg, sizeof(msg), "bad message from the coordinator: %s", err);

@@ -28,6 +28,11 @@ int coord_start(coord_proc *cp, const char *const *extra_args) {
 }
 
 int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *stderr_path) {
+  return coord_start_bin(cp, SBN_COORDINATOR_BIN, extra_args, stderr_path);
+}
+
+int coord_start_bin(coord_proc *cp, const char *bin, const char *const *extra_args,
+                    const char *stderr_path) {
   int pfd[2];
   const char *argv[COORD_MAX_ARGS];
   int argc = 0;
@@ -44,7 +49,7 @@ int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *s
          t = strtok_r(NULL, " ", &save))
       argv[argc++] = t;
   }
-  argv[argc++] = SBN_COORDINATOR_BIN;
+  argv[argc++] = bin;
   argv[argc++] = "--listen";
   argv[argc++] = "127.0.0.1:0";
   for (int i = 0; extra_args && extra_args[i] && argc < COORD_MAX_ARGS - 1; i++)
@@ -106,7 +111,7 @@ int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *s
   }
   close(pfd[0]);
   if (cp->port <= 0) {
-    coord_stop(cp, SIGKILL, 1000);
+    cp->start_status = coord_stop(cp, SIGKILL, 1000);
     return -1;
   }
   snprintf(cp->addr, sizeof(cp->addr), "127.0.0.1:%d", cp->port);

@@ -14,6 +14,9 @@ typedef struct coord_proc {
   pid_t pid;
   int port;
   char addr[64]; /* "127.0.0.1:PORT" */
+  /* When coord_start* failed: the wait status of the process (it exited on
+   * its own, or was killed with SIGKILL after the start timeout), or -1. */
+  int start_status;
 } coord_proc;
 
 /*
@@ -27,6 +30,10 @@ int coord_start(coord_proc *cp, const char *const *extra_args);
 /* coord_start() with the coordinator's stderr written to stderr_path
  * (created or truncated), for tests that read its log. */
 int coord_start_log(coord_proc *cp, const char *const *extra_args, const char *stderr_path);
+
+/* coord_start_log() of another build of the coordinator (test_nomem's). */
+int coord_start_bin(coord_proc *cp, const char *bin, const char *const *extra_args,
+                    const char *stderr_path);
 
 /*
  * Sends sig (SIGTERM for a clean stop) and waits at most timeout_ms.
