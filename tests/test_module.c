@@ -618,10 +618,23 @@ START_TEST(test_zero_grad_and_reset) {
   for (size_t i = 0; i < l.count; i++) sbn_tensor_fill(sbn_tensor_grad(l.items[i]), 3.0f);
   for (size_t i = 0; i < l.count; i++) sbn_tensor_fill(l.items[i], 3.0f);
   ck_assert_int_eq(sbn_module_zero_grad(m), SBN_OK);
-  for (size_t i = 0; i < l.count; i++) {
-    ck_assert(sbn_tensor_cdata(sbn_tensor_grad(l.items[i]))[0] == 0.0f);
-    ck_assert(sbn_tensor_cdata(l.items[i])[0] == 3.0f);
+  for (size_t i = 0; i < l.count; i++)
+    for (size_t j = 0; j < sbn_tensor_numel(l.items[i]); j++) {
+      ck_assert(sbn_tensor_cdata(sbn_tensor_grad(l.items[i]))[j] == 0.0f);
+      ck_assert(sbn_tensor_cdata(l.items[i])[j] == 3.0f);
+    }
+  /* A module held twice (its walk is cut by a stamp) and zeroing again. */
+  ck_assert_int_eq(sbn_module_set_module(m, "same_bn", sbn_module_get_module(m, "bn")), SBN_OK);
+  ck_assert_int_eq(sbn_module_append_module(m, "twice", sbn_module_get_module(m, "i")), SBN_OK);
+  ck_assert_int_eq(sbn_module_append_module(m, "twice", sbn_module_get_module(m, "i")), SBN_OK);
+  for (int round = 0; round < 2; round++) {
+    for (size_t i = 0; i < l.count; i++) sbn_tensor_fill(sbn_tensor_grad(l.items[i]), 5.0f);
+    ck_assert_int_eq(sbn_module_zero_grad(m), SBN_OK);
+    for (size_t i = 0; i < l.count; i++)
+      for (size_t j = 0; j < sbn_tensor_numel(l.items[i]); j++)
+        ck_assert(sbn_tensor_cdata(sbn_tensor_grad(l.items[i]))[j] == 0.0f);
   }
+  ck_assert_int_eq(sbn_module_zero_grad(NULL), SBN_EINVAL);
   sbn_named_list_release(&l);
   sbn_tensor_fill(sbn_module_get_tensor(m, "i.bn.running_var"), 9.0f);
   ck_assert_int_eq(sbn_module_reset_running_stats(m), SBN_OK);

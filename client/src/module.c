@@ -52,6 +52,7 @@ struct sbn_module {
   int training;
   int quantize_disabled;
   hook_list pre, post;
+  unsigned long zero_stamp; /* the sbn_module_zero_grad() call that last saw it */
 };
 
 /* ---- small helpers -------------------------------------------------------- */
@@ -812,12 +813,27 @@ SBN_API void sbn_hook_free(sbn_hook *h) { hook_unref(h); }
 
 /* ---- parameters ------------------------------------------------------------ */
 
+/* Zeroing twice is harmless, so no set of seen tensors (and no allocation,
+ * so no failure): a module shared in several places is skipped by its stamp
+ * after the first, tensors shared between modules are zeroed again. */
+static void zero_grad_walk(sbn_module *m, unsigned long stamp) {
+  if (m->zero_stamp == stamp) return;
+  m->zero_stamp = stamp;
+  for (size_t i = 0; i < m->nattrs; i++)
+    for (size_t j = 0; j < m->attrs[i].n; j++) {
+      const entry *e = &m->attrs[i].items[j];
+      if (e->kind == ENT_PARAM)
+        sbn_tensor_fill(sbn_tensor_grad(e->ptr), 0.0f);
+      else if (e->kind == ENT_MODULE)
+        zero_grad_walk(e->ptr, stamp);
+    }
+}
+
 SBN_API int sbn_module_zero_grad(sbn_module *m) {
-  sbn_named_list l = {0};
-  int rc = sbn_module_parameters(m, 1, &l);
-  for (size_t i = 0; rc == SBN_OK && i < l.count; i++) sbn_tensor_fill(sbn_tensor_grad(l.items[i]), 0.0f);
-  sbn_named_list_release(&l);
-  return rc;
+  static atomic_ulong stamps;
+  if (!m) return sbn__fail(SBN_EINVAL, "module is NULL");
+  zero_grad_walk(m, atomic_fetch_add(&stamps, 1) + 1);
+  return SBN_OK;
 }
 
 static int reset_with(sbn_module *m, int params) {

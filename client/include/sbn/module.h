@@ -225,7 +225,8 @@ SBN_API void sbn_hook_free(sbn_hook *h);
 
 /* ---- parameters and state ------------------------------------------------- */
 
-/* Zeroes the gradient of every parameter that has a gradient slot. */
+/* Zeroes the gradient of every parameter that has a gradient slot.
+ * Allocates nothing and cannot fail but for a NULL module (SBN_EINVAL). */
 SBN_API int sbn_module_zero_grad(sbn_module *m);
 
 /* vtable reset_parameters / reset_running_stats on m and every submodule
