@@ -211,8 +211,10 @@ void sbn__srv_reject(sbn__srv_conn *conn, int code, const char *fmt, ...) {
   sbn__srv_conn_close(conn, 1, "hello rejected");
 }
 
-/* The Welcome for conn joining job (NULL: out of memory, or no proof). */
-static sbn__srv_wbuf *welcome_encode(sbn__srv_conn *conn, const Sbn__Hello *h, uint64_t session) {
+/* The Welcome for conn joining job, or NULL with *rc SBN_EAUTH (no proof
+ * of the coordinator's own) or SBN_ENOMEM. */
+static sbn__srv_wbuf *welcome_encode(sbn__srv_conn *conn, const Sbn__Hello *h, uint64_t session,
+                                     int *rc) {
   sbn__coord *c = conn->coord;
   Sbn__Welcome w = SBN__WELCOME__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
@@ -220,8 +222,10 @@ static sbn__srv_wbuf *welcome_encode(sbn__srv_conn *conn, const Sbn__Hello *h, u
   if (conn->authed) {
     /* The same transcript as the worker's proof, the other direction. */
     if (sbn__auth_proof(&c->cfg.secret, SBN_AUTH_COORDINATOR, conn->nonce_w, conn->nonce_c,
-                        h->job, h->rank, h->world_size, h->generation, proof) != SBN_OK)
+                        h->job, h->rank, h->world_size, h->generation, proof) != SBN_OK) {
+      *rc = SBN_EAUTH;
       return NULL;
+    }
     w.proof.data = proof;
     w.proof.len = SBN_AUTH_MAC_SIZE;
   }
@@ -233,8 +237,7 @@ static sbn__srv_wbuf *welcome_encode(sbn__srv_conn *conn, const Sbn__Hello *h, u
   w.pipeline = SBN_SRV_PIPELINE_DEPTH;
   env.body_case = SBN__ENVELOPE__BODY_WELCOME;
   env.welcome = &w;
-  int rc;
-  return sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, &rc);
+  return sbn__srv_wbuf_encode(c, &env, SBN_MAX_FRAME_CEILING, rc);
 }
 
 void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
@@ -316,13 +319,14 @@ void sbn__srv_job_hello(sbn__srv_conn *conn, const Sbn__Hello *h) {
   /* The Welcome is built before the rank is taken: without it (out of
    * memory) the worker is refused and may simply try again. */
   uint64_t session = c->next_session + 1;
-  sbn__srv_wbuf *wb = welcome_encode(conn, h, session);
+  int rc;
+  sbn__srv_wbuf *wb = welcome_encode(conn, h, session, &rc);
   if (wb == NULL) {
     if (job->nconns == 0)
       job_free(job); /* created for this hello, or holding nobody */
-    sbn__srv_reject(conn, conn->authed ? SBN_EAUTH : SBN_ENOMEM, "%s",
-                    conn->authed ? "the coordinator cannot compute its proof"
-                                 : "out of memory welcoming the worker");
+    sbn__srv_reject(conn, rc, "%s",
+                    rc == SBN_EAUTH ? "the coordinator cannot compute its proof"
+                                    : "out of memory welcoming the worker");
     return;
   }
   c->next_session = session;

@@ -8,7 +8,8 @@
  *   SBN_NOMEM_FAIL=N      the N-th failable allocation (1-based) returns
  *                         NULL; 0 or unset: none does
  *   SBN_NOMEM_PERSIST=1   ... and so does every failable allocation after it
- *   SBN_NOMEM_REPORT=PATH at exit, write "<failable calls> <failed>\n" there
+ *   SBN_NOMEM_REPORT=PATH at exit, write "<failable calls> <failed>\n" there;
+ *                         PATH.hit is created when the allocation fails
  *   SBN_NOMEM_TRACE=1     print a backtrace to stderr at each failed call
  *                         (addresses; addr2line -f -e BINARY names them)
  *
@@ -48,6 +49,7 @@ static int trace;                 /* SBN_NOMEM_TRACE */
 static const void *libuv_base;    /* where libuv is mapped */
 static atomic_ulong calls;        /* failable allocations so far */
 static atomic_ulong failed;       /* of which returned NULL */
+static char hit_path[512];        /* SBN_NOMEM_REPORT + ".hit", or "" */
 
 static void setup(void) {
   /* Racing first calls read the same values: harmless. */
@@ -55,6 +57,9 @@ static void setup(void) {
   fail_at = s != NULL ? strtoul(s, NULL, 10) : 0;
   s = getenv("SBN_NOMEM_PERSIST");
   persist = s != NULL && s[0] == '1';
+  s = getenv("SBN_NOMEM_REPORT");
+  if (s != NULL && s[0] != '\0')
+    snprintf(hit_path, sizeof(hit_path), "%s.hit", s);
   s = getenv("SBN_NOMEM_TRACE");
   trace = s != NULL && s[0] == '1';
   Dl_info info;
@@ -73,7 +78,11 @@ static int should_fail(const void *ret) {
   unsigned long n = atomic_fetch_add(&calls, 1) + 1;
   if (fail_at == 0 || n < fail_at || (n > fail_at && !persist))
     return 0;
-  atomic_fetch_add(&failed, 1);
+  if (atomic_fetch_add(&failed, 1) == 0 && hit_path[0] != '\0') {
+    int fd = open(hit_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd >= 0)
+      close(fd);
+  }
   if (trace) {
     /* libc's own allocations (backtrace's) do not come back here. */
     void *frames[32];
