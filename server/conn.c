@@ -549,39 +549,35 @@ static void conn_keepalive(sbn__srv_conn *conn, unsigned idle_s) {
              uv_strerror(rc));
 }
 
-static void conn_on_refused(uv_handle_t *h) {
-  sbn__coord *c = h->data;
-  c->refuse_busy = 0;
-  if (c->refuse_again && !c->stopping) {
-    c->refuse_again = 0;
-    sbn__srv_conn_accept(c);
+static void refuser_on_close(uv_handle_t *h) {
+  sbn__srv_refuser *r = h->data;
+  r->busy = 0;
+  if (r->again && !uv_is_closing((uv_handle_t *)r->listener)) {
+    r->again = 0;
+    r->retry(r->listener, 0);
   }
 }
 
-/* Takes the pending connection off the listener and closes it (no memory
- * for it): see sbn__coord.refuse. */
-static void conn_refuse(sbn__coord *c) {
-  if (c->refuse_busy) {
-    c->refuse_again = 1; /* conn_on_refused comes back for it */
+void sbn__srv_refuse(sbn__srv_refuser *r, uv_stream_t *listener, uv_connection_cb retry) {
+  r->listener = listener;
+  r->retry = retry;
+  if (r->busy) {
+    r->again = 1; /* refuser_on_close comes back for it */
     return;
   }
-  uv_tcp_init(c->loop, &c->refuse);
-  c->refuse.data = c;
-  c->refuse_busy = 1;
-  int rc = uv_accept((uv_stream_t *)&c->listener, (uv_stream_t *)&c->refuse);
+  uv_tcp_init(listener->loop, &r->tcp);
+  r->tcp.data = r;
+  r->busy = 1;
+  int rc = uv_accept(listener, (uv_stream_t *)&r->tcp);
   if (rc != 0)
     SBN_LOGW("accept failed: %s", uv_strerror(rc));
-  c->metrics.refused_nomem++;
-  uv_close((uv_handle_t *)&c->refuse, conn_on_refused);
+  uv_close((uv_handle_t *)&r->tcp, refuser_on_close);
 }
 
-void sbn__srv_conn_accept(sbn__coord *c) {
+int sbn__srv_conn_accept(sbn__coord *c) {
   sbn__srv_conn *conn = calloc(1, sizeof(*conn));
-  if (conn == NULL) {
-    SBN_LOGE("out of memory accepting a connection: closing it");
-    conn_refuse(c);
-    return;
-  }
+  if (conn == NULL)
+    return SBN_ENOMEM;
   conn->coord = c;
   conn->id = ++c->next_conn_id;
   c->nconns++;
@@ -605,7 +601,7 @@ void sbn__srv_conn_accept(sbn__coord *c) {
     SBN_LOGW("accept failed: %s", uv_strerror(rc));
     conn->closing = 1;
     conn_close_handles(conn);
-    return;
+    return SBN_OK;
   }
   format_peer(&conn->tcp, conn->peer, sizeof(conn->peer));
   /* Rounds are latency bound: never let Nagle hold a reply back. */
@@ -622,10 +618,11 @@ void sbn__srv_conn_accept(sbn__coord *c) {
                         "the coordinator has reached its limit of %u connections",
                         (unsigned)c->cfg.max_conns);
     sbn__srv_conn_close(conn, 1, "over the limit of %u connections", (unsigned)c->cfg.max_conns);
-    return;
+    return SBN_OK;
   }
   uv_timer_start(&conn->timer, conn_on_hello_timeout, c->cfg.hello_timeout_ms, 0);
   rc = uv_read_start((uv_stream_t *)&conn->tcp, conn_on_alloc, conn_on_read);
   if (rc != 0)
     sbn__srv_conn_close(conn, 0, "cannot read: %s", uv_strerror(rc));
+  return SBN_OK;
 }

@@ -100,20 +100,28 @@ typedef struct sbn__srv_job sbn__srv_job;
 typedef struct sbn__srv_group sbn__srv_group;
 typedef struct sbn__srv_round sbn__srv_round;
 
+/*
+ * Out of memory for a new connection, a listener's pending connection is
+ * still taken (libuv reads a listener no further until its pending
+ * connection is accepted) into this handle and closed at once: the client
+ * sees its connection closed instead of a hang, and the listener goes on.
+ * A connection that comes while the handle is closing waits for it, then
+ * retry (the listener's connection callback) is called again for it.
+ */
+typedef struct sbn__srv_refuser {
+  uv_tcp_t tcp;
+  uv_stream_t *listener;
+  uv_connection_cb retry;
+  int busy, again;
+} sbn__srv_refuser;
+void sbn__srv_refuse(sbn__srv_refuser *r, uv_stream_t *listener, uv_connection_cb retry);
+
 struct sbn__coord {
   uv_loop_t *loop;
   sbn__coord_config cfg;
   uv_tcp_t listener;
   int listening;        /* the listener handle was initialized */
-  /*
-   * Out of memory for a new connection, the coordinator still takes it off
-   * the listener (libuv reads the listener no further until the pending one
-   * is accepted) into this handle and closes it, so the worker gets a closed
-   * connection at once, not a hang.  refuse_busy: the handle is closing;
-   * refuse_again: another connection waits for it.
-   */
-  uv_tcp_t refuse;
-  int refuse_busy, refuse_again;
+  sbn__srv_refuser refuse; /* the listener's connections without memory */
   int stopping;         /* sbn__coord_stop() ran */
   sbn__srv_conn *conns; /* every connection not yet closed, a list */
   sbn__srv_map jobs;    /* job id -> sbn__srv_job */
@@ -296,7 +304,9 @@ void sbn__srv_pool_drain(sbn__coord *c);
 void sbn__srv_pool_free(sbn__coord *c);
 
 /* conn.c */
-void sbn__srv_conn_accept(sbn__coord *c);
+/* Accepts the listener's pending connection: SBN_OK, or SBN_ENOMEM (it is
+ * still pending then: see sbn__srv_refuse). */
+int sbn__srv_conn_accept(sbn__coord *c);
 /* Closes conn; with flush, what was queued is written first (bounded). */
 void sbn__srv_conn_close(sbn__srv_conn *conn, int flush, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

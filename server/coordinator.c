@@ -166,7 +166,11 @@ static void coord_on_connection(uv_stream_t *server, int status) {
   }
   if (c->stopping)
     return;
-  sbn__srv_conn_accept(c);
+  if (sbn__srv_conn_accept(c) == SBN_ENOMEM) {
+    SBN_LOGE("out of memory accepting a connection: closing it");
+    c->metrics.refused_nomem++;
+    sbn__srv_refuse(&c->refuse, server, coord_on_connection);
+  }
 }
 
 /* Resolves cfg->host (numeric first, then the resolver) into ss. */

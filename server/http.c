@@ -40,6 +40,7 @@ struct sbn__http {
   int closed; /* the listener and every connection have been told to close */
   http_conn *conns;
   unsigned nconns;
+  sbn__srv_refuser refuse; /* the listener's connections without memory */
 };
 
 struct http_conn {
@@ -237,13 +238,18 @@ static void hc_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   sbn__srv_heap_pause(-1);
 }
 
+static void http_on_connection(uv_stream_t *server, int status);
+
 static void http_accept(uv_stream_t *server, int status) {
   sbn__http *srv = server->data;
   if (status < 0 || srv->closed)
     return;
   http_conn *hc = calloc(1, sizeof(*hc));
-  if (hc == NULL)
-    return; /* left in the backlog */
+  if (hc == NULL) {
+    SBN_LOGE("out of memory accepting a metrics connection: closing it");
+    sbn__srv_refuse(&srv->refuse, server, http_on_connection);
+    return;
+  }
   hc->srv = srv;
   hc->tcp.data = hc->timer.data = hc;
   uv_tcp_init(srv->coord->loop, &hc->tcp);

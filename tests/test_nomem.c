@@ -5,7 +5,8 @@
  * wrappers that make a chosen allocation fail (tests/nomem/coord_wrap.c).
  * A clean run of the workload below counts the allocations the
  * coordinator's own code makes (start-up, connections, jobs, groups, round
- * slots, arenas, the allreduce's read buffers); then, for each of them in
+ * slots, arenas, the allreduce's read buffers, a scrape of its metrics
+ * page); then, for each of them in
  * turn, the coordinator is run again with that one allocation failing:
  *
  *  - failing at start-up, it exits with status 1 and a message, no signal;
@@ -34,6 +35,7 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "scrape.h"
 #include "sbn/sbn.h"
 #include "workers.h"
 
@@ -182,9 +184,11 @@ static int workload(int rank, void *varg, void *vsh) {
   return res;
 }
 
-/* One job: both workers run the workload.  Returns 1 when
- * both passed, 0 when they failed cleanly; fails the test otherwise. */
-static int run_job(const char *addr, const char *what) {
+/* One job: both workers run the workload, then the metrics page is read
+ * (any answer will do, or none: the coordinator's survival is checked
+ * after).  Returns 1 when both workers passed, 0 when they failed cleanly;
+ * fails the test otherwise. */
+static int run_job(const char *addr, int metrics_port, const char *what) {
   arg a = {.addr = addr, .job = unique_job()};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, WORLD, workload, &a, sizeof(shared)), 0);
@@ -218,10 +222,13 @@ static int run_job(const char *addr, const char *what) {
       printf("  %s, rank %d: exit %d, step %d, status %d: %s\n", what, r, ws.status[r],
              sh->step[r], sh->rc[r], sh->msg[r]);
   workers_release(&ws);
+  if (metrics_port > 0)
+    free(http_get(metrics_port, "/metrics"));
   return passed == WORLD;
 }
 
-static const char *const coord_args[] = {"--round-timeout", ROUND_TIMEOUT_MS, NULL};
+static const char *const coord_args[] = {"--round-timeout", ROUND_TIMEOUT_MS, "--metrics",
+                                         "127.0.0.1:0", NULL};
 
 /* Runs the coordinator with allocation n failing (0: none); with persist,
  * every one from n on.  Returns how many failable allocations it made
@@ -238,12 +245,14 @@ static unsigned long run_coordinator(unsigned long n, int persist, int *hit) {
   setenv("SBN_NOMEM_FAIL", fail_at, 1);
   setenv("SBN_NOMEM_PERSIST", persist ? "1" : "0", 1);
   setenv("SBN_NOMEM_REPORT", report, 1);
-  /* The coordinator's log (and with SBN_NOMEM_TRACE=1 where each failing
-   * allocation came from) is kept only when tracing. */
-  if (getenv("SBN_NOMEM_TRACE") == NULL)
-    setenv("SBN_TEST_QUIET", "1", 1);
+  /* The coordinator's log tells the metrics port; it is printed (with
+   * SBN_NOMEM_TRACE=1, where each failing allocation came from) when
+   * tracing. */
+  char log[128];
+  temp_log_path(log, sizeof(log));
   coord_proc cp;
-  int started = coord_start_bin(&cp, SBN_COORDINATOR_NOMEM_BIN, coord_args, NULL) == 0;
+  int started = coord_start_bin(&cp, SBN_COORDINATOR_NOMEM_BIN, coord_args, log) == 0;
+  int mport = started ? log_metrics_port(log) : -1;
   if (!started) {
     /* Out of memory at start-up: a message and exit status 1. */
     ck_assert_msg(cp.start_status != -1 && WIFEXITED(cp.start_status) &&
@@ -253,18 +262,24 @@ static unsigned long run_coordinator(unsigned long n, int persist, int *hit) {
   } else {
     char pw[128];
     snprintf(pw, sizeof(pw), "%s, first job", what);
-    ck_assert_msg(run_job(cp.addr, pw) || n != 0, "%s: the clean run failed", pw);
+    ck_assert_msg(run_job(cp.addr, mport, pw) || n != 0, "%s: the clean run failed", pw);
     /* Once the allocation has failed (at start-up or in the first job,
      * which may have passed or failed), a second job runs whole. */
     if (!persist && access(hit_path, F_OK) == 0) {
       snprintf(pw, sizeof(pw), "%s, second job", what);
-      ck_assert_msg(run_job(cp.addr, pw), "%s: the coordinator did not recover", pw);
+      ck_assert_msg(run_job(cp.addr, mport, pw), "%s: the coordinator did not recover", pw);
     }
     int st = coord_stop(&cp, SIGTERM, 10000);
     ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0,
                   "%s: the coordinator did not stop cleanly on SIGTERM (wait status %d)", what,
                   st);
   }
+  if (getenv("SBN_NOMEM_TRACE") != NULL) {
+    char *text = read_file(log);
+    fprintf(stderr, "%s", text != NULL ? text : "");
+    free(text);
+  }
+  unlink(log);
   unsigned long calls = 0, nfailed = 0;
   FILE *f = fopen(report, "r");
   ck_assert_msg(f != NULL, "%s: no allocation report", what);
