@@ -627,6 +627,21 @@ START_TEST(test_dispatch_paths_agree) {
       {3, {3, 43, 48}, 48, CL | RELU, 0.0f},
       {2, {127, 32}, 32, RELU, 0.0f},       /* one row short: sweeps of RB */
       {2, {130, 32}, 32, 0, 1e4f},
+      /* The statistics over all rows in one sweep (rows_stats_all16, the
+       * same edge): 127, 128 and 129 rows of 16, 32, 48 and 64 channels,
+       * channels-last and NCHW without spatial size, |mean| 0 and 1e4. */
+      {3, {1, 127, 16}, 16, CL, 0.0f},
+      {4, {2, 4, 16, 16}, 16, CL | RELU, 1e4f}, /* 128 rows */
+      {3, {3, 43, 16}, 16, CL, 0.5f},
+      {2, {127, 32}, 32, 0, 1e4f},
+      {3, {2, 64, 32}, 32, CL, 0.0f},
+      {4, {1, 3, 43, 32}, 32, CL | RELU, 0.0f},
+      {3, {1, 127, 48}, 48, CL | RELU, 1e4f},
+      {2, {128, 48}, 48, 0, 0.0f},
+      {3, {3, 43, 48}, 48, CL, 1e4f},
+      {3, {1, 127, 64}, 64, CL, 0.0f},
+      {3, {4, 32, 64}, 64, CL | RELU, 0.0f},
+      {2, {129, 64}, 64, RELU, 1e4f},
   };
   int paths[N_PATHS], np = 0;
   for (int p = 0; p < N_PATHS; p++)

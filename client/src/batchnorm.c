@@ -293,7 +293,8 @@ typedef double v8d __attribute__((vector_size(64)));
   } while (0)
 /* Rows of 16, 32, 48 or 64 channels with AVX-512: the element-wise row
  * kernels take all rows in one sweep (their constants stay in registers),
- * and so do the backward's sums from ROWS_ALL_MIN rows (rows_grad_sums_all16). */
+ * and so do the statistics and the backward's sums from ROWS_ALL_MIN rows
+ * (rows_stats_all16, rows_grad_sums_all16). */
 #define ROWS_ALL16(C, fm) ((fm) & FM_512 && (C) <= 64 && (C) % 16 == 0)
 /* Rows per sweep of the element-wise row kernels: RBE, or all rows. */
 #define RBE_FM(C, R, fm) (ROWS_ALL16(C, fm) ? (R) : RBE(C))
@@ -699,16 +700,32 @@ KERNEL void rows_stats_block8(const float *xr, size_t nr, size_t C, const double
   for (int b = 0; b < 2 * nb; b++) st8d(s + 8 * b, &sv[b]), st8d(q + 8 * b, &qv[b]);
 }
 
-/* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
-KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
-                       double *acc, const int fm) {
-  for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
-  if (R == 0) return;
-  double *K = acc, *s = acc + C, *q = acc + 2 * C;
-  for (size_t c = 0; c < C; c++) {
-    K[c] = x[c];
-    s[c] = q[c] = 0;
-  }
+/*
+ * rows_stats with AVX-512 for rows of C = 16 * nb channels (nb = 1..4, a
+ * constant in every call), as rows_grad_sums_all16: all R rows in one
+ * sweep, the shifts K and the 4 * nb sums in registers (24 of the 32 with
+ * 64 channels) from the first row to the last, stored once into s and q.
+ * The sweeps of RB rows stored and reloaded every sum each RB rows and
+ * walked RB rows at a stride of C floats, 32 channels at a time.  Each
+ * channel still adds the rows in order from +0 with the same K: the same
+ * bits as the sweeps.
+ */
+KERNEL void rows_stats_all16(const float *x, size_t R, size_t C, const double *K, double *s,
+                             double *q, const int nb, const int fm) {
+  v8d k[8], sv[8], qv[8];
+  for (int b = 0; b < 2 * nb; b++) k[b] = ld8d(K + 8 * b), sv[b] = qv[b] = splat8d(0.0);
+  for (size_t j = 0; j < R; j++)
+    for (int b = 0; b < nb; b++) {
+      const v16f xv = ld16f(x + j * C + 16 * (size_t)b);
+      STATS8(cvt16_lo(&xv), k[2 * b], sv[2 * b], qv[2 * b]);
+      STATS8(cvt16_hi(&xv), k[2 * b + 1], sv[2 * b + 1], qv[2 * b + 1]);
+    }
+  for (int b = 0; b < 2 * nb; b++) st8d(s + 8 * b, &sv[b]), st8d(q + 8 * b, &qv[b]);
+}
+
+/* The sums of rows_stats in sweeps of RB rows: any C, any R. */
+KERNEL void rows_stats_sweeps(const float *x, size_t R, size_t C, const double *K, double *s,
+                              double *q, const int fm) {
   for (size_t r = 0; r < R; r += RB) {
     const size_t nr = R - r < RB ? R - r : RB;
     const float *xr = x + r * C;
@@ -747,6 +764,26 @@ KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double 
       }
       s[c] = sc, q[c] = qc;
     }
+  }
+}
+
+/* The same statistics for R rows of C channels; acc: 3C doubles of scratch. */
+KERNEL void rows_stats(const float *x, size_t R, size_t C, double *mean, double *m2,
+                       double *acc, const int fm) {
+  for (size_t c = 0; c < C; c++) mean[c] = m2[c] = 0;
+  if (R == 0) return;
+  double *K = acc, *s = acc + C, *q = acc + 2 * C;
+  for (size_t c = 0; c < C; c++) {
+    K[c] = x[c];
+    s[c] = q[c] = 0;
+  }
+  if (ROWS_ALL16(C, fm) && R >= ROWS_ALL_MIN) {
+    if (C == 16) rows_stats_all16(x, R, C, K, s, q, 1, fm);
+    if (C == 32) rows_stats_all16(x, R, C, K, s, q, 2, fm);
+    if (C == 48) rows_stats_all16(x, R, C, K, s, q, 3, fm);
+    if (C == 64) rows_stats_all16(x, R, C, K, s, q, 4, fm);
+  } else {
+    rows_stats_sweeps(x, R, C, K, s, q, fm);
   }
   for (size_t c = 0; c < C; c++) {
     mean[c] = K[c] + s[c] / (double)R;
