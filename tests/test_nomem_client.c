@@ -51,7 +51,8 @@
 #define CLASSES 3
 #define SEED 5
 #define STEPS 2
-#define ROUND_TIMEOUT_MS "1000"
+/* Rounds of a loaded machine (sanitizers, tests in parallel) are slow. */
+#define ROUND_TIMEOUT_MS "2000"
 /* More allocations than this in the clean run means the workload changed
  * and this bound should be looked at again. */
 #define SWEEP_MAX 3000
