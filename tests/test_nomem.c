@@ -167,15 +167,8 @@ static int steps(sbn_ctx *ctx, int rank, shared *sh) {
 static int workload(int rank, void *varg, void *vsh) {
   const arg *a = varg;
   shared *sh = vsh;
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = WORLD;
-  cfg.connect_timeout_ms = 3000;
   sbn_ctx *ctx = NULL;
-  int rc = sbn_init(&cfg, &ctx);
+  int rc = worker_connect(a->addr, a->job, rank, WORLD, &ctx);
   if (rc != SBN_OK)
     return failed(sh, rank, 0, rc);
   int res = steps(ctx, rank, sh);

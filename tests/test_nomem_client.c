@@ -185,16 +185,9 @@ static int worker(int rank, void *varg, void *vsh) {
   shared *sh = vsh;
   if (rank == 0)
     nomem_arm(a->fail_at, a->persist);
-  sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = WORLD;
-  cfg.connect_timeout_ms = 3000;
   sbn_ctx *ctx = NULL;
   sbn_module *model = NULL;
-  int rc = sbn_init(&cfg, &ctx);
+  int rc = worker_connect(a->addr, a->job, rank, WORLD, &ctx);
   if (rc != SBN_OK)
     failed(sh, rank, 0, rc);
   else
