@@ -357,6 +357,87 @@ START_TEST(test_unsent_round_gives_seq_back) {
 }
 END_TEST
 
+/*
+ * The coordinator knows a group by its members: a group of every rank is
+ * WORLD's state there, and a group freed and made again finds its old state.
+ * Their rounds must go on from where that state is, whatever round failed in
+ * it before (a NaN in an allreduce), and never meet that failure again.
+ * World of 3: WORLD and a group of all ranks; a group of ranks 0 and 1.
+ */
+#define SAME_WORLD 3
+/* n allreduces of g (size k) checked, a barrier of `other` after each. */
+static void same_rounds(shared *sh, int rank, sbn_group *g, int k, sbn_group *other, int n,
+                        const char *what) {
+  for (int i = 0; i < n; i++) {
+    float u[3] = {(float)rank, 1, 2};
+    int rc = sbn_allreduce(g, u, 3, SBN_REDUCE_SUM);
+    float r0 = (float)(k * (k - 1) / 2);
+    if (rc != SBN_OK)
+      FAIL(sh, rank, "%s: allreduce %d gave %d: %s", what, i, rc, sbn_last_error());
+    else if (u[0] != r0 || u[1] != (float)k || u[2] != 2.0f * (float)k)
+      FAIL(sh, rank, "%s: allreduce %d: %g %g %g", what, i, u[0], u[1], u[2]);
+    if (other != NULL && (rc = sbn_barrier(other)) != SBN_OK)
+      FAIL(sh, rank, "%s: barrier %d: %d: %s", what, i, rc, sbn_last_error());
+  }
+}
+
+/* A NaN from rank 1 in an allreduce of g: every member gets EBADSTATS. */
+static void same_fail(shared *sh, int rank, sbn_group *g, const char *what) {
+  float v[4] = {1, 2, 3, 4};
+  v[1] = rank == 1 ? NAN : 0.0f;
+  int rc = sbn_allreduce(g, v, 4, SBN_REDUCE_SUM);
+  if (rc != SBN_EBADSTATS)
+    FAIL(sh, rank, "%s: allreduce with a NaN gave %d: %s", what, rc, sbn_last_error());
+}
+
+static int same_members_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  sbn_group *w = sbn_world(ctx);
+  same_rounds(sh, rank, w, SAME_WORLD, NULL, 3, "WORLD");
+  same_fail(sh, rank, w, "WORLD");
+  const int all[SAME_WORLD] = {2, 0, 1}, pair[2] = {1, 0};
+  for (int again = 0; again < 2; again++) {
+    sbn_group *g = NULL;
+    if (sbn_new_group(ctx, all, SAME_WORLD, &g) != SBN_OK) {
+      FAIL(sh, rank, "new group: %s", sbn_last_error());
+      break;
+    }
+    /* Past the failed round's number, alternating with WORLD. */
+    same_rounds(sh, rank, g, SAME_WORLD, w, 6, again ? "all ranks, made again" : "all ranks");
+    sbn_group_free(g);
+  }
+  if (rank < 2)
+    for (int again = 0; again < 2; again++) {
+      sbn_group *g = NULL;
+      if (sbn_new_group(ctx, pair, 2, &g) != SBN_OK) {
+        FAIL(sh, rank, "new pair: %s", sbn_last_error());
+        break;
+      }
+      if (!again) {
+        same_rounds(sh, rank, g, 2, NULL, 2, "pair");
+        same_fail(sh, rank, g, "pair");
+      } else {
+        same_rounds(sh, rank, g, 2, NULL, 6, "pair made again");
+      }
+      sbn_group_free(g);
+    }
+  if (sbn_barrier(w) != SBN_OK)
+    FAIL(sh, rank, "last barrier: %s", sbn_last_error());
+  sbn_finalize(ctx);
+  return sh->failures[rank] ? 1 : 0;
+}
+
+START_TEST(test_groups_of_the_same_members) {
+  worker_set ws;
+  run_workers(&ws, NULL, SAME_WORLD, same_members_worker, 60000);
+  finish(&ws);
+}
+END_TEST
+
 START_TEST(test_local_collectives) {
   sbn_config cfg;
   sbn_config_init(&cfg);
@@ -382,6 +463,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_collectives_n, 0, 2);
   tcase_add_test(tc, test_poisoned_allreduce);
   tcase_add_test(tc, test_unsent_round_gives_seq_back);
+  tcase_add_test(tc, test_groups_of_the_same_members);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);
   return run_suite(s);

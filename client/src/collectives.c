@@ -128,7 +128,7 @@ static void abandon_ahead(sbn_group *g, const sbn__round_tx *tx, size_t first, s
     int rc = sbn__round_await(g, &req, &tx[j % nslots], &reply);
     sbn__conn_release(reply);
     if (rc != SBN_OK && !rewind && g->ctx->conn.fd >= 0) {
-      g->seq = tx[j % nslots].seq;
+      *g->seq = tx[j % nslots].seq;
       rewind = 1;
     }
   }

@@ -213,6 +213,7 @@ SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out) {
   world->members = members;
   world->n = (size_t)cfg->world_size;
   world->my_index = cfg->rank;
+  world->seq = &ctx->world_seq;
   ctx->world = world;
   if (distributed) {
     /* The secret lives on the stack for the handshake only, then is wiped. */
@@ -257,6 +258,11 @@ SBN_API int sbn_finalize(sbn_ctx *ctx) {
   sbn__conn_close(&ctx->conn);
   free(ctx->world->members);
   free(ctx->world);
+  while (ctx->seqs != NULL) {
+    sbn__seq_slot *next = ctx->seqs->next;
+    free(ctx->seqs);
+    ctx->seqs = next;
+  }
   free(ctx->lat);
   sbn_tensor_cache_trim(); /* documented in sbn/tensor.h */
   free(ctx);

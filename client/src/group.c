@@ -22,6 +22,25 @@ static int cmp_u32(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* The counter of the rounds of the sorted members m[0..n) (see
+ * sbn__seq_slot), made if new; NULL without memory for it. */
+static uint64_t *seq_of(sbn_ctx *ctx, const uint32_t *m, size_t n) {
+  if (n == (size_t)ctx->world_size)
+    return &ctx->world_seq; /* n distinct ranks of the world: all of them */
+  for (sbn__seq_slot *s = ctx->seqs; s != NULL; s = s->next)
+    if (s->n == n && memcmp(s->members, m, n * sizeof(*m)) == 0)
+      return &s->seq;
+  sbn__seq_slot *s = malloc(sizeof(*s) + n * sizeof(*m));
+  if (s == NULL)
+    return NULL;
+  s->seq = 0;
+  s->n = n;
+  memcpy(s->members, m, n * sizeof(*m));
+  s->next = ctx->seqs;
+  ctx->seqs = s;
+  return &s->seq;
+}
+
 SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n, sbn_group **out) {
   if (out == NULL)
     return sbn__fail(SBN_EINVAL, "sbn_new_group needs somewhere to store the group");
@@ -62,6 +81,12 @@ SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n, sbn_group **
     free(m);
     free(g);
     return sbn__fail(SBN_ENOTMEMBER, "rank %d is not a member of the group it creates", ctx->rank);
+  }
+  g->seq = seq_of(ctx, m, n);
+  if (g->seq == NULL) {
+    free(m);
+    free(g);
+    return sbn__fail(SBN_ENOMEM, "out of memory creating a group");
   }
   g->ctx = ctx;
   g->members = m;
@@ -107,7 +132,7 @@ int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) 
                      SBN_LAYER_MAX - 1);
   Sbn__Contribute c = SBN__CONTRIBUTE__INIT;
   Sbn__Envelope env = SBN__ENVELOPE__INIT;
-  uint64_t seq = g->seq++;
+  uint64_t seq = (*g->seq)++;
   /* WORLD travels as an empty member list: the coordinator knows it. */
   if (g != ctx->world) {
     c.n_members = g->n;
@@ -153,7 +178,7 @@ int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) 
      * it): the round never started, so its sequence number is given back
      * and this rank stays in step with the group. */
     if (ctx->conn.fd >= 0)
-      g->seq = seq;
+      *g->seq = seq;
   }
   return rc;
 }

@@ -62,6 +62,22 @@ static inline void sbn__conn_release(Sbn__Envelope *env) {
 int sbn__conn_kill(sbn__conn *c, int code, const char *msg);
 void sbn__conn_close(sbn__conn *c);
 
+/*
+ * The numbering of the rounds of one set of members.  The coordinator knows
+ * a group by its members alone (a group of every rank is WORLD there), and
+ * keeps what it knows of it (the last failed round above all) for as long
+ * as the job lives: every group of the same members in this context, WORLD
+ * and a group of every rank, a group freed and made again, numbers its
+ * rounds from the same counter, so they go on where the others left off.
+ * Owned by the context, kept until sbn_finalize().
+ */
+typedef struct sbn__seq_slot {
+  struct sbn__seq_slot *next;
+  uint64_t seq; /* next round's sequence number */
+  size_t n;
+  uint32_t members[]; /* sorted world ranks */
+} sbn__seq_slot;
+
 struct sbn_ctx {
   int rank;
   int world_size;
@@ -72,6 +88,8 @@ struct sbn_ctx {
   uint32_t pipeline;         /* allreduce rounds it accepts sent ahead (Welcome) */
   sbn__conn conn;
   struct sbn_group *world;
+  uint64_t world_seq;   /* WORLD's and every group of all ranks' (sbn__seq_slot) */
+  sbn__seq_slot *seqs;  /* the other sets of members groups were made of */
   /* Round latencies (us), a ring of SBN_LATENCY_WINDOW, and counters. */
   float *lat;
   size_t lat_n;
@@ -83,7 +101,7 @@ struct sbn_group {
   uint32_t *members; /* sorted world ranks */
   size_t n;
   int my_index; /* this process's group rank */
-  uint64_t seq; /* next round's sequence number */
+  uint64_t *seq; /* next round's sequence number, shared (sbn__seq_slot) */
 };
 
 /* What one round sends; unused fields stay zero. */

@@ -103,7 +103,12 @@ SBN_API sbn_group *sbn_world(sbn_ctx *ctx);
  * rank is the index in sorted order).  Must be called by members only, with
  * the same set on every member.  Fails with SBN_EINVAL for an empty set, a
  * duplicate or out-of-range rank, SBN_ENOTMEMBER when the caller is not in
- * it.  Free with sbn_group_free() (before sbn_finalize).
+ * it.  Free with sbn_group_free() (before sbn_finalize).  The coordinator
+ * knows a group by its members: every group of the same members in one
+ * context (a group of every rank and WORLD; a group freed and made again)
+ * numbers its rounds on from the others', so a round that failed in one
+ * never fails a later round of another.  A few bytes per distinct set of
+ * members stay with the context until sbn_finalize().
  */
 SBN_API int sbn_new_group(sbn_ctx *ctx, const int *ranks, size_t n,
                           sbn_group **out);
