@@ -169,9 +169,11 @@ size_t floor_payload_bytes(int channels);
 double allreduce_floor_p50_ms(size_t bytes, int workers, int warm, int reps);
 
 /* The star floor (floor.c): the same messages through a minimal relay with
- * `workers` processes, reps timed rounds (cached per N and C); writes its
- * "floor_star" line when it runs, returns its p50 in us (NAN on failure). */
-double floor_star_p50_us(int workers, int channels, int reps);
+ * `workers` processes, reps timed rounds (cached per N, C and spin; with
+ * spin everyone polls and yields between polls, as sbn's spinning does);
+ * writes its "floor_star" line when it runs, returns its p50 in us (NAN on
+ * failure). */
+double floor_star_p50_us(int workers, int channels, int spin, int reps);
 
 int bench_floor(void);
 int bench_round(coord *c);

@@ -328,7 +328,7 @@ int bench_round(coord *c) {
         }
         double fl = floor_p50_us(C, 0);
         /* The same topology through a minimal relay, measured next to it. */
-        double star = spin ? NAN : floor_star_p50_us(N, C, reps);
+        double star = floor_star_p50_us(N, C, spin, reps);
         jline j;
         j_begin(&j, "round");
         j_int(&j, "workers", N);
@@ -344,10 +344,8 @@ int bench_round(coord *c) {
         j_num(&j, "rounds_per_s", r.rounds_per_s);
         j_num(&j, "floor_p50_us", fl);
         j_num(&j, "floor_ratio", r.lat.p50 / fl);
-        if (!spin) {
-          j_num(&j, "star_p50_us", star);
-          j_num(&j, "star_ratio", r.lat.p50 / star);
-        }
+        j_num(&j, "star_p50_us", star);
+        j_num(&j, "star_ratio", r.lat.p50 / star);
         if (spin) {
           double fs = floor_p50_us(C, 1);
           j_num(&j, "floor_spin_p50_us", fs);

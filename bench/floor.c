@@ -12,7 +12,10 @@
  * sends its message and waits for the reply; the relay reads until every
  * worker's message is in, then writes the reply to each.  It is a round's
  * topology with nothing else (no framing, decoding, merging or checks), so
- * `round` p50 over it is what the coordinator adds to the topology.
+ * `round` p50 over it is what the coordinator adds to the topology.  Its
+ * spinning variant polls everywhere and yields the CPU between polls, as
+ * sbn's workers (spin_us) and coordinator (--spin-us) do: three or more
+ * processes spinning on two cores must let each other run.
  */
 #define _GNU_SOURCE
 #include "bench.h"
@@ -23,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,8 +73,12 @@ static int send_all(int fd, const char *p, size_t len) {
   return 0;
 }
 
-/* Receives exactly len bytes; spin busy-polls, otherwise sleeps in poll()
- * then reads.  Bounded in time. */
+/* How recv_all waits. */
+enum { WAIT_SLEEP = 0, WAIT_SPIN = 1, WAIT_SPIN_YIELD = 2 };
+
+/* Receives exactly len bytes; WAIT_SPIN busy-polls, WAIT_SPIN_YIELD also
+ * yields the CPU between polls, WAIT_SLEEP sleeps in poll() then reads.
+ * Bounded in time. */
 static int recv_all(int fd, char *p, size_t len, int spin) {
   long long deadline = 0;
   unsigned spins = 0;
@@ -86,6 +94,8 @@ static int recv_all(int fd, char *p, size_t len, int spin) {
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
       return -1;
     if (spin) {
+      if (spin == WAIT_SPIN_YIELD)
+        sched_yield();
       if ((++spins & 0xfff) == 0) {
         if (deadline == 0)
           deadline = now_ms() + FLOOR_IO_TIMEOUT_MS;
@@ -197,6 +207,7 @@ static int floor_warm(void) { return g_opts.quick ? 50 : 500; }
 typedef struct star_arg {
   int port;
   size_t bytes;
+  int spin; /* poll and yield instead of sleeping */
   int warm, total; /* round trips, warm-up ones first */
   double *lat;     /* [total - warm] in shared memory, written by worker 0 */
 } star_arg;
@@ -215,7 +226,8 @@ static int star_worker(int index, void *argp) {
   memset(buf, 0x5a, a->bytes);
   for (int i = 0; i < a->total; i++) {
     double t0 = now_s();
-    if (send_all(fd, buf, a->bytes) != 0 || recv_all(fd, buf, a->bytes, 0) != 0)
+    if (send_all(fd, buf, a->bytes) != 0 ||
+        recv_all(fd, buf, a->bytes, a->spin ? WAIT_SPIN_YIELD : WAIT_SLEEP) != 0)
       return 1;
     if (index == 0 && i >= a->warm)
       a->lat[i - a->warm] = (now_s() - t0) * 1e6;
@@ -226,8 +238,9 @@ static int star_worker(int index, void *argp) {
 }
 
 /* The relay's side of one round: reads every worker's message (sleeping in
- * poll() like an event loop), then writes the reply to each in turn. */
-static int star_relay_round(const int *fd, int n, char *buf, size_t bytes) {
+ * poll() like an event loop, or polling and yielding with spin), then
+ * writes the reply to each in turn. */
+static int star_relay_round(const int *fd, int n, char *buf, size_t bytes, int spin) {
   size_t got[STAR_WORKERS_MAX] = {0};
   struct pollfd pf[STAR_WORKERS_MAX];
   int complete = 0;
@@ -237,8 +250,11 @@ static int star_relay_round(const int *fd, int n, char *buf, size_t bytes) {
     for (int i = 0; i < n; i++)
       if (got[i] < bytes)
         pf[np++] = (struct pollfd){.fd = fd[i], .events = POLLIN};
-    if (now_ms() > deadline || poll(pf, (nfds_t)np, 1000) < 0)
+    int ready = poll(pf, (nfds_t)np, spin ? 0 : 1000);
+    if (now_ms() > deadline || ready < 0)
       return -1;
+    if (ready == 0 && spin)
+      sched_yield();
     for (int k = 0; k < np; k++) {
       if (!(pf[k].revents & (POLLIN | POLLHUP | POLLERR)))
         continue;
@@ -269,7 +285,7 @@ static double self_cpu_us(void) {
 
 /* One star measurement: fills st (us) and *relay_cpu_us, the relay's CPU
  * time per timed round. */
-static int star_measure(int n, int channels, int warm, int reps, bench_stats *st,
+static int star_measure(int n, int channels, int spin, int warm, int reps, bench_stats *st,
                         double *relay_cpu_us) {
   if (n < 1 || n > STAR_WORKERS_MAX || reps < 1)
     return -1;
@@ -283,7 +299,7 @@ static int star_measure(int n, int channels, int warm, int reps, bench_stats *st
     close(lfd);
     return -1;
   }
-  *a = (star_arg){.port = port, .bytes = bytes, .warm = warm, .total = warm + reps,
+  *a = (star_arg){.port = port, .bytes = bytes, .spin = spin, .warm = warm, .total = warm + reps,
                   .lat = (double *)(a + 1)};
   procs ps;
   int fd[STAR_WORKERS_MAX], nfd = 0, rc = -1;
@@ -304,7 +320,7 @@ static int star_measure(int n, int channels, int warm, int reps, bench_stats *st
   for (int i = 0; i < warm + reps; i++) {
     if (i == warm)
       cpu0 = self_cpu_us();
-    if (star_relay_round(fd, n, buf, bytes) != 0)
+    if (star_relay_round(fd, n, buf, bytes, spin) != 0)
       goto out;
   }
   *relay_cpu_us = (self_cpu_us() - cpu0) / reps;
@@ -324,31 +340,36 @@ out:
   return rc;
 }
 
-/* Cached star p50 per [N index (2, 4, 8)][channel index]; <0 = not measured. */
-static double star_cache[3][N_FLOOR] = {
-    {-1, -1, -1, -1}, {-1, -1, -1, -1}, {-1, -1, -1, -1}};
+/* Cached star p50 per [N index (2, 4, 8)][channel index][spin]; <0 = not
+ * measured. */
+static double star_cache[3][N_FLOOR][2] = {
+    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}},
+    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}},
+    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}}};
 
 static int star_index(int workers) {
   return workers == 2 ? 0 : workers == 4 ? 1 : workers == 8 ? 2 : -1;
 }
 
-double floor_star_p50_us(int workers, int channels, int reps) {
+double floor_star_p50_us(int workers, int channels, int spin, int reps) {
   int w = star_index(workers), i = floor_index(channels);
-  if (w >= 0 && i >= 0 && star_cache[w][i] >= 0)
-    return star_cache[w][i];
+  spin = spin != 0;
+  if (w >= 0 && i >= 0 && star_cache[w][i][spin] >= 0)
+    return star_cache[w][i][spin];
   bench_stats st;
   double relay_cpu = NAN;
-  note("floor_star N=%d C=%d", workers, channels);
-  if (star_measure(workers, channels, floor_warm(), reps, &st, &relay_cpu) != 0) {
-    note("floor_star N=%d C=%d failed", workers, channels);
+  note("floor_star N=%d C=%d spin=%d", workers, channels, spin);
+  if (star_measure(workers, channels, spin, floor_warm(), reps, &st, &relay_cpu) != 0) {
+    note("floor_star N=%d C=%d spin=%d failed", workers, channels, spin);
     return NAN;
   }
   if (w >= 0 && i >= 0)
-    star_cache[w][i] = st.p50;
+    star_cache[w][i][spin] = st.p50;
   jline j;
   j_begin(&j, "floor_star");
   j_int(&j, "workers", workers);
   j_int(&j, "channels", channels);
+  j_bool(&j, "spin", spin);
   j_int(&j, "payload_bytes", (long long)floor_payload_bytes(channels));
   j_int(&j, "reps", st.n);
   j_num(&j, "p50_us", st.p50);
