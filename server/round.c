@@ -697,9 +697,12 @@ static sbn__srv_round *group_find_round(sbn__srv_group *g, uint64_t seq) {
 }
 
 /* Whether members[0..n) name group g (n == 0: WORLD). */
+/* Whether members name g, as sbn__srv_group_get() would find it: WORLD is
+ * the empty list and also a list of every rank (n == world; a list that is
+ * not strictly increasing is refused when the message is filed). */
 static int group_is(const sbn__srv_group *g, const uint32_t *members, size_t n) {
-  if (n == 0 || g->is_world)
-    return n == 0 && g->is_world;
+  if (g->is_world)
+    return n == 0 || n == g->n;
   return n == g->n && memcmp(members, g->members, n * sizeof(uint32_t)) == 0;
 }
 

@@ -438,6 +438,144 @@ START_TEST(test_groups_of_the_same_members) {
 }
 END_TEST
 
+/*
+ * A random script of rounds (the same on every rank, from one seed) over
+ * groups that overlap: WORLD, a list of every rank, pairs, triples and
+ * singles, freed and made again at random; allreduces (one chunk, or two
+ * pipelined), forward statistics, broadcasts and barriers, with a NaN from
+ * a random member now and then.  Every call must return what the script
+ * says: SBN_EBADSTATS naming the rank for a NaN, SBN_OK with the values
+ * computed here otherwise.  Ranks run ahead into rounds of other groups, so
+ * this checks that the coordinator's and the workers' state of every group
+ * stays in step through failures.
+ */
+#define SCRIPT_WORLD 4
+#define SCRIPT_OPS 400
+#define SCRIPT_SEED 0x5b7c0ffeeull
+static const unsigned script_sets[] = {0 /* WORLD */, 0xF, 0x3, 0x6, 0xC, 0x9, 0x7, 0xE, 0x5, 0x1};
+#define SCRIPT_NSETS (int)(sizeof(script_sets) / sizeof(script_sets[0]))
+
+static uint64_t script_next(uint64_t *s) {
+  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static float script_value(int rank, size_t i, int t) {
+  return (float)((rank + 1) * (int)(i % 7) + t % 5);
+}
+
+static int script_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  sbn_group *gs[SCRIPT_NSETS] = {0};
+  gs[0] = sbn_world(ctx);
+  float *buf = malloc(sizeof(float) * (SBN_CHUNK_FLOATS + 300));
+  /* SBN_SCRIPT_SEED=N runs another script (to explore; ctest runs the one). */
+  const char *seed = getenv("SBN_SCRIPT_SEED");
+  uint64_t rng = seed != NULL ? strtoull(seed, NULL, 0) : SCRIPT_SEED;
+  for (int t = 0; t < SCRIPT_OPS && !sh->failures[rank] && buf != NULL; t++) {
+    int set = (int)(script_next(&rng) % SCRIPT_NSETS);
+    int kind = (int)(script_next(&rng) % 6);
+    uint64_t r1 = script_next(&rng), r2 = script_next(&rng), r3 = script_next(&rng);
+    unsigned mask = script_sets[set] ? script_sets[set] : (1u << SCRIPT_WORLD) - 1;
+    int members[SCRIPT_WORLD], k = 0, me = -1;
+    for (int r = 0; r < SCRIPT_WORLD; r++)
+      if (mask & (1u << r)) {
+        if (r == rank)
+          me = k;
+        members[k++] = r;
+      }
+    /* A NaN now and then (a group of one is local: nothing checks it). */
+    int bad = r3 % 8 == 0 && kind <= 2 && k > 1 ? members[(r3 / 8) % (uint64_t)k] : -1;
+    if (me < 0)
+      continue; /* not a member: on to the next round this rank is in */
+    if (set > 0 && (gs[set] == NULL || kind == 5)) {
+      sbn_group_free(gs[set]); /* kind 5: made again */
+      gs[set] = NULL;
+      if (sbn_new_group(ctx, members, (size_t)k, &gs[set]) != SBN_OK) {
+        FAIL(sh, rank, "op %d: new group %#x: %s", t, mask, sbn_last_error());
+        break;
+      }
+    }
+    sbn_group *g = gs[set];
+    int rc = SBN_OK;
+    if (kind == 0 || kind == 1) {
+      size_t n = kind == 1 && r1 % 4 == 0 ? SBN_CHUNK_FLOATS + 1 + r2 % 300 : 1 + r2 % 300;
+      for (size_t i = 0; i < n; i++)
+        buf[i] = script_value(rank, i, t);
+      if (rank == bad)
+        buf[n / 2] = NAN;
+      rc = sbn_allreduce(g, buf, n, SBN_REDUCE_SUM);
+      for (size_t i = 0; rc == SBN_OK && i < n && !sh->failures[rank]; i++) {
+        float e = 0;
+        for (int j = 0; j < k; j++)
+          e += script_value(members[j], i, t);
+        if (buf[i] != e)
+          FAIL(sh, rank, "op %d: allreduce of %#x, %zu values: [%zu] = %g, expected %g", t,
+               mask, n, i, buf[i], e);
+      }
+    } else if (kind == 2) {
+      size_t C = 1 + r2 % 64;
+      double mean[64], m2[64], gmean[64], gm2[64];
+      uint64_t gn = 0;
+      for (size_t c = 0; c < C; c++)
+        mean[c] = rank + (double)c, m2[c] = 1.0;
+      if (rank == bad)
+        mean[C - 1] = NAN;
+      rc = sbn_sync_stats(g, "script", C, 2, mean, m2, &gn, gmean, gm2);
+      double msum = 0, m2want = k * 1.0;
+      for (int j = 0; j < k; j++)
+        msum += members[j];
+      for (int j = 0; j < k; j++) /* 2 (mean_j - mean)^2 each */
+        m2want += 2.0 * (members[j] - msum / k) * (members[j] - msum / k);
+      for (size_t c = 0; rc == SBN_OK && c < C && !sh->failures[rank]; c++)
+        if (gn != 2u * (uint64_t)k || fabs(gmean[c] - (msum / k + (double)c)) > 1e-12 ||
+            fabs(gm2[c] - m2want) > 1e-9)
+          FAIL(sh, rank, "op %d: stats of %#x: count %llu mean %.17g m2 %.17g", t, mask,
+               (unsigned long long)gn, gmean[c], gm2[c]);
+    } else if (kind == 3 || kind == 5) {
+      rc = sbn_barrier(g);
+    } else {
+      unsigned char b[512];
+      size_t len = 1 + r2 % sizeof(b);
+      int root = (int)(r1 % (uint64_t)k);
+      for (size_t i = 0; i < len; i++)
+        b[i] = me == root ? (unsigned char)(t + 3 * i) : 0;
+      rc = sbn_broadcast(g, b, len, root);
+      for (size_t i = 0; rc == SBN_OK && i < len && !sh->failures[rank]; i++)
+        if (b[i] != (unsigned char)(t + 3 * i))
+          FAIL(sh, rank, "op %d: broadcast of %#x: byte %zu", t, mask, i);
+    }
+    char want[32];
+    snprintf(want, sizeof(want), "rank %d", bad);
+    if (bad >= 0 && (rc != SBN_EBADSTATS || strstr(sbn_last_error(), want) == NULL))
+      FAIL(sh, rank, "op %d (kind %d, group %#x, NaN from rank %d): %d: %s", t, kind, mask, bad,
+           rc, sbn_last_error());
+    if (bad < 0 && rc != SBN_OK)
+      FAIL(sh, rank, "op %d (kind %d, group %#x): %d: %s", t, kind, mask, rc, sbn_last_error());
+  }
+  free(buf);
+  for (int i = 1; i < SCRIPT_NSETS; i++)
+    sbn_group_free(gs[i]);
+  if (sh->failures[rank] == 0 && sbn_barrier(gs[0]) != SBN_OK)
+    FAIL(sh, rank, "last barrier: %s", sbn_last_error());
+  sbn_finalize(ctx);
+  return sh->failures[rank] ? 1 : 0;
+}
+
+START_TEST(test_random_script) {
+  worker_set ws;
+  const char *args[] = {"--round-timeout", "5000", NULL};
+  run_workers(&ws, args, SCRIPT_WORLD, script_worker, 120000);
+  finish(&ws);
+}
+END_TEST
+
 START_TEST(test_local_collectives) {
   sbn_config cfg;
   sbn_config_init(&cfg);
@@ -464,6 +602,7 @@ int main(void) {
   tcase_add_test(tc, test_poisoned_allreduce);
   tcase_add_test(tc, test_unsent_round_gives_seq_back);
   tcase_add_test(tc, test_groups_of_the_same_members);
+  tcase_add_test(tc, test_random_script);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);
   return run_suite(s);

@@ -905,9 +905,11 @@ START_TEST(pipelined_allreduce) {
     expect_ar_sum(p[r], 1, 0.0f, 10.0f);
     expect_ar_sum(p[r], 2, 100.0f, 110.0f);
   }
-  /* Rank 0 parks seq 4 while seq 3 waits for rank 1: 4 goes once 3 is done. */
+  /* Rank 0 parks seq 4 while seq 3 waits for rank 1: 4 goes once 3 is done.
+   * Seq 4 names every rank explicitly: that is WORLD too, the same group. */
+  static const uint32_t both[] = {0, 1};
   send_ar(p[0], 3, 1.0f, NULL, 0);
-  send_ahead(p[0], 4, 2.0f, NULL, 0);
+  send_ahead(p[0], 4, 2.0f, both, 2);
   expect_quiet(p[0]);
   send_ar(p[1], 3, 3.0f, NULL, 0);
   for (int r = 0; r < 2; r++)
@@ -927,12 +929,11 @@ START_TEST(pipelined_allreduce) {
     expect_ar_sum(p[r], 5, 0.0f, 1.0f);
     expect_ar_sum(p[r], 6, 0.0f, 1.0f);
   }
-  /* Not parked: another group (the same ranks named explicitly), seq + 2,
-   * a forward of seq + 1. */
-  static const uint32_t both[] = {0, 1};
+  /* Not parked: another group (rank 0 alone), seq + 2, a forward of seq + 1. */
+  static const uint32_t alone[] = {0};
   double v = 1, q = 0;
   send_ar(p[0], 8, 0.0f, NULL, 0);
-  send_ahead(p[0], 9, 0.0f, both, 2);
+  send_ahead(p[0], 9, 0.0f, alone, 1);
   expect_seq_error(p[0], SBN_ESTATE, 9, "still open", IO_TIMEOUT_MS);
   send_ahead(p[0], 10, 0.0f, NULL, 0);
   expect_seq_error(p[0], SBN_ESTATE, 10, "still open", IO_TIMEOUT_MS);

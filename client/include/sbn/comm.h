@@ -182,7 +182,9 @@ typedef enum sbn_reduce_op {
  * over the group.  The sum is taken in double in rank order and rounded once,
  * so every member gets bitwise the same floats whatever the arrival order.
  * Every member must pass the same n.  NaN or Inf in any input fails the call
- * with SBN_EBADSTATS naming the rank.
+ * with SBN_EBADSTATS naming the rank (the coordinator checks; a NULL group or
+ * a group of one returns the values as they are, unchecked, like the rounds
+ * of sbn_sync_stats and sbn_sync_sums).
  */
 SBN_API int sbn_allreduce(sbn_group *g, float *buf, size_t n, sbn_reduce_op op);
 
