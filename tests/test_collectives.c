@@ -442,8 +442,9 @@ END_TEST
  * A random script of rounds (the same on every rank, from one seed) over
  * groups that overlap: WORLD, a list of every rank, pairs, triples and
  * singles, freed and made again at random; allreduces (one chunk, or two
- * pipelined), forward statistics, broadcasts and barriers, with a NaN from
- * a random member now and then.  Every call must return what the script
+ * pipelined), fused allreduces (mean), forward statistics, backward sums,
+ * broadcasts and barriers, with a NaN or Inf from a random member now and
+ * then.  Every call must return what the script
  * says: SBN_EBADSTATS naming the rank for a NaN, SBN_OK with the values
  * computed here otherwise.  Ranks run ahead into rounds of other groups, so
  * this checks that the coordinator's and the workers' state of every group
@@ -480,7 +481,7 @@ static int script_worker(int rank, void *ap, void *sp) {
   uint64_t rng = seed != NULL ? strtoull(seed, NULL, 0) : SCRIPT_SEED;
   for (int t = 0; t < SCRIPT_OPS && !sh->failures[rank] && buf != NULL; t++) {
     int set = (int)(script_next(&rng) % SCRIPT_NSETS);
-    int kind = (int)(script_next(&rng) % 6);
+    int kind = (int)(script_next(&rng) % 8);
     uint64_t r1 = script_next(&rng), r2 = script_next(&rng), r3 = script_next(&rng);
     unsigned mask = script_sets[set] ? script_sets[set] : (1u << SCRIPT_WORLD) - 1;
     int members[SCRIPT_WORLD], k = 0, me = -1;
@@ -491,7 +492,8 @@ static int script_worker(int rank, void *ap, void *sp) {
         members[k++] = r;
       }
     /* A NaN now and then (a group of one is local: nothing checks it). */
-    int bad = r3 % 8 == 0 && kind <= 2 && k > 1 ? members[(r3 / 8) % (uint64_t)k] : -1;
+    int checked = kind <= 2 || kind >= 6; /* rounds whose values the coordinator checks */
+    int bad = r3 % 8 == 0 && checked && k > 1 ? members[(r3 / 8) % (uint64_t)k] : -1;
     if (me < 0)
       continue; /* not a member: on to the next round this rank is in */
     if (set > 0 && (gs[set] == NULL || kind == 5)) {
@@ -538,6 +540,40 @@ static int script_worker(int rank, void *ap, void *sp) {
             fabs(gm2[c] - m2want) > 1e-9)
           FAIL(sh, rank, "op %d: stats of %#x: count %llu mean %.17g m2 %.17g", t, mask,
                (unsigned long long)gn, gmean[c], gm2[c]);
+    } else if (kind == 6) {
+      /* Fused: two small buffers around an empty one, then (sometimes) one
+       * of more than a chunk; the mean of the values. */
+      size_t ns[4] = {1 + r2 % 100, 0, 1 + r1 % 50, r1 % 3 == 0 ? SBN_CHUNK_FLOATS + 7 : 0};
+      float *bufs[4] = {buf, NULL, buf + 100, buf + 150};
+      for (int b = 0; b < 4; b++)
+        for (size_t i = 0; i < ns[b]; i++)
+          bufs[b][i] = script_value(rank, i + (size_t)b, t) * (float)k;
+      if (rank == bad)
+        bufs[2][0] = INFINITY;
+      rc = sbn_allreduce_many(g, bufs, ns, 4, SBN_REDUCE_MEAN);
+      for (int b = 0; b < 4 && rc == SBN_OK; b++)
+        for (size_t i = 0; i < ns[b] && !sh->failures[rank]; i++) {
+          double e = 0;
+          for (int j = 0; j < k; j++)
+            e += (double)(script_value(members[j], i + (size_t)b, t) * (float)k);
+          if (bufs[b][i] != (float)(e / k))
+            FAIL(sh, rank, "op %d: allreduce_many of %#x, buffer %d [%zu] = %g, expected %g", t,
+                 mask, b, i, bufs[b][i], e / k);
+        }
+    } else if (kind == 7) {
+      size_t C = 1 + r2 % 64;
+      double x[64], y[64], gx[64], gy[64];
+      for (size_t c = 0; c < C; c++)
+        x[c] = rank + 0.5 * (double)c, y[c] = -(double)rank;
+      if (rank == bad)
+        y[0] = NAN;
+      rc = sbn_sync_sums(g, "script", C, x, y, gx, gy);
+      double rs = 0;
+      for (int j = 0; j < k; j++)
+        rs += members[j];
+      for (size_t c = 0; rc == SBN_OK && c < C && !sh->failures[rank]; c++)
+        if (gx[c] != rs + 0.5 * (double)c * k || gy[c] != -rs)
+          FAIL(sh, rank, "op %d: sums of %#x: %g %g", t, mask, gx[c], gy[c]);
     } else if (kind == 3 || kind == 5) {
       rc = sbn_barrier(g);
     } else {
