@@ -17,6 +17,7 @@
 
 #include "coord_proc.h"
 #include "internal.h" /* ctx->pipeline: the pipelined allreduce path runs */
+#include "raw_peer.h"
 #include "sbn/sbn.h"
 #include "workers.h"
 
@@ -612,6 +613,103 @@ START_TEST(test_random_script) {
 }
 END_TEST
 
+/*
+ * A coordinator that answers out of order, played by the test on a raw
+ * socket: the Error for the chunk sent ahead comes before the Result of the
+ * chunk before it.  The worker keeps that Error for the chunk's await and
+ * fails at once with it, instead of skipping it and waiting out its
+ * time-out (which the real coordinator's in-order replies never test).
+ */
+#define EARLY_TIMEOUT_MS 4000
+#define EARLY_N (SBN_CHUNK_FLOATS + 10) /* two chunks, the second sent ahead */
+static int early_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = a->addr;
+  cfg.job = a->job;
+  cfg.rank = rank;
+  cfg.world_size = 2;
+  cfg.timeout_ms = EARLY_TIMEOUT_MS;
+  sbn_ctx *ctx = NULL;
+  if (sbn_init(&cfg, &ctx) != SBN_OK) {
+    FAIL(sh, rank, "init: %s", sbn_last_error());
+    return 1;
+  }
+  float *buf = calloc(EARLY_N, sizeof(float));
+  long long t0 = test_now_ms();
+  sh->rc[rank] = sbn_allreduce(sbn_world(ctx), buf, EARLY_N, SBN_REDUCE_SUM);
+  sh->t_after_barrier[rank] = test_now_ms() - t0;
+  snprintf(sh->msg[rank], 512, "%s", sbn_last_error());
+  free(buf);
+  sbn_finalize(ctx);
+  return 0;
+}
+
+START_TEST(test_error_before_the_result_it_follows) {
+  int port;
+  int lfd = rp_listen(&port);
+  char addr[64];
+  snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
+  arg a = {addr, unique_job(), 2};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 1, early_worker, &a, sizeof(shared)), 0);
+  rp *w = rp_accept(lfd, RP_IO_TIMEOUT_MS);
+  Sbn__Envelope *e = rp_recv(w, RP_IO_TIMEOUT_MS);
+  ck_assert_int_eq(e->body_case, SBN__ENVELOPE__BODY_HELLO);
+  sbn__msg_free(e);
+  Sbn__Welcome wel = SBN__WELCOME__INIT;
+  Sbn__Envelope out = SBN__ENVELOPE__INIT;
+  wel.protocol_version = SBN_PROTOCOL_VERSION;
+  wel.server_version = (char *)"test";
+  wel.max_frame = SBN_MAX_FRAME_CEILING;
+  wel.round_timeout_ms = 60000;
+  wel.session = 1;
+  wel.pipeline = 1;
+  out.body_case = SBN__ENVELOPE__BODY_WELCOME;
+  out.welcome = &wel;
+  rp_send(w, &out);
+  /* Chunk 0, then chunk 1 sent ahead of its result. */
+  Sbn__Envelope *c0 = rp_recv(w, RP_IO_TIMEOUT_MS), *c1 = rp_recv(w, RP_IO_TIMEOUT_MS);
+  ck_assert_int_eq(c0->body_case, SBN__ENVELOPE__BODY_CONTRIBUTE);
+  ck_assert_int_eq(c1->body_case, SBN__ENVELOPE__BODY_CONTRIBUTE);
+  ck_assert_uint_eq(c0->contribute->seq, 0);
+  ck_assert_uint_eq(c1->contribute->seq, 1);
+  ck_assert(c1->contribute->ahead);
+  Sbn__Error err = SBN__ERROR__INIT;
+  err.code = SBN_EMISMATCH;
+  err.message = (char *)"test: chunk 1 refused before chunk 0's result";
+  err.seq = 1;
+  err.phase = SBN__PHASE__PHASE_ALLREDUCE;
+  err.layer = c1->contribute->layer;
+  out.body_case = SBN__ENVELOPE__BODY_ERROR;
+  out.error = &err;
+  rp_send(w, &out);
+  Sbn__Result res = SBN__RESULT__INIT;
+  res.seq = 0;
+  res.phase = SBN__PHASE__PHASE_ALLREDUCE;
+  res.layer = c0->contribute->layer;
+  res.n_fvals = c0->contribute->n_fvals;
+  res.fvals = c0->contribute->fvals;
+  out.body_case = SBN__ENVELOPE__BODY_RESULT;
+  out.result = &res;
+  rp_send(w, &out);
+  ck_assert_int_eq(workers_wait(&ws, 3 * EARLY_TIMEOUT_MS), 1);
+  shared *sh = ws.shared;
+  ck_assert_msg(sh->rc[0] == SBN_EMISMATCH && strstr(sh->msg[0], "chunk 1 refused") != NULL,
+                "allreduce gave %d: %s", sh->rc[0], sh->msg[0]);
+  ck_assert_msg(sh->t_after_barrier[0] < EARLY_TIMEOUT_MS / 2,
+                "the error took %lld ms: it was skipped and the time-out waited out",
+                sh->t_after_barrier[0]);
+  sbn__msg_free(c0);
+  sbn__msg_free(c1);
+  workers_release(&ws);
+  rp_close(w);
+  close(lfd);
+}
+END_TEST
+
 START_TEST(test_local_collectives) {
   sbn_config cfg;
   sbn_config_init(&cfg);
@@ -639,6 +737,7 @@ int main(void) {
   tcase_add_test(tc, test_unsent_round_gives_seq_back);
   tcase_add_test(tc, test_groups_of_the_same_members);
   tcase_add_test(tc, test_random_script);
+  tcase_add_test(tc, test_error_before_the_result_it_follows);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);
   return run_suite(s);

@@ -114,8 +114,8 @@ SBN_API int sbn_group_member(const sbn_group *g, int i) {
   return i >= 0 && (size_t)i < g->n ? (int)g->members[i] : -1;
 }
 
-static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq, uint64_t deadline,
-                        Sbn__Envelope **reply);
+static int await_result(sbn_ctx *ctx, const uint64_t *counter, const sbn__round_req *req,
+                        uint64_t seq, uint64_t deadline, Sbn__Envelope **reply);
 static void record_latency(sbn_ctx *ctx, uint64_t ns);
 
 /* Turns an Error from the coordinator into the caller's status and message. */
@@ -187,7 +187,7 @@ int sbn__round_await(sbn_group *g, const sbn__round_req *req, const sbn__round_t
                      Sbn__Envelope **reply) {
   *reply = NULL;
   sbn_ctx *ctx = g->ctx;
-  int rc = await_result(ctx, req, tx->seq, tx->deadline_ms, reply);
+  int rc = await_result(ctx, g->seq, req, tx->seq, tx->deadline_ms, reply);
   if (rc == SBN_OK)
     record_latency(ctx, sbn__now_ns() - tx->t0_ns);
   else
@@ -244,10 +244,16 @@ SBN_API int sbn_round_stats_get(sbn_ctx *ctx, sbn_round_stats *out, int reset) {
   return SBN_OK;
 }
 
-/* Waits for the Result of round seq, answering pings on the way. */
-static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq, uint64_t deadline,
-                        Sbn__Envelope **reply) {
+/* Waits for the Result of round seq of the group numbered by counter,
+ * answering pings on the way. */
+static int await_result(sbn_ctx *ctx, const uint64_t *counter, const sbn__round_req *req,
+                        uint64_t seq, uint64_t deadline, Sbn__Envelope **reply) {
   int rc;
+  if (ctx->early.set && ctx->early.counter == counter && ctx->early.seq <= seq) {
+    ctx->early.set = 0; /* this round's, or one of a round given up */
+    if (ctx->early.seq == seq)
+      return sbn__fail(ctx->early.code, "%s", ctx->early.msg);
+  }
   for (;;) {
     Sbn__Envelope *in;
     rc = sbn__conn_recv(&ctx->conn, &in, deadline);
@@ -276,6 +282,14 @@ static int await_result(sbn_ctx *ctx, const sbn__round_req *req, uint64_t seq, u
         rc = error_from_reply(in->error);
         sbn__conn_release(in);
         return rc;
+      }
+      if (in->error->seq > seq && in->error->seq < *counter && !ctx->early.set) {
+        /* A round sent after this one already failed: its await gets it. */
+        ctx->early.code = error_from_reply(in->error);
+        snprintf(ctx->early.msg, sizeof(ctx->early.msg), "%s", sbn_last_error());
+        ctx->early.counter = counter;
+        ctx->early.seq = in->error->seq;
+        ctx->early.set = 1;
       }
       break;
     case SBN__ENVELOPE__BODY_PING: {

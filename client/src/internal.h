@@ -89,6 +89,17 @@ struct sbn_ctx {
   sbn__conn conn;
   struct sbn_group *world;
   uint64_t world_seq;   /* WORLD's and every group of all ranks' (sbn__seq_slot) */
+  /* An Error for a round sent but not yet awaited that came before the
+   * reply it follows (a coordinator answering out of order): kept for the
+   * await of that round (counter: its group's sbn__seq_slot) instead of being
+   * skipped, so that the await does not wait out its time-out. */
+  struct {
+    int set;
+    const uint64_t *counter;
+    uint64_t seq;
+    int code;
+    char msg[512];
+  } early;
   sbn__seq_slot *seqs;  /* the other sets of members groups were made of */
   /* Round latencies (us), a ring of SBN_LATENCY_WINDOW, and counters. */
   float *lat;

@@ -46,6 +46,32 @@ rp *rp_open(int port, int rcvbuf) {
   return p;
 }
 
+int rp_listen(int *port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ck_assert_int_ge(fd, 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof(a));
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+  ck_assert_int_eq(listen(fd, 4), 0);
+  socklen_t al = sizeof(a);
+  ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &al), 0);
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+rp *rp_accept(int lfd, int timeout_ms) {
+  struct pollfd pf = {.fd = lfd, .events = POLLIN};
+  ck_assert_msg(poll(&pf, 1, timeout_ms) == 1, "no connection within %d ms", timeout_ms);
+  rp *p = calloc(1, sizeof(*p));
+  ck_assert_ptr_nonnull(p);
+  sbn__framer_init(&p->rx, SBN_MAX_FRAME_CEILING);
+  p->fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+  ck_assert_int_ge(p->fd, 0);
+  return p;
+}
+
 void rp_close(rp *p) {
   if (p == NULL)
     return;

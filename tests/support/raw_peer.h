@@ -23,6 +23,11 @@ typedef struct rp {
 
 /* Connects to 127.0.0.1:port; rcvbuf > 0 sets SO_RCVBUF first. */
 rp *rp_open(int port, int rcvbuf);
+/* The other side, for tests that play the coordinator to a worker: a
+ * listening socket on 127.0.0.1 port 0 (its port in *port), and the peer of
+ * the next connection to it (asserts one comes within timeout_ms). */
+int rp_listen(int *port);
+rp *rp_accept(int lfd, int timeout_ms);
 void rp_close(rp *p);
 void rp_send_raw(rp *p, const void *data, size_t len);
 void rp_send(rp *p, const Sbn__Envelope *env);
