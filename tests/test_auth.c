@@ -416,22 +416,15 @@ static void fake_coordinator(int lfd) {
 }
 
 START_TEST(worker_refuses_fake_coordinator) {
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof(a));
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ck_assert_int_eq(bind(lfd, (struct sockaddr *)&a, sizeof(a)), 0);
-  ck_assert_int_eq(listen(lfd, 4), 0);
-  socklen_t al = sizeof(a);
-  getsockname(lfd, (struct sockaddr *)&a, &al);
+  int port;
+  int lfd = rp_listen(&port);
   pid_t pid = fork();
   ck_assert_int_ge(pid, 0);
   if (pid == 0)
     fake_coordinator(lfd);
   close(lfd);
   char addr[64];
-  snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(a.sin_port));
+  snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
   sbn_config cfg;
   sbn_config_init(&cfg);
   cfg.coordinator = addr;
