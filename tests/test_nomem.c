@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "raw_peer.h"
 #include "scrape.h"
 #include "sbn/sbn.h"
 #include "workers.h"
@@ -328,6 +329,42 @@ START_TEST(every_allocation_fails_from_some_point) {
 }
 END_TEST
 
+/*
+ * Connections that come while the coordinator has no memory for any: each
+ * is taken off the listener and closed, also those that arrive while the
+ * handle that closes them is busy with the one before (libuv reads a
+ * listener no further until its pending connection is taken: left there,
+ * they and every later one would hang).
+ */
+#define REFUSED_CONNS 8
+START_TEST(connections_without_memory_are_closed) {
+  setenv("SBN_NOMEM_PERSIST", "1", 1);
+  setenv("SBN_NOMEM_REPORT", "", 1);
+  setenv("SBN_TEST_QUIET", "1", 1);
+  static const char *const args[] = {NULL};
+  coord_proc cp;
+  int started = 0;
+  /* The first allocation after start-up: every one from there on fails. */
+  for (unsigned long n = 1; n <= 64 && !started; n++) {
+    char at[32];
+    snprintf(at, sizeof(at), "%lu", n);
+    setenv("SBN_NOMEM_FAIL", at, 1);
+    started = coord_start_bin(&cp, SBN_COORDINATOR_NOMEM_BIN, args, NULL) == 0;
+  }
+  ck_assert_msg(started, "the coordinator did not start with 64 allocations");
+  rp *p[REFUSED_CONNS];
+  for (int i = 0; i < REFUSED_CONNS; i++) /* all at once, before it runs */
+    p[i] = rp_open(cp.port, 0);
+  for (int i = 0; i < REFUSED_CONNS; i++) {
+    ck_assert_msg(rp_wait_closed(p[i], RP_IO_TIMEOUT_MS), "connection %d was not closed", i);
+    rp_close(p[i]);
+  }
+  int st = coord_stop(&cp, SIGTERM, 10000);
+  ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+                "the coordinator did not stop cleanly (wait status %d)", st);
+}
+END_TEST
+
 int main(void) {
 #ifndef SBN_COORDINATOR_NOMEM_BIN
   printf("skipped: the linker cannot wrap malloc, so there is no sbn-coordinator-nomem\n");
@@ -338,6 +375,7 @@ int main(void) {
   tcase_set_timeout(tc, 600);
   tcase_add_test(tc, each_allocation_fails_once);
   tcase_add_test(tc, every_allocation_fails_from_some_point);
+  tcase_add_test(tc, connections_without_memory_are_closed);
   suite_add_tcase(s, tc);
   return run_suite(s);
 #endif
