@@ -54,7 +54,7 @@ static int parse(int argc, char **argv, options *o) {
   *o = (options){.epochs = 20, .batch = 32, .points = 12000, .tests = 3000, .hidden = 64,
                  .classes = 3, .lr = 0.1, .momentum = 0.9, .weight_decay = 1e-4,
                  .target = 0.97, .seed = 2024};
-  for (int i = 1; i < argc; i++) {
+  for (int i = 1; i < argc; i += 2) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     char *end = NULL;
     if (v == NULL)
@@ -72,7 +72,6 @@ static int parse(int argc, char **argv, options *o) {
       fprintf(stderr, "%s: bad value '%s' for %s\n", argv[0], v, a);
       return 2;
     }
-    i++;
   }
   if (o->epochs < 1 || o->batch < 1 || o->hidden < 1 || o->points < 1) {
     fprintf(stderr, "%s: epochs, batch, hidden and points must be positive\n", argv[0]);

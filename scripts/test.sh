@@ -25,6 +25,14 @@ if [ -z "${SBN_TEST_FAST:-}" ]; then
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan RelWithDebInfo -DSBN_SANITIZE=ON
 fi
+if [ -z "${SBN_TEST_FAST:-}" ] && command -v clang >/dev/null 2>&1; then
+  # Users build with clang too: its warnings differ from GCC's (-Werror makes
+  # them errors), and the kernels have GCC-only paths. Build only; the suites
+  # above ran the tests.
+  echo "== clang build (-Wall -Wextra -Werror)"
+  CC=clang cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build-clang -j "$jobs" >/dev/null
+fi
 if [ -z "${SBN_TEST_FAST:-}" ]; then
   # A short libFuzzer run (15 s + 10 s) with ASan + UBSan; the long runs are
   # on request (tests/fuzz/run.sh 600 300), their figures in docs/security.md.
