@@ -246,12 +246,16 @@ int mlp_sgd_init(mlp_sgd *opt, sbn_module *model, double lr, double momentum,
   if (rc != SBN_OK)
     return rc;
   opt->velocity = calloc(opt->params.count + 1, sizeof(float *));
-  if (opt->velocity == NULL)
-    return SBN_ENOMEM;
-  for (size_t i = 0; i < opt->params.count; i++) {
+  for (size_t i = 0; opt->velocity != NULL && i < opt->params.count; i++) {
     opt->velocity[i] = calloc(sbn_tensor_numel(opt->params.items[i]) + 1, sizeof(float));
-    if (opt->velocity[i] == NULL)
+    if (opt->velocity[i] == NULL) {
+      mlp_sgd_release(opt);
       return SBN_ENOMEM;
+    }
+  }
+  if (opt->velocity == NULL) {
+    mlp_sgd_release(opt);
+    return SBN_ENOMEM;
   }
   return SBN_OK;
 }

@@ -164,6 +164,10 @@ int main(int argc, char **argv) {
   }
   uint64_t *order = malloc(shard * sizeof(uint64_t));
   int *labels = malloc(o.batch * sizeof(int));
+  if (order == NULL || labels == NULL) {
+    fprintf(stderr, "rank %d: out of memory for a shard of %zu points\n", rank, shard);
+    return 3;
+  }
   for (size_t i = 0; i < shard; i++)
     order[i] = (uint64_t)rank + (uint64_t)i * (uint64_t)world;
   size_t xshape[2] = {o.batch, MLP_FEATURES};
