@@ -35,6 +35,9 @@
 #define SBN_SRV_JOB_MAX 128
 #define SBN_SRV_WORLD_MAX 65536u
 #define SBN_SRV_LAYER_MAX 256
+/* Members gone that a refused contribution's error names (and lists in its
+ * ranks); the others are counted. */
+#define SBN_SRV_GONE_NAMED 8u
 /*
  * Until a connection has been welcomed its frames may be at most this big: a
  * hello is a few hundred bytes, and a stranger should not make us buffer

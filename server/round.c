@@ -141,6 +141,50 @@ static void group_tomb_set(sbn__srv_group *g, uint64_t seq, int code, const char
   g->tomb_nranks = nranks;
 }
 
+/*
+ * Refuses a contribution that would open a round of a group with members
+ * gone (returns 1): such a round can never complete.  The error names every
+ * member gone, up to SBN_SRV_GONE_NAMED: the disconnected ones first (a rank
+ * that left often did so because of them), then those that said goodbye.
+ */
+static int refuse_if_members_gone(sbn__srv_conn *conn, sbn__srv_group *g, const Sbn__Contribute *m,
+                                  const char *layer) {
+  const sbn__srv_job *job = conn->job;
+  uint32_t i = 0;
+  while (i < g->n && job->ranks[sbn__srv_group_rank(g, i)].state != SBN_RANK_LOST &&
+         job->ranks[sbn__srv_group_rank(g, i)].state != SBN_RANK_LEFT)
+    i++;
+  if (i == g->n)
+    return 0; /* the usual case: one walk, as before anyone is named */
+  uint32_t gone[SBN_SRV_GONE_NAMED];
+  size_t k = 0, more = 0;
+  char msg[512];
+  size_t off = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    const uint8_t want = pass == 0 ? SBN_RANK_LOST : SBN_RANK_LEFT;
+    for (i = 0; i < g->n; i++) {
+      const uint32_t mr = sbn__srv_group_rank(g, i);
+      if (job->ranks[mr].state != want)
+        continue;
+      if (k == SBN_SRV_GONE_NAMED) {
+        more++;
+        continue;
+      }
+      const char *how = want == SBN_RANK_LEFT ? "left" : "disconnected";
+      int w = k == 0 ? snprintf(msg, sizeof(msg), "rank %u of job '%s' %s", (unsigned)mr, job->name,
+                                how)
+                     : snprintf(msg + off, sizeof(msg) - off, ", rank %u %s", (unsigned)mr, how);
+      if (w > 0) /* snprintf returns what it would have written: clamp */
+        off = off + (size_t)w < sizeof(msg) ? off + (size_t)w : sizeof(msg) - 1;
+      gone[k++] = mr;
+    }
+  }
+  if (more > 0)
+    snprintf(msg + off, sizeof(msg) - off, ", and %zu more gone", more);
+  sbn__srv_conn_error(conn, SBN_EPEERLOST, gone, k, m->seq, m->phase, layer, "%s", msg);
+  return 1;
+}
+
 static const Sbn__Contribute *round_ref(const sbn__srv_round *r) {
   return r->contrib[r->ref]->contribute;
 }
@@ -794,16 +838,8 @@ void sbn__srv_contribute(sbn__srv_conn *conn, Sbn__Envelope *env) {
      * Open rounds are failed when the loss happens, so the members only
      * need checking when a round is about to be created.
      */
-    for (uint32_t i = 0; i < g->n; i++) {
-      uint32_t mr = sbn__srv_group_rank(g, i);
-      uint8_t st = job->ranks[mr].state;
-      if (st == SBN_RANK_LOST || st == SBN_RANK_LEFT) {
-        sbn__srv_conn_error(conn, SBN_EPEERLOST, &mr, 1, m->seq, m->phase, layer,
-                            "rank %u of job '%s' %s", (unsigned)mr, job->name,
-                            st == SBN_RANK_LEFT ? "left" : "disconnected");
-        return;
-      }
-    }
+    if (refuse_if_members_gone(conn, g, m, layer))
+      return;
     if (job->nrounds >= job->coord->cfg.max_rounds) {
       sbn__srv_conn_error(conn, SBN_ELIMIT, &conn->rank, 1, m->seq, m->phase, layer,
                           "job '%s' has %u open rounds, the coordinator's limit; seq %llu of "

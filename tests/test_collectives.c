@@ -40,6 +40,9 @@ typedef struct arg {
   const char *addr;
   const char *job;
   int world;
+  /* test_random_script_with_a_death: rank die_rank leaves at op die_at
+   * (die_at 0: nobody does), abruptly or (die_goodbye) with sbn_finalize. */
+  int die_rank, die_at, die_goodbye;
 } arg;
 
 static float value(int rank, size_t i) {
@@ -208,10 +211,11 @@ static coord_proc coord;
 /* Starts the coordinator (with coord_args) and world workers running fn,
  * waits at most timeout_ms, and checks that every worker succeeded; the
  * caller checks the rest in *ws, then calls finish(). */
-static shared *run_workers(worker_set *ws, const char *const *coord_args, int world,
-                           worker_fn fn, int timeout_ms) {
+static shared *run_workers_plan(worker_set *ws, const char *const *coord_args, int world,
+                                worker_fn fn, int timeout_ms, const arg *plan) {
   ck_assert_int_eq(coord_start(&coord, coord_args), 0);
-  arg a = {coord.addr, unique_job(), world}; /* the workers get a copy (fork) */
+  arg a = plan != NULL ? *plan : (arg){0}; /* the workers get a copy (fork) */
+  a.addr = coord.addr, a.job = unique_job(), a.world = world;
   ck_assert_int_eq(workers_start(ws, world, fn, &a, sizeof(shared)), 0);
   int ok = workers_wait(ws, timeout_ms);
   shared *sh = ws->shared;
@@ -219,6 +223,11 @@ static shared *run_workers(worker_set *ws, const char *const *coord_args, int wo
     ck_assert_msg(ws->status[r] == 0, "rank %d: status %d: %s", r, ws->status[r], sh->msg[r]);
   ck_assert_int_eq(ok, world);
   return sh;
+}
+
+static shared *run_workers(worker_set *ws, const char *const *coord_args, int world,
+                           worker_fn fn, int timeout_ms) {
+  return run_workers_plan(ws, coord_args, world, fn, timeout_ms, NULL);
 }
 
 static void finish(worker_set *ws) {
@@ -454,6 +463,7 @@ END_TEST
 #define SCRIPT_WORLD 4
 #define SCRIPT_OPS 400
 #define SCRIPT_SEED 0x5b7c0ffeeull
+#define SCRIPT_OP_MAX_MS 4000 /* an op of the script, on a loaded machine */
 static const unsigned script_sets[] = {0 /* WORLD */, 0xF, 0x3, 0x6, 0xC, 0x9, 0x7, 0xE, 0x5, 0x1};
 #define SCRIPT_NSETS (int)(sizeof(script_sets) / sizeof(script_sets[0]))
 
@@ -480,7 +490,15 @@ static int script_worker(int rank, void *ap, void *sp) {
   /* SBN_SCRIPT_SEED=N runs another script (to explore; ctest runs the one). */
   const char *seed = getenv("SBN_SCRIPT_SEED");
   uint64_t rng = seed != NULL ? strtoull(seed, NULL, 0) : SCRIPT_SEED;
+  const int dier = a->die_at > 0 ? a->die_rank : -1;
   for (int t = 0; t < SCRIPT_OPS && !sh->failures[rank] && buf != NULL; t++) {
+    if (rank == dier && t == a->die_at) {
+      /* Gone between two rounds: with a goodbye, or the kernel closes the
+       * socket.  _exit: nothing of the worker's own clean-up runs. */
+      if (a->die_goodbye)
+        sbn_finalize(ctx);
+      _exit(0);
+    }
     int set = (int)(script_next(&rng) % SCRIPT_NSETS);
     int kind = (int)(script_next(&rng) % 8);
     uint64_t r1 = script_next(&rng), r2 = script_next(&rng), r3 = script_next(&rng);
@@ -507,6 +525,7 @@ static int script_worker(int rank, void *ap, void *sp) {
     }
     sbn_group *g = gs[set];
     int rc = SBN_OK;
+    const long long t0 = test_now_ms();
     if (kind == 0 || kind == 1) {
       size_t n = kind == 1 && r1 % 4 == 0 ? SBN_CHUNK_FLOATS + 1 + r2 % 300 : 1 + r2 % 300;
       for (size_t i = 0; i < n; i++)
@@ -588,19 +607,35 @@ static int script_worker(int rank, void *ap, void *sp) {
         if (b[i] != (unsigned char)(t + 3 * i))
           FAIL(sh, rank, "op %d: broadcast of %#x: byte %zu", t, mask, i);
     }
-    char want[32];
+    const long long took = test_now_ms() - t0;
+    char want[32], gone[32];
     snprintf(want, sizeof(want), "rank %d", bad);
-    if (bad >= 0 && (rc != SBN_EBADSTATS || strstr(sbn_last_error(), want) == NULL))
+    snprintf(gone, sizeof(gone), "rank %d", dier);
+    const int nan_named = rc == SBN_EBADSTATS && strstr(sbn_last_error(), want) != NULL;
+    if (dier >= 0 && t >= a->die_at && (mask & (1u << dier))) {
+      /* The round can never complete: the member that left is named, at
+       * once (a NaN from another member may be found first). */
+      if (!(rc == SBN_EPEERLOST && strstr(sbn_last_error(), gone) != NULL) &&
+          !(bad >= 0 && nan_named))
+        FAIL(sh, rank, "op %d (kind %d, group %#x, rank %d gone at op %d): %d: %s", t, kind,
+             mask, dier, a->die_at, rc, sbn_last_error());
+    } else if (bad >= 0 && !nan_named) {
       FAIL(sh, rank, "op %d (kind %d, group %#x, NaN from rank %d): %d: %s", t, kind, mask, bad,
            rc, sbn_last_error());
-    if (bad < 0 && rc != SBN_OK)
+    } else if (bad < 0 && rc != SBN_OK) {
       FAIL(sh, rank, "op %d (kind %d, group %#x): %d: %s", t, kind, mask, rc, sbn_last_error());
+    }
+    if (took > SCRIPT_OP_MAX_MS)
+      FAIL(sh, rank, "op %d (kind %d, group %#x) took %lld ms: %d", t, kind, mask, took, rc);
   }
   free(buf);
   for (int i = 1; i < SCRIPT_NSETS; i++)
     sbn_group_free(gs[i]);
-  if (sh->failures[rank] == 0 && sbn_barrier(gs[0]) != SBN_OK)
-    FAIL(sh, rank, "last barrier: %s", sbn_last_error());
+  if (sh->failures[rank] == 0) {
+    const int rc = sbn_barrier(gs[0]);
+    if (rc != (dier >= 0 ? SBN_EPEERLOST : SBN_OK))
+      FAIL(sh, rank, "last barrier: %d: %s", rc, sbn_last_error());
+  }
   sbn_finalize(ctx);
   return sh->failures[rank] ? 1 : 0;
 }
@@ -609,6 +644,28 @@ START_TEST(test_random_script) {
   worker_set ws;
   const char *args[] = {"--round-timeout", "5000", NULL};
   run_workers(&ws, args, SCRIPT_WORLD, script_worker, 120000);
+  finish(&ws);
+}
+END_TEST
+
+/*
+ * The same script, but one rank leaves before op die_at, silently or with a
+ * goodbye.  Every later round of a group it is in must fail at once with
+ * SBN_EPEERLOST naming it (the round time-out is 30 s, an op may take
+ * SCRIPT_OP_MAX_MS), and every round of the groups without it still gives
+ * exact results; the coordinator then stops cleanly.
+ */
+static const arg script_deaths[] = {
+    {.die_rank = 2, .die_at = 37, .die_goodbye = 0},
+    {.die_rank = 0, .die_at = 150, .die_goodbye = 1},
+    {.die_rank = 3, .die_at = 1, .die_goodbye = 0},
+    {.die_rank = 1, .die_at = 299, .die_goodbye = 1},
+};
+
+START_TEST(test_random_script_with_a_death) {
+  worker_set ws;
+  const char *args[] = {"--round-timeout", "30000", NULL};
+  run_workers_plan(&ws, args, SCRIPT_WORLD, script_worker, 120000, &script_deaths[_i]);
   finish(&ws);
 }
 END_TEST
@@ -652,7 +709,7 @@ START_TEST(test_error_before_the_result_it_follows) {
   int lfd = rp_listen(&port);
   char addr[64];
   snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
-  arg a = {addr, unique_job(), 2};
+  arg a = {.addr = addr, .job = unique_job(), .world = 2};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 1, early_worker, &a, sizeof(shared)), 0);
   rp *w = rp_accept(lfd, RP_IO_TIMEOUT_MS);
@@ -737,6 +794,8 @@ int main(void) {
   tcase_add_test(tc, test_unsent_round_gives_seq_back);
   tcase_add_test(tc, test_groups_of_the_same_members);
   tcase_add_test(tc, test_random_script);
+  tcase_add_loop_test(tc, test_random_script_with_a_death, 0,
+                      (int)(sizeof(script_deaths) / sizeof(script_deaths[0])));
   tcase_add_test(tc, test_error_before_the_result_it_follows);
   tcase_add_test(tc, test_local_collectives);
   suite_add_tcase(s, tc);

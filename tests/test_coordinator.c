@@ -23,6 +23,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "coord_internal.h" /* SBN_SRV_GONE_NAMED */
 #include "coord_proc.h"
 #include "raw_peer.h"
 #include "frame.h"
@@ -1319,6 +1320,63 @@ START_TEST(goodbye_then_peer_left) {
 }
 END_TEST
 
+/*
+ * A round that would need members already gone is refused at once, and the
+ * error names all of them (the disconnected ones first, then those that
+ * left), up to SBN_SRV_GONE_NAMED, and counts the rest: the first rank in
+ * member order is not necessarily the one that broke the job.  _i: 7 or 8
+ * disconnected (the limit, and one past it when a departed rank is added).
+ */
+START_TEST(every_member_gone_is_named) {
+  const uint32_t nlost = SBN_SRV_GONE_NAMED - 1 + (uint32_t)_i, world = nlost + 2;
+  start_coord(NULL);
+  peer *p[SBN_SRV_GONE_NAMED + 2];
+  for (uint32_t r = 0; r < world; r++)
+    p[r] = join("gone", r, world);
+  /* Rank 1 says goodbye; the coordinator closes it once it has read it. */
+  Sbn__Goodbye g = SBN__GOODBYE__INIT;
+  Sbn__Envelope env = SBN__ENVELOPE__INIT;
+  g.reason = "done";
+  env.body_case = SBN__ENVELOPE__BODY_GOODBYE;
+  env.goodbye = &g;
+  rp_send(p[1], &env);
+  ck_assert(rp_wait_closed(p[1], IO_TIMEOUT_MS));
+  /* Ranks 2.. vanish; a round of rank 0 with each one fails once the
+   * coordinator has seen the loss (open and failed, or refused). */
+  double v = 1, q = 0;
+  for (uint32_t r = 2; r < world; r++) {
+    rp_close(p[r]);
+    const uint32_t pair[2] = {0, r};
+    contrib c = {.members = pair, .n_members = 2, .seq = 0, .phase = SBN__PHASE__PHASE_FORWARD,
+                 .layer = "bn", .channels = 1, .count = 1, .a = &v, .b = &q, .n_ab = 1};
+    send_contrib(p[0], &c);
+    char want[64];
+    snprintf(want, sizeof(want), "rank %u of job 'gone' disconnected", (unsigned)r);
+    sbn__msg_free(expect_error(p[0], SBN_EPEERLOST, want, IO_TIMEOUT_MS));
+  }
+  send_forward(p[0], 0, "bn", 1, 1, &v, &q);
+  char want[512];
+  int off = snprintf(want, sizeof(want), "rank 2 of job 'gone' disconnected");
+  for (uint32_t r = 3; r < world; r++)
+    off += snprintf(want + off, sizeof(want) - (size_t)off, ", rank %u disconnected", (unsigned)r);
+  if (nlost < SBN_SRV_GONE_NAMED)
+    snprintf(want + off, sizeof(want) - (size_t)off, ", rank 1 left");
+  else
+    snprintf(want + off, sizeof(want) - (size_t)off, ", and 1 more gone");
+  Sbn__Envelope *e = expect_error(p[0], SBN_EPEERLOST, want, IO_TIMEOUT_MS);
+  ck_assert_str_eq(e->error->message, want);
+  ck_assert_uint_eq(e->error->n_ranks, nlost < SBN_SRV_GONE_NAMED ? nlost + 1 : nlost);
+  for (size_t i = 0; i < nlost; i++)
+    ck_assert_uint_eq(e->error->ranks[i], i + 2);
+  if (nlost < SBN_SRV_GONE_NAMED)
+    ck_assert_uint_eq(e->error->ranks[nlost], 1);
+  sbn__msg_free(e);
+  rp_close(p[0]);
+  rp_close(p[1]);
+  stop_ok();
+}
+END_TEST
+
 START_TEST(sigterm_with_open_round) {
   start_coord(NULL);
   peer *a = join("term", 0, 2), *b = join("term", 1, 2);
@@ -1446,6 +1504,7 @@ int main(void) {
   tcase_add_test(tc, round_timeout);
   tcase_add_test(tc, garbage_closes_only_its_connection);
   tcase_add_test(tc, goodbye_then_peer_left);
+  tcase_add_loop_test(tc, every_member_gone_is_named, 0, 2);
   tcase_add_test(tc, sigterm_with_open_round);
   tcase_add_test(tc, max_frame_after_welcome);
   tcase_add_test(tc, cli_flags);
