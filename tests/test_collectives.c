@@ -7,6 +7,7 @@
  */
 #include <check.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,8 +42,10 @@ typedef struct arg {
   const char *job;
   int world;
   /* test_random_script_with_a_death: rank die_rank leaves at op die_at
-   * (die_at 0: nobody does), abruptly or (die_goodbye) with sbn_finalize. */
-  int die_rank, die_at, die_goodbye;
+   * (die_at 0: nobody does), abruptly or (die_goodbye) with sbn_finalize;
+   * or, with die_after_ms, exits that long after it joined, wherever it is
+   * then (in a round, most likely). */
+  int die_rank, die_at, die_goodbye, die_after_ms;
 } arg;
 
 static float value(int rank, size_t i) {
@@ -478,21 +481,33 @@ static float script_value(int rank, size_t i, int t) {
   return (float)((rank + 1) * (int)(i % 7) + t % 5);
 }
 
+static void *die_later(void *ms) {
+  usleep((useconds_t)(*(const int *)ms) * 1000u);
+  _exit(0);
+}
+
 static int script_worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   shared *sh = sp;
   sbn_ctx *ctx = connect_rank(a, rank, sh);
   if (ctx == NULL)
     return 1;
+  pthread_t killer;
+  if (a->die_after_ms > 0 && rank == a->die_rank &&
+      pthread_create(&killer, NULL, die_later, (void *)&a->die_after_ms) != 0)
+    FAIL(sh, rank, "cannot start the thread that ends this rank");
   sbn_group *gs[SCRIPT_NSETS] = {0};
   gs[0] = sbn_world(ctx);
   float *buf = malloc(sizeof(float) * (SBN_CHUNK_FLOATS + 300));
   /* SBN_SCRIPT_SEED=N runs another script (to explore; ctest runs the one). */
   const char *seed = getenv("SBN_SCRIPT_SEED");
   uint64_t rng = seed != NULL ? strtoull(seed, NULL, 0) : SCRIPT_SEED;
-  const int dier = a->die_at > 0 ? a->die_rank : -1;
+  const int dier = a->die_at > 0 || a->die_after_ms > 0 ? a->die_rank : -1;
+  /* The op the rank that leaves is gone by at the latest (with die_after_ms
+   * it may be gone from any op on: rounds with it may succeed or fail). */
+  const int die_at = a->die_after_ms > 0 ? 0 : a->die_at;
   for (int t = 0; t < SCRIPT_OPS && !sh->failures[rank] && buf != NULL; t++) {
-    if (rank == dier && t == a->die_at) {
+    if (rank == dier && a->die_at > 0 && t == a->die_at) {
       /* Gone between two rounds: with a goodbye, or the kernel closes the
        * socket.  _exit: nothing of the worker's own clean-up runs. */
       if (a->die_goodbye)
@@ -612,13 +627,15 @@ static int script_worker(int rank, void *ap, void *sp) {
     snprintf(want, sizeof(want), "rank %d", bad);
     snprintf(gone, sizeof(gone), "rank %d", dier);
     const int nan_named = rc == SBN_EBADSTATS && strstr(sbn_last_error(), want) != NULL;
-    if (dier >= 0 && t >= a->die_at && (mask & (1u << dier))) {
+    const int may_succeed = a->die_after_ms > 0 && (bad < 0 ? rc == SBN_OK : nan_named);
+    if (dier >= 0 && t >= die_at && (mask & (1u << dier))) {
       /* The round can never complete: the member that left is named, at
-       * once (a NaN from another member may be found first). */
+       * once (a NaN from another member may be found first).  A round it
+       * took part in before a timed exit completes (values checked above). */
       if (!(rc == SBN_EPEERLOST && strstr(sbn_last_error(), gone) != NULL) &&
-          !(bad >= 0 && nan_named))
+          !(bad >= 0 && nan_named) && !may_succeed)
         FAIL(sh, rank, "op %d (kind %d, group %#x, rank %d gone at op %d): %d: %s", t, kind,
-             mask, dier, a->die_at, rc, sbn_last_error());
+             mask, dier, die_at, rc, sbn_last_error());
     } else if (bad >= 0 && !nan_named) {
       FAIL(sh, rank, "op %d (kind %d, group %#x, NaN from rank %d): %d: %s", t, kind, mask, bad,
            rc, sbn_last_error());
@@ -633,7 +650,7 @@ static int script_worker(int rank, void *ap, void *sp) {
     sbn_group_free(gs[i]);
   if (sh->failures[rank] == 0) {
     const int rc = sbn_barrier(gs[0]);
-    if (rc != (dier >= 0 ? SBN_EPEERLOST : SBN_OK))
+    if (rc != (dier >= 0 ? SBN_EPEERLOST : SBN_OK) && !(a->die_after_ms > 0 && rc == SBN_OK))
       FAIL(sh, rank, "last barrier: %d: %s", rc, sbn_last_error());
   }
   sbn_finalize(ctx);
@@ -653,13 +670,18 @@ END_TEST
  * goodbye.  Every later round of a group it is in must fail at once with
  * SBN_EPEERLOST naming it (the round time-out is 30 s, an op may take
  * SCRIPT_OP_MAX_MS), and every round of the groups without it still gives
- * exact results; the coordinator then stops cleanly.
+ * exact results; the coordinator then stops cleanly.  The last two plans end
+ * the rank from a thread after a time instead, wherever it is then: in the
+ * middle of a round, a pipelined allreduce or a broadcast; a round with it
+ * then either completes exactly or fails naming it.
  */
 static const arg script_deaths[] = {
     {.die_rank = 2, .die_at = 37, .die_goodbye = 0},
     {.die_rank = 0, .die_at = 150, .die_goodbye = 1},
     {.die_rank = 3, .die_at = 1, .die_goodbye = 0},
     {.die_rank = 1, .die_at = 299, .die_goodbye = 1},
+    {.die_rank = 2, .die_after_ms = 300},
+    {.die_rank = 0, .die_after_ms = 900},
 };
 
 START_TEST(test_random_script_with_a_death) {
