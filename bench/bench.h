@@ -26,6 +26,9 @@ typedef struct bench_opts {
   const char *coord_args[BENCH_MAX_COORD_ARGS]; /* extra coordinator args */
   int n_coord_args;
   int groups;           /* > 0: groups for the groups bench */
+  /* round rows only with this many workers / channels / spin mode (0: all
+   * of them; spin: 1 blocking only, 2 spinning only) */
+  int round_workers, round_channels, round_spin;
 } bench_opts;
 
 extern bench_opts g_opts;

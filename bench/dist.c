@@ -308,6 +308,9 @@ int bench_round(coord *c) {
   const char *const spin_args[] = {"--spin-us", spin_arg, NULL};
   for (int spin = 0; spin <= 1; spin++)
     for (int ni = 0; ni < 3; ni++) {
+      if ((g_opts.round_spin && g_opts.round_spin != spin + 1) ||
+          (g_opts.round_workers && g_opts.round_workers != Ns[ni]))
+        continue;
       if (spin && spinning.pid == 0) {
         if (coord_start(&spinning, spin_args) != 0) {
           fails++;
@@ -320,6 +323,8 @@ int bench_round(coord *c) {
         continue; /* 8 spinning processes on 2 cores only measure contention */
       for (int ci = 0; ci < 4; ci++) {
         int C = Cs[ci];
+        if (g_opts.round_channels && g_opts.round_channels != C)
+          continue;
         round_result r;
         note("round N=%d C=%d spin=%d", N, C, spin);
         if (run_rounds(cc, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, reps, 1, &r) != 0) {

@@ -3,6 +3,7 @@
  *
  *   sbn-bench [--quick] [--only NAME[,NAME...]] [--reps N]
  *             [--coordinator PATH] [--coord-arg ARG]... [--groups G] [--verbose]
+ *             [--workers N] [--channels C] [--spin yes|no]
  *
  * Benches: floor, round, groups, allreduce, kernel (all by default, in that
  * order).  Each result is one JSON object on its own line on stdout; progress
@@ -35,6 +36,9 @@ static void usage(FILE *f) {
           "  --coordinator PATH   sbn-coordinator binary (default %s)\n"
           "  --coord-arg ARG      extra argument for the coordinator (repeatable)\n"
           "  --groups G           groups of 4 workers in the groups bench (default 64)\n"
+          "  --workers N          round: only the rows with N workers (2, 4 or 8)\n"
+          "  --channels C         round: only the rows with C channels (64, 256, 1024, 4096)\n"
+          "  --spin yes|no        round: only the spinning or the blocking rows\n"
           "  --verbose            let the coordinator's log through to stderr\n"
           "Results: one JSON object per line on stdout.\n",
           SBN_COORDINATOR_BIN);
@@ -90,6 +94,28 @@ int main(int argc, char **argv) {
         fprintf(stderr, "sbn-bench: --groups wants a positive integer, got '%s'\n", val);
         return 2;
       }
+      i++;
+    } else if (val != NULL && strcmp(a, "--workers") == 0) {
+      if (parse_int(val, &g_opts.round_workers) != 0 ||
+          (g_opts.round_workers != 2 && g_opts.round_workers != 4 && g_opts.round_workers != 8)) {
+        fprintf(stderr, "sbn-bench: --workers wants 2, 4 or 8, got '%s'\n", val);
+        return 2;
+      }
+      i++;
+    } else if (val != NULL && strcmp(a, "--channels") == 0) {
+      int c = 0;
+      if (parse_int(val, &c) != 0 || (c != 64 && c != 256 && c != 1024 && c != 4096)) {
+        fprintf(stderr, "sbn-bench: --channels wants 64, 256, 1024 or 4096, got '%s'\n", val);
+        return 2;
+      }
+      g_opts.round_channels = c;
+      i++;
+    } else if (val != NULL && strcmp(a, "--spin") == 0) {
+      if (strcmp(val, "no") != 0 && strcmp(val, "yes") != 0) {
+        fprintf(stderr, "sbn-bench: --spin wants yes or no, got '%s'\n", val);
+        return 2;
+      }
+      g_opts.round_spin = strcmp(val, "yes") == 0 ? 2 : 1;
       i++;
     } else if (val != NULL && strcmp(a, "--coordinator") == 0) {
       g_opts.coordinator = val;
