@@ -547,7 +547,7 @@ typedef struct run_out {
 } run_out;
 
 static run_out run_path(int path, const size_t *shape, int nd, size_t C, unsigned flags,
-                        float mean, int spiky) {
+                        float mean, int spiky, int signs) {
   ck_assert_int_eq(sbn__bn_kernel_path(path), path);
   sbn_module *m = make_layer(0, C, flags, 0);
   sbn_tensor *x, *dy;
@@ -566,6 +566,10 @@ static run_out run_path(int path, const size_t *shape, int nd, size_t C, unsigne
   }
   for (size_t c = 0; c < C; c++) {
     sbn_tensor_data(T(m, "weight"))[c] = 0.5f + 0.1f * (float)c;
+    /* signs: some negative and zero weights (the ReLU's mask then is not a
+     * threshold on x from below, see relu_thresholds in batchnorm.c). */
+    if (signs && c % 5 == 1) sbn_tensor_data(T(m, "weight"))[c] *= -1.0f;
+    if (signs && c % 7 == 2) sbn_tensor_data(T(m, "weight"))[c] = 0.0f;
     sbn_tensor_data(T(m, "bias"))[c] = 0.25f - 0.05f * (float)c;
   }
   run_out o;
@@ -605,43 +609,56 @@ START_TEST(test_dispatch_paths_agree) {
     size_t C;
     unsigned flags;
     float mean;
+    int signs; /* some weights negative or zero (run_path) */
   } k[] = {
-      {4, {3, 5, 7, 9}, 5, 0, 0.0f},        /* small planes with tails */
-      {4, {3, 5, 7, 9}, 5, RELU, 0.0f},
-      {4, {2, 3, 17, 19}, 3, 0, 0.0f},      /* streamed planes (S >= 256) */
-      {4, {2, 3, 17, 19}, 3, RELU, 1e4f},
-      {3, {4, 6, 300}, 6, 0, 1e4f},
-      {2, {37, 19}, 19, 0, 0.0f},           /* S = 1: row kernels */
-      {2, {37, 19}, 19, RELU, 0.0f},
-      {4, {3, 5, 7, 37}, 37, CL, 0.0f},     /* channels-last, tails of 16/8/4 */
-      {4, {3, 5, 7, 37}, 37, CL | RELU, 1e4f},
-      {3, {9, 11, 64}, 64, CL, 0.5f},
-      {3, {2, 3, 261}, 3, RELU, 0.0f},      /* streamed, 16-value blocks + 4 + 1 */
-      {2, {13, 53}, 53, RELU, 0.0f},        /* rows: 16-channel blocks + 4 + 1 */
-      {3, {5, 7, 80}, 80, CL, 0.0f},        /* rows of 64 + 16 channels */
-      {2, {21, 144}, 144, RELU, 0.0f},      /* 8 rows per sweep */
+      {4, {3, 5, 7, 9}, 5, 0, 0.0f, 0},        /* small planes with tails */
+      {4, {3, 5, 7, 9}, 5, RELU, 0.0f, 0},
+      {4, {2, 3, 17, 19}, 3, 0, 0.0f, 0},      /* streamed planes (S >= 256) */
+      {4, {2, 3, 17, 19}, 3, RELU, 1e4f, 0},
+      {3, {4, 6, 300}, 6, 0, 1e4f, 0},
+      {2, {37, 19}, 19, 0, 0.0f, 0},           /* S = 1: row kernels */
+      {2, {37, 19}, 19, RELU, 0.0f, 0},
+      {4, {3, 5, 7, 37}, 37, CL, 0.0f, 0},     /* channels-last, tails of 16/8/4 */
+      {4, {3, 5, 7, 37}, 37, CL | RELU, 1e4f, 0},
+      {3, {9, 11, 64}, 64, CL, 0.5f, 0},
+      {3, {2, 3, 261}, 3, RELU, 0.0f, 0},      /* streamed, 16-value blocks + 4 + 1 */
+      {2, {13, 53}, 53, RELU, 0.0f, 0},        /* rows: 16-channel blocks + 4 + 1 */
+      {3, {5, 7, 80}, 80, CL, 0.0f, 0},        /* rows of 64 + 16 channels */
+      {2, {21, 144}, 144, RELU, 0.0f, 0},      /* 8 rows per sweep */
       /* AVX-512 sums over all rows in one sweep (16-64 channels, from 128
        * rows: ROWS_ALL_MIN), at the edge and around it. */
-      {3, {4, 40, 64}, 64, CL | RELU, 1e4f},
-      {3, {2, 64, 16}, 16, CL, 0.0f},       /* exactly 128 rows */
-      {3, {3, 43, 48}, 48, CL | RELU, 0.0f},
-      {2, {127, 32}, 32, RELU, 0.0f},       /* one row short: sweeps of RB */
-      {2, {130, 32}, 32, 0, 1e4f},
+      {3, {4, 40, 64}, 64, CL | RELU, 1e4f, 0},
+      {3, {2, 64, 16}, 16, CL, 0.0f, 0},       /* exactly 128 rows */
+      {3, {3, 43, 48}, 48, CL | RELU, 0.0f, 0},
+      {2, {127, 32}, 32, RELU, 0.0f, 0},       /* one row short: sweeps of RB */
+      {2, {130, 32}, 32, 0, 1e4f, 0},
       /* The statistics over all rows in one sweep (rows_stats_all16, the
        * same edge): 127, 128 and 129 rows of 16, 32, 48 and 64 channels,
        * channels-last and NCHW without spatial size, |mean| 0 and 1e4. */
-      {3, {1, 127, 16}, 16, CL, 0.0f},
-      {4, {2, 4, 16, 16}, 16, CL | RELU, 1e4f}, /* 128 rows */
-      {3, {3, 43, 16}, 16, CL, 0.5f},
-      {2, {127, 32}, 32, 0, 1e4f},
-      {3, {2, 64, 32}, 32, CL, 0.0f},
-      {4, {1, 3, 43, 32}, 32, CL | RELU, 0.0f},
-      {3, {1, 127, 48}, 48, CL | RELU, 1e4f},
-      {2, {128, 48}, 48, 0, 0.0f},
-      {3, {3, 43, 48}, 48, CL, 1e4f},
-      {3, {1, 127, 64}, 64, CL, 0.0f},
-      {3, {4, 32, 64}, 64, CL | RELU, 0.0f},
-      {2, {129, 64}, 64, RELU, 1e4f},
+      {3, {1, 127, 16}, 16, CL, 0.0f, 0},
+      {4, {2, 4, 16, 16}, 16, CL | RELU, 1e4f, 0}, /* 128 rows */
+      {3, {3, 43, 16}, 16, CL, 0.5f, 0},
+      {2, {127, 32}, 32, 0, 1e4f, 0},
+      {3, {2, 64, 32}, 32, CL, 0.0f, 0},
+      {4, {1, 3, 43, 32}, 32, CL | RELU, 0.0f, 0},
+      {3, {1, 127, 48}, 48, CL | RELU, 1e4f, 0},
+      {2, {128, 48}, 48, 0, 0.0f, 0},
+      {3, {3, 43, 48}, 48, CL, 1e4f, 0},
+      {3, {1, 127, 64}, 64, CL, 0.0f, 0},
+      {3, {4, 32, 64}, 64, CL | RELU, 0.0f, 0},
+      {2, {129, 64}, 64, RELU, 1e4f, 0},
+      /* The fused ReLU's mask as a threshold on x (AVX-512 sums, from 256
+       * rows: RELU_T_MIN_ROWS): in sweeps of RB rows (144 = 8 + 1 blocks
+       * of 16 channels searched together, 200 = 12 blocks + 8), over all
+       * rows (48), at the edge and around it; and with negative and zero
+       * weights, whose blocks compute v. */
+      {2, {256, 144}, 144, RELU, 0.0f, 0},
+      {3, {5, 51, 144}, 144, CL | RELU, 1e4f, 0},
+      {2, {255, 200}, 200, RELU, 0.5f, 0},
+      {4, {2, 3, 43, 200}, 200, CL | RELU, 0.0f, 0},
+      {3, {2, 150, 48}, 48, CL | RELU, 0.0f, 0},
+      {3, {2, 150, 48}, 48, CL | RELU, 1e4f, 1},
+      {2, {300, 144}, 144, RELU, 0.5f, 1},
   };
   int paths[N_PATHS], np = 0;
   for (int p = 0; p < N_PATHS; p++)
@@ -651,9 +668,11 @@ START_TEST(test_dispatch_paths_agree) {
   for (size_t t = 0; t < 2 * sizeof(k) / sizeof(k[0]); t++) {
     const size_t i = t / 2;
     const int spiky = (int)(t % 2);
-    run_out g = run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky);
+    run_out g =
+        run_path(0, k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky, k[i].signs);
     for (int j = 0; j < np; j++) {
-      run_out v = run_path(paths[j], k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky);
+      run_out v = run_path(paths[j], k[i].shape, k[i].nd, k[i].C, k[i].flags, k[i].mean, spiky,
+                           k[i].signs);
       const int p = paths[j];
 #define SAME(f, what)                                                                              \
   ck_assert_msg(bitwise_equal(g.f, v.f), "case %zu%s path %d: " what " differs", i,              \
@@ -670,6 +689,76 @@ START_TEST(test_dispatch_paths_agree) {
     }
     run_free(&g);
   }
+}
+END_TEST
+
+/*
+ * The fused ReLU's mask at its edge: the AVX-512 sums replace v > 0 by x > T
+ * per channel (relu_thresholds in batchnorm.c), which must be exact to the
+ * last bit of x.  Rows R0..R-1 of each channel hold consecutive floats around
+ * the x where v = ((x - hi) - lo) * a + b changes sign (found by iterating
+ * on the batch statistics, which those rows move), so an error of one float
+ * in T keeps or drops one dy and Σdy (the bias' gradient) shows it; every
+ * path must give the generic one's bits.
+ */
+START_TEST(test_relu_mask_edge) {
+  static const size_t Cs[] = {48, 160}; /* all rows in one sweep; sweeps of RB */
+  const size_t C = Cs[_i], R0 = 500, R = 600, shape[2] = {R, C};
+  float *x = malloc(R * C * sizeof(float)), *dy = malloc(R * C * sizeof(float));
+  ck_assert(x && dy);
+  uint32_t s = 777;
+  for (size_t i = 0; i < R * C; i++) {
+    s = s * 1664525u + 1013904223u;
+    x[i] = (float)((s >> 8) & 0xffff) / 65536.0f * 3.0f - 1.0f;
+    s = s * 1664525u + 1013904223u;
+    dy[i] = (float)((s >> 8) & 0xffff) / 65536.0f * 2.0f - 1.0f;
+  }
+  float w[160], bias[160];
+  for (size_t c = 0; c < C; c++) w[c] = 0.5f + 0.01f * (float)c, bias[c] = -0.3f + 0.004f * (float)c;
+  for (int it = 0; it < 40; it++)
+    for (size_t c = 0; c < C; c++) {
+      double sum = 0, sq = 0;
+      for (size_t r = 0; r < R; r++) sum += x[r * C + c];
+      const double mean = sum / (double)R;
+      for (size_t r = 0; r < R; r++) sq += (x[r * C + c] - mean) * (x[r * C + c] - mean);
+      const double edge = mean - (double)bias[c] * sqrt(sq / (double)R + 1e-5) / (double)w[c];
+      float v = (float)edge;
+      for (size_t r = R0; r < (R0 + R) / 2; r++) v = nextafterf(v, -INFINITY);
+      for (size_t r = R0; r < R; r++) x[r * C + c] = v, v = nextafterf(v, INFINITY);
+    }
+  sbn_tensor *out[N_PATHS][4] = {{NULL}};
+  for (int p = 0; p < N_PATHS; p++) {
+    if (sbn__bn_kernel_path(p) != p) continue;
+    sbn_module *m = make_layer(0, C, CL | RELU, 0);
+    memcpy(sbn_tensor_data(T(m, "weight")), w, C * sizeof(float));
+    memcpy(sbn_tensor_data(T(m, "bias")), bias, C * sizeof(float));
+    sbn_tensor *xt, *dyt;
+    ck_assert_int_eq(sbn_tensor_new(2, shape, &xt), SBN_OK);
+    ck_assert_int_eq(sbn_tensor_new(2, shape, &dyt), SBN_OK);
+    memcpy(sbn_tensor_data(xt), x, R * C * sizeof(float));
+    memcpy(sbn_tensor_data(dyt), dy, R * C * sizeof(float));
+    sbn_module_train(m, 1, 1);
+    out[p][0] = forward(m, xt);
+    out[p][1] = backward(m, dyt);
+    out[p][2] = copy_of(sbn_tensor_grad(T(m, "weight")));
+    out[p][3] = copy_of(sbn_tensor_grad(T(m, "bias")));
+    sbn_tensor_free(xt);
+    sbn_tensor_free(dyt);
+    sbn_module_free(m);
+  }
+  ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
+  /* The edge is inside the runs: y has zeros and positive values there. */
+  size_t zeros = 0;
+  for (size_t r = R0; r < R; r++) zeros += sbn_tensor_cdata(out[0][0])[r * C] == 0.0f;
+  ck_assert(zeros > 0 && zeros < R - R0);
+  for (int p = 1; p < N_PATHS; p++)
+    for (int k = 0; k < 4 && out[p][0]; k++)
+      ck_assert_msg(bitwise_equal(out[0][k], out[p][k]), "C %zu path %d: output %d differs", C,
+                    p, k);
+  for (int p = 0; p < N_PATHS; p++)
+    for (int k = 0; k < 4; k++) sbn_tensor_free(out[p][k]);
+  free(x);
+  free(dy);
 }
 END_TEST
 
@@ -718,6 +807,7 @@ int main(void) {
   tcase_add_test(to, test_repr);
   tcase_add_test(to, test_convert_and_state_dict);
   tcase_add_test(to, test_dispatch_paths_agree);
+  tcase_add_loop_test(to, test_relu_mask_edge, 0, 2);
   tcase_add_test(to, test_model_check_flags);
   suite_add_tcase(s, to);
   return run_suite(s);
