@@ -322,13 +322,18 @@ void sbn__coord_run(sbn__coord *c) {
   const uint64_t spin_ns = (uint64_t)c->cfg.spin_us * 1000u;
   /* After a wake-up the rest of a round usually follows within
    * microseconds: poll for it instead of sleeping, which on a busy machine
-   * costs a wake-up of its own.  Yielding between polls lets the workers
-   * run when they share the coordinator's core. */
+   * costs a wake-up of its own.  Every poll that read something starts the
+   * window again, so the loop sleeps only after spin_us without traffic,
+   * not once every spin_us while rounds flow.  Yielding between polls lets
+   * the workers run when they share the coordinator's core. */
   while (uv_run(c->loop, UV_RUN_ONCE) != 0) {
-    const uint64_t end = uv_hrtime() + spin_ns;
+    uint64_t end = uv_hrtime() + spin_ns;
     int alive = 1;
     while (alive && uv_hrtime() < end) {
+      const uint64_t seen = c->metrics.bytes_in;
       alive = uv_run(c->loop, UV_RUN_NOWAIT);
+      if (c->metrics.bytes_in != seen)
+        end = uv_hrtime() + spin_ns;
       sched_yield();
     }
     if (!alive)
