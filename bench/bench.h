@@ -179,6 +179,8 @@ double allreduce_floor_p50_ms(size_t bytes, int workers, int warm, int reps);
 double floor_star_p50_us(int workers, int channels, int spin, int reps);
 
 int bench_floor(void);
+/* Round trips on loopback for `seconds`, before anything is timed (floor.c). */
+void bench_warm_up(double seconds);
 int bench_round(coord *c);
 int bench_groups(coord *c);
 int bench_allreduce(coord *c);

@@ -189,6 +189,22 @@ out:
   return rc;
 }
 
+/*
+ * On the VMs this was written on, the first bench of a run on a quiet
+ * machine came out up to twice as slow as the same bench later in the run
+ * (round N=2, C=256 blocking: 77-107 us as the only bench, 40-42 us after
+ * the floor bench); busy loops on both CPUs before it did not help, loopback
+ * round trips did, though not every time (57-73 us after 0.5-1.5 s of them,
+ * and the star floor next to it still moved between 36 and 75 us).
+ * Blocking round trips of a round's size until `seconds` have passed.
+ */
+void bench_warm_up(double seconds) {
+  const double end = now_s() + seconds;
+  bench_stats st;
+  while (now_s() < end && floor_measure(256, 0, 0, 1000, &st) == 0) {
+  }
+}
+
 static int floor_index(int channels) {
   for (int i = 0; i < N_FLOOR; i++)
     if (floor_channels[i] == channels)

@@ -44,6 +44,9 @@ static void usage(FILE *f) {
           SBN_COORDINATOR_BIN);
 }
 
+/* Loopback round trips before the first timed one (bench_warm_up). */
+#define WARM_UP_S 1.5
+
 static int parse_int(const char *s, int *out) {
   char *end;
   long v = strtol(s, &end, 10);
@@ -137,6 +140,12 @@ int main(int argc, char **argv) {
 
   int failed = 0;
   int need_coord = selected[1] || selected[2] || selected[3];
+  const char *warm_env = getenv("SBN_BENCH_WARM_S"); /* to study the warm-up itself */
+  const double warm_s = warm_env != NULL ? atof(warm_env) : g_opts.quick ? 0.0 : WARM_UP_S;
+  if ((selected[0] || need_coord) && warm_s > 0) {
+    note("warming up: %.1f s of loopback round trips", warm_s);
+    bench_warm_up(warm_s);
+  }
   coord c = {.pid = 0, .out_fd = -1};
   if (need_coord) {
     if (coord_start(&c, NULL) != 0) {
