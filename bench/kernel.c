@@ -135,6 +135,24 @@ static void base_add(const float *x, const float *y, float *z, size_t n) {
 
 static int kernel_reps(void) { return bench_reps(30, 5); }
 
+/*
+ * Repetitions for a shape of n values: at least kernel_reps(), and by
+ * default as many as take about as long as 30 of (32,64,32,32) (2^21
+ * values), at most 10 times more: 30 calls of (8,256,14,14) last a few
+ * milliseconds, and their medians came out 20-40 % slower than those of
+ * 100 (backward, measured).  --reps N and --quick give exactly that many.
+ */
+static int shape_reps(size_t n) {
+  const int r = kernel_reps();
+  if (g_opts.reps > 0 || g_opts.quick)
+    return r;
+  const double k = (double)(1u << 21) / (double)n;
+  return k <= 1 ? r : k >= 10 ? 10 * r : (int)(r * k);
+}
+
+/* Untimed calls before the timed ones: a fifth as many, at least 2. */
+static int kernel_warm(int reps) { return reps / 5 > 2 ? reps / 5 : 2; }
+
 enum { B_READ, B_COPY, B_ADD, B_READ2, N_BASE };
 static const char *base_name[N_BASE] = {"read", "copy", "add", "read2"};
 static const int base_streams[N_BASE] = {1, 2, 3, 2}; /* 4-byte streams touched */
@@ -163,7 +181,7 @@ static void measure_baselines(float *x, float *y, float *z, size_t n, int reps,
     return;
   }
   for (int b = 0; b < N_BASE; b++) {
-    for (int r = -2; r < reps; r++) { /* two warm-up passes */
+    for (int r = -kernel_warm(reps); r < reps; r++) {
       double t0 = now_s();
       if (b == B_READ)
         base_read(x, n);
@@ -242,7 +260,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
   }
   /* forward, training: statistics + normalize. */
   sbn_module_train(bn, 1, 1);
-  for (int r = -2; r < reps; r++) {
+  for (int r = -kernel_warm(reps); r < reps; r++) {
     double t0 = now_s();
     st = sbn_module_forward(bn, x, &y);
     double t1 = now_s();
@@ -259,7 +277,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
   emit_kernel(sh, layout, relu, OP_TRAIN, n, s.p50, base_s, reps);
 
   /* backward, timed alone after an untimed forward. */
-  for (int r = -2; r < reps; r++) {
+  for (int r = -kernel_warm(reps); r < reps; r++) {
     st = sbn_module_forward(bn, x, &y);
     if (st != SBN_OK) {
       note("kernel: forward: %s", sbn_last_error());
@@ -284,7 +302,7 @@ static int bench_variant(const char *sh, const size_t shape[4], const char *layo
 
   /* forward, eval: normalize with the running statistics. */
   sbn_module_eval(bn);
-  for (int r = -2; r < reps; r++) {
+  for (int r = -kernel_warm(reps); r < reps; r++) {
     double t0 = now_s();
     st = sbn_module_forward(bn, x, &y);
     double t1 = now_s();
@@ -342,7 +360,7 @@ static int bench_shape(const size_t shape[4], int reps) {
   /* What a new zero-filled tensor of this size costs (allocation, zeroing,
    * page faults).  The kernels allocate their outputs uninitialized from the
    * buffer cache, so they do not pay the zeroing; this row is for scale. */
-  for (int r = -2; r < reps; r++) {
+  for (int r = -kernel_warm(reps); r < reps; r++) {
     double t0 = now_s();
     int a = sbn_tensor_new(4, shape, &y);
     double t1 = now_s();
@@ -400,11 +418,12 @@ out:
 
 int bench_kernel(void) {
   static const size_t shapes[][4] = {{32, 64, 32, 32}, {8, 256, 14, 14}, {64, 32, 56, 56}};
-  int reps = kernel_reps(), fails = 0;
+  int fails = 0;
   for (int i = 0; i < 3; i++) {
+    const size_t n = shapes[i][0] * shapes[i][1] * shapes[i][2] * shapes[i][3];
     note("kernel shape (%zu,%zu,%zu,%zu)", shapes[i][0], shapes[i][1], shapes[i][2],
          shapes[i][3]);
-    if (bench_shape(shapes[i], reps) != 0)
+    if (bench_shape(shapes[i], shape_reps(n)) != 0)
       fails++;
   }
   return fails ? -1 : 0;
