@@ -161,9 +161,6 @@ int loopback_connect(int port);
 
 /* ---- benches --------------------------------------------------------------- */
 
-/* Floor: returns p50 in us for a channel count (running it silently when
- * the floor bench has not run yet); spin selects the busy-polling variant. */
-double floor_p50_us(int channels, int spin);
 size_t floor_payload_bytes(int channels);
 
 /* The star floor of an allreduce of `bytes` across `workers` (star.c): runs
@@ -172,11 +169,13 @@ size_t floor_payload_bytes(int channels);
 double allreduce_floor_p50_ms(size_t bytes, int workers, int warm, int reps);
 
 /* The star floor (floor.c): the same messages through a minimal relay with
- * `workers` processes, reps timed rounds (cached per N, C and spin; with
- * spin everyone polls and yields between polls, as sbn's spinning does);
- * writes its "floor_star" line when it runs, returns its p50 in us (NAN on
- * failure). */
-double floor_star_p50_us(int workers, int channels, int spin, int reps);
+ * `workers` processes (with spin everyone polls and yields between polls, as
+ * sbn's spinning does); out[reps] gets worker 0's timed round trips (us),
+ * *relay_cpu_us the relay's CPU time per round.  0, or -1 on failure. */
+int floor_star_samples(int workers, int channels, int spin, int reps, double *out,
+                       double *relay_cpu_us);
+/* The two-process floor's timed round trips (us) into out[reps]; 0 or -1. */
+int floor_samples(int channels, int spin, int reps, double *out);
 
 int bench_floor(void);
 /* Round trips on loopback for `seconds`, before anything is timed (floor.c). */

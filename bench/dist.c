@@ -147,7 +147,7 @@ static size_t align8(size_t n) { return (n + 7) & ~(size_t)7; }
 
 /* Runs groups x wpg workers; 0 or -1 (reason on stderr). */
 static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int warm,
-                      int reps, int record, round_result *out) {
+                      int reps, int record, round_result *out, double *keep) {
   memset(out, 0, sizeof(*out));
   size_t off_lat = align8(sizeof(bench_ctl));
   size_t off_el = off_lat + sizeof(double) * (size_t)(record ? reps : 0);
@@ -213,6 +213,8 @@ static int run_rounds(coord *c, int groups, int wpg, size_t C, int spin_us, int 
   out->coord_cpu_us = (cpu0 >= 0 && cpu1 >= 0) ? cpu1 - cpu0 : NAN;
   out->coord_sched_us = (sch0 >= 0 && sch1 >= 0) ? sch1 - sch0 : NAN;
   out->coord_allocs = (al0 >= 0 && al1 >= 0) ? al1 - al0 : NAN;
+  if (record && keep != NULL)
+    memcpy(keep, a.lat, sizeof(double) * (size_t)reps);
   if (record)
     stats_compute(a.lat, reps, &out->lat);
   rc = 0;
@@ -294,6 +296,65 @@ static void emit_fit(double pts[][3], int n) {
   j_emit(&j);
 }
 
+/*
+ * One round row and what its ratios divide by, measured in turns: the
+ * rounds, the star floor, the two-process floor (and the spinning floor for
+ * a spinning row), ROW_ALTERNATIONS times reps / ROW_ALTERNATIONS round
+ * trips each, so that all of them span the same minutes of this machine's
+ * moods (one after the other, a row and its floors moved apart by up to 2x
+ * here).  Each statistic is over all the turns' samples together.
+ */
+#define ROW_ALTERNATIONS 4
+typedef struct row_result {
+  bench_stats lat, star, floor, floor_spin; /* microseconds */
+  double rounds_per_s, relay_cpu_us;
+  double coord_cpu_us, coord_sched_us, coord_allocs;
+  long long rounds;
+  int alternations;
+} row_result;
+
+static int measure_row(coord *cc, int N, int C, int spin, int warm, int reps, row_result *out) {
+  const int k = reps >= ROW_ALTERNATIONS * 100 ? ROW_ALTERNATIONS : 1, rk = reps / k;
+  const size_t per = (size_t)rk * (size_t)k;
+  double *v = malloc(sizeof(double) * per * 4);
+  if (v == NULL)
+    return -1;
+  double *lat = v, *star = v + per, *fl = v + 2 * per, *fls = v + 3 * per;
+  memset(out, 0, sizeof(*out));
+  out->alternations = k;
+  double elapsed = 0, relay = 0;
+  int rc = -1;
+  for (int t = 0; t < k; t++) {
+    round_result r;
+    double rcpu;
+    const size_t o = (size_t)t * (size_t)rk;
+    if (run_rounds(cc, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, rk, 1, &r, lat + o) != 0)
+      goto out;
+    if (floor_star_samples(N, C, spin, rk, star + o, &rcpu) != 0 ||
+        floor_samples(C, 0, rk, fl + o) != 0 || (spin && floor_samples(C, 1, rk, fls + o) != 0)) {
+      note("round N=%d C=%d spin=%d: a floor failed", N, C, spin);
+      goto out;
+    }
+    elapsed += (double)rk / r.rounds_per_s;
+    relay += rcpu / k;
+    out->coord_cpu_us += r.coord_cpu_us;
+    out->coord_sched_us += r.coord_sched_us;
+    out->coord_allocs += r.coord_allocs;
+    out->rounds += r.rounds;
+  }
+  out->rounds_per_s = (double)per / elapsed;
+  out->relay_cpu_us = relay;
+  stats_compute(lat, (int)per, &out->lat);
+  stats_compute(star, (int)per, &out->star);
+  stats_compute(fl, (int)per, &out->floor);
+  if (spin)
+    stats_compute(fls, (int)per, &out->floor_spin);
+  rc = 0;
+out:
+  free(v);
+  return rc;
+}
+
 int bench_round(coord *c) {
   static const int Ns[] = {2, 4, 8};
   static const int Cs[] = {64, 256, 1024, 4096};
@@ -325,16 +386,24 @@ int bench_round(coord *c) {
         int C = Cs[ci];
         if (g_opts.round_channels && g_opts.round_channels != C)
           continue;
-        round_result r;
         note("round N=%d C=%d spin=%d", N, C, spin);
-        if (run_rounds(cc, 1, N, (size_t)C, spin ? SPIN_US : 0, warm, reps, 1, &r) != 0) {
+        row_result r;
+        if (measure_row(cc, N, C, spin, warm, reps, &r) != 0) {
           fails++;
           continue;
         }
-        double fl = floor_p50_us(C, 0);
-        /* The same topology through a minimal relay, measured next to it. */
-        double star = floor_star_p50_us(N, C, spin, reps);
         jline j;
+        j_begin(&j, "floor_star");
+        j_int(&j, "workers", N);
+        j_int(&j, "channels", C);
+        j_bool(&j, "spin", spin);
+        j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
+        j_int(&j, "reps", r.star.n);
+        j_num(&j, "p50_us", r.star.p50);
+        j_num(&j, "p99_us", r.star.p99);
+        j_num(&j, "mean_us", r.star.mean);
+        j_num(&j, "relay_cpu_us_per_round", r.relay_cpu_us);
+        j_emit(&j);
         j_begin(&j, "round");
         j_int(&j, "workers", N);
         j_int(&j, "channels", C);
@@ -342,19 +411,19 @@ int bench_round(coord *c) {
         j_bool(&j, "spin", spin);
         j_int(&j, "spin_us", spin ? SPIN_US : 0);
         j_int(&j, "coord_spin_us", spin ? SPIN_US : 0);
-        j_int(&j, "reps", reps);
+        j_int(&j, "reps", r.lat.n);
+        j_int(&j, "alternations", r.alternations);
         j_num(&j, "p50_us", r.lat.p50);
         j_num(&j, "p99_us", r.lat.p99);
         j_num(&j, "mean_us", r.lat.mean);
         j_num(&j, "rounds_per_s", r.rounds_per_s);
-        j_num(&j, "floor_p50_us", fl);
-        j_num(&j, "floor_ratio", r.lat.p50 / fl);
-        j_num(&j, "star_p50_us", star);
-        j_num(&j, "star_ratio", r.lat.p50 / star);
+        j_num(&j, "floor_p50_us", r.floor.p50);
+        j_num(&j, "floor_ratio", r.lat.p50 / r.floor.p50);
+        j_num(&j, "star_p50_us", r.star.p50);
+        j_num(&j, "star_ratio", r.lat.p50 / r.star.p50);
         if (spin) {
-          double fs = floor_p50_us(C, 1);
-          j_num(&j, "floor_spin_p50_us", fs);
-          j_num(&j, "floor_spin_ratio", r.lat.p50 / fs);
+          j_num(&j, "floor_spin_p50_us", r.floor_spin.p50);
+          j_num(&j, "floor_spin_ratio", r.lat.p50 / r.floor_spin.p50);
         }
         j_num(&j, "coord_cpu_us_per_round", r.coord_cpu_us / (double)r.rounds);
         j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);
@@ -390,7 +459,7 @@ int bench_groups(coord *c) {
     int C = Cs[ci];
     round_result r;
     note("groups G=%d x %d C=%d (%d processes)", groups, wpg, C, groups * wpg);
-    if (run_rounds(c, groups, wpg, (size_t)C, 0, warm, reps, 0, &r) != 0) {
+    if (run_rounds(c, groups, wpg, (size_t)C, 0, warm, reps, 0, &r, NULL) != 0) {
       fails++;
       continue;
     }

@@ -42,7 +42,6 @@ static const int floor_channels[] = {64, 256, 1024, 4096};
 #define N_FLOOR (int)(sizeof(floor_channels) / sizeof(floor_channels[0]))
 
 /* Cached p50 per [channel index][spin]; <0 = not measured yet. */
-static double floor_cache[N_FLOOR][2] = {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}};
 
 size_t floor_payload_bytes(int channels) {
   return (size_t)channels * 2 * sizeof(double) + FLOOR_HEADER_BYTES;
@@ -142,8 +141,10 @@ static int echo_child(int index, void *argp) {
   return 0;
 }
 
-/* One measurement: warm + reps round trips; fills st (microseconds). */
-static int floor_measure(int channels, int spin, int warm, int reps, bench_stats *st) {
+/* One measurement: warm + reps round trips; fills st (microseconds) and,
+ * when keep is not NULL, keep[reps] with the round trips themselves. */
+static int floor_measure(int channels, int spin, int warm, int reps, bench_stats *st,
+                         double *keep) {
   size_t bytes = floor_payload_bytes(channels);
   int port;
   int lfd = loopback_listen(4, &port);
@@ -174,6 +175,8 @@ static int floor_measure(int channels, int spin, int warm, int reps, bench_stats
     if (i >= warm)
       lat[i - warm] = (t1 - t0) * 1e6;
   }
+  if (keep != NULL)
+    memcpy(keep, lat, sizeof(double) * (size_t)reps);
   stats_compute(lat, reps, st);
   rc = 0;
 out:
@@ -201,16 +204,10 @@ out:
 void bench_warm_up(double seconds) {
   const double end = now_s() + seconds;
   bench_stats st;
-  while (now_s() < end && floor_measure(256, 0, 0, 1000, &st) == 0) {
+  while (now_s() < end && floor_measure(256, 0, 0, 1000, &st, NULL) == 0) {
   }
 }
 
-static int floor_index(int channels) {
-  for (int i = 0; i < N_FLOOR; i++)
-    if (floor_channels[i] == channels)
-      return i;
-  return -1;
-}
 
 static int floor_reps(void) { return bench_reps(5000, 300); }
 static int floor_warm(void) { return g_opts.quick ? 50 : 500; }
@@ -299,10 +296,11 @@ static double self_cpu_us(void) {
          (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
-/* One star measurement: fills st (us) and *relay_cpu_us, the relay's CPU
- * time per timed round. */
+/* One star measurement: fills st (us), *relay_cpu_us, the relay's CPU
+ * time per timed round, and keep[reps] (when not NULL) with worker 0's
+ * round trips. */
 static int star_measure(int n, int channels, int spin, int warm, int reps, bench_stats *st,
-                        double *relay_cpu_us) {
+                        double *relay_cpu_us, double *keep) {
   if (n < 1 || n > STAR_WORKERS_MAX || reps < 1)
     return -1;
   size_t bytes = floor_payload_bytes(channels);
@@ -349,6 +347,8 @@ out:
     note("floor_star: a worker failed");
     rc = -1;
   }
+  if (rc == 0 && keep != NULL)
+    memcpy(keep, a->lat, sizeof(double) * (size_t)reps);
   if (rc == 0)
     stats_compute(a->lat, reps, st);
   free(buf);
@@ -356,57 +356,17 @@ out:
   return rc;
 }
 
-/* Cached star p50 per [N index (2, 4, 8)][channel index][spin]; <0 = not
- * measured. */
-static double star_cache[3][N_FLOOR][2] = {
-    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}},
-    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}},
-    {{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}}};
-
-static int star_index(int workers) {
-  return workers == 2 ? 0 : workers == 4 ? 1 : workers == 8 ? 2 : -1;
+int floor_star_samples(int workers, int channels, int spin, int reps, double *out,
+                       double *relay_cpu_us) {
+  bench_stats st;
+  *relay_cpu_us = NAN;
+  return star_measure(workers, channels, spin != 0, floor_warm() / 5, reps, &st, relay_cpu_us,
+                      out);
 }
 
-double floor_star_p50_us(int workers, int channels, int spin, int reps) {
-  int w = star_index(workers), i = floor_index(channels);
-  spin = spin != 0;
-  if (w >= 0 && i >= 0 && star_cache[w][i][spin] >= 0)
-    return star_cache[w][i][spin];
+int floor_samples(int channels, int spin, int reps, double *out) {
   bench_stats st;
-  double relay_cpu = NAN;
-  note("floor_star N=%d C=%d spin=%d", workers, channels, spin);
-  if (star_measure(workers, channels, spin, floor_warm(), reps, &st, &relay_cpu) != 0) {
-    note("floor_star N=%d C=%d spin=%d failed", workers, channels, spin);
-    return NAN;
-  }
-  if (w >= 0 && i >= 0)
-    star_cache[w][i][spin] = st.p50;
-  jline j;
-  j_begin(&j, "floor_star");
-  j_int(&j, "workers", workers);
-  j_int(&j, "channels", channels);
-  j_bool(&j, "spin", spin);
-  j_int(&j, "payload_bytes", (long long)floor_payload_bytes(channels));
-  j_int(&j, "reps", st.n);
-  j_num(&j, "p50_us", st.p50);
-  j_num(&j, "p99_us", st.p99);
-  j_num(&j, "mean_us", st.mean);
-  j_num(&j, "relay_cpu_us_per_round", relay_cpu);
-  j_emit(&j);
-  return st.p50;
-}
-
-double floor_p50_us(int channels, int spin) {
-  int i = floor_index(channels);
-  if (i >= 0 && floor_cache[i][spin] >= 0)
-    return floor_cache[i][spin];
-  bench_stats st;
-  note("floor C=%d spin=%d (for the ratio)", channels, spin);
-  if (floor_measure(channels, spin, floor_warm(), floor_reps(), &st) != 0)
-    return NAN;
-  if (i >= 0)
-    floor_cache[i][spin] = st.p50;
-  return st.p50;
+  return floor_measure(channels, spin != 0, floor_warm() / 5, reps, &st, out);
 }
 
 int bench_floor(void) {
@@ -416,12 +376,11 @@ int bench_floor(void) {
       int C = floor_channels[i];
       bench_stats st;
       note("floor C=%d spin=%d", C, spin);
-      if (floor_measure(C, spin, floor_warm(), floor_reps(), &st) != 0) {
+      if (floor_measure(C, spin, floor_warm(), floor_reps(), &st, NULL) != 0) {
         note("floor C=%d spin=%d failed", C, spin);
         fails++;
         continue;
       }
-      floor_cache[i][spin] = st.p50;
       jline j;
       j_begin(&j, "floor");
       j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
