@@ -25,6 +25,15 @@ if [ -z "${SBN_TEST_FAST:-}" ]; then
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan RelWithDebInfo -DSBN_SANITIZE=ON
 fi
+if [ -z "${SBN_TEST_FAST:-}" ]; then
+  # The library's promises to threads (a context per thread, thread-local
+  # errors, a shared buffer cache): test_syncbn_dist runs its ranks as threads
+  # of one process too.  ThreadSanitizer build of that test only.
+  echo "== ThreadSanitizer (ranks as threads of one process)"
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSBN_SANITIZE_THREAD=ON >/dev/null
+  cmake --build build-tsan -j "$jobs" --target test_syncbn_dist sbn-coordinator >/dev/null
+  (cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest -R '^test_syncbn_dist$' --output-on-failure)
+fi
 if [ -z "${SBN_TEST_FAST:-}" ] && command -v clang >/dev/null 2>&1; then
   # Users build with clang too: its warnings differ from GCC's (-Werror makes
   # them errors), and the kernels have GCC-only paths. Build only; the suites

@@ -10,6 +10,7 @@
  */
 #include <check.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -163,6 +164,31 @@ out:
 
 static coord_proc coord;
 
+/* Checks a case's ranks once they are done: each one's status and message,
+ * and, per group, that the ranks' local dweight/dbias add up to the batch's. */
+static void check_case(int ci, const ref_file *ref, const shared *sh, const int *status) {
+  const dist_case *dc = &cases[ci];
+  for (int r = 0; r < dc->world; r++)
+    ck_assert_msg(status[r] == 0, "case %d (%s, world %d, axis %d) rank %d (status %d): %s", ci,
+                  dc->file, dc->world, dc->axis, r, status[r], sh->msg[r]);
+  /* Per group, the ranks' local dweight/dbias add up to the batch's. */
+  for (int grp = 0; grp < (dc->two_groups ? 2 : 1); grp++) {
+    float dw[C] = {0}, db[C] = {0};
+    for (int r = 0; r < dc->world; r++) {
+      if (dc->two_groups && r % 2 != grp)
+        continue;
+      for (int c = 0; c < C; c++) {
+        dw[c] += sh->dweight[r][c];
+        db[c] += sh->dbias[r][c];
+      }
+    }
+    long at = ref_worst(dw, ref_get(ref, "dweight")->data, C);
+    ck_assert_msg(at < 0, "case %d: summed dweight[%ld] = %.9g", ci, at, at < 0 ? 0 : dw[at]);
+    at = ref_worst(db, ref_get(ref, "dbias")->data, C);
+    ck_assert_msg(at < 0, "case %d: summed dbias[%ld] = %.9g", ci, at, at < 0 ? 0 : db[at]);
+  }
+}
+
 START_TEST(test_slices_match_full_batch) {
   const dist_case *dc = &cases[_i];
   ref_file ref = ref_load(dc->file);
@@ -177,32 +203,194 @@ START_TEST(test_slices_match_full_batch) {
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, dc->world, worker, &a, sizeof(shared)), 0);
   int ok = workers_wait(&ws, 30000);
-  shared *sh = ws.shared;
-  for (int r = 0; r < dc->world; r++)
-    ck_assert_msg(ws.status[r] == 0, "case %d (%s, world %d, axis %d) rank %d: %s", _i,
-                  dc->file, dc->world, dc->axis, r, sh->msg[r]);
+  check_case(_i, &ref, ws.shared, ws.status);
   ck_assert_int_eq(ok, dc->world);
-  /* Per group, the ranks' local dweight/dbias add up to the batch's. */
-  for (int grp = 0; grp < (dc->two_groups ? 2 : 1); grp++) {
-    float dw[C] = {0}, db[C] = {0};
-    for (int r = 0; r < dc->world; r++) {
-      if (dc->two_groups && r % 2 != grp)
-        continue;
-      for (int c = 0; c < C; c++) {
-        dw[c] += sh->dweight[r][c];
-        db[c] += sh->dbias[r][c];
-      }
-    }
-    long at = ref_worst(dw, ref_get(&ref, "dweight")->data, C);
-    ck_assert_msg(at < 0, "case %d: summed dweight[%ld] = %.9g", _i, at, at < 0 ? 0 : dw[at]);
-    at = ref_worst(db, ref_get(&ref, "dbias")->data, C);
-    ck_assert_msg(at < 0, "case %d: summed dbias[%ld] = %.9g", _i, at, at < 0 ? 0 : db[at]);
-  }
   workers_release(&ws);
   ref_free(&ref);
   ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
 }
 END_TEST
+
+/*
+ * The same cases with every rank a thread of this one process, each with its
+ * own context (comm.h: a context belongs to one thread at a time, contexts
+ * are independent): the buffer cache and everything global in the library
+ * are shared by the threads, so the results must still be the reference's.
+ * Each thread then fails a call of its own and must read its own message in
+ * sbn_last_error() after all the others have failed theirs.
+ */
+static const int thread_cases[] = {1, 10, 14};
+
+/* Then BIG_STEPS training steps of a layer of BIG_C channels on (2, BIG_C,
+ * 16, 16) per rank: tensors of 128 KiB and more, which the threads take from
+ * and give back to the library's one buffer cache at the same time. */
+#define BIG_C 64
+#define BIG_STEPS 3
+#define BIG_HW 16
+
+typedef struct thread_run {
+  int rank, world;
+  const arg *a;
+  shared *sh;
+  pthread_barrier_t *failed;
+  int status;
+  char err[300];
+  double ysum[BIG_C], ysq[BIG_C]; /* the last step's output, summed per channel */
+  float rmean[BIG_C];             /* running mean after the steps */
+} thread_run;
+
+static float big_value(int rank, size_t c, size_t i) {
+  return (float)(rank + 1) * 0.5f + (float)c * 0.01f + (float)(i % 7) * 0.1f;
+}
+
+/* 0 or a status; the message in t->err. */
+static int big_steps(thread_run *t) {
+  char job[96];
+  snprintf(job, sizeof(job), "%s-big", t->a->job);
+  sbn_ctx *ctx = NULL;
+  sbn_module *bn = NULL;
+  sbn_tensor *x = NULL, *dy = NULL, *y = NULL, *dx = NULL;
+  int rc = worker_connect(t->a->addr, job, t->rank, t->world, &ctx);
+  sbn_bn_options o;
+  sbn_bn_options_init(&o, BIG_C);
+  o.group = ctx != NULL ? sbn_world(ctx) : NULL;
+  o.affine = 0;
+  const size_t shape[4] = {2, BIG_C, BIG_HW, BIG_HW}, S = BIG_HW * BIG_HW;
+  if (rc == SBN_OK)
+    rc = sbn_syncbatchnorm_new(&o, &bn);
+  if (rc == SBN_OK)
+    rc = sbn_tensor_new(4, shape, &x);
+  if (rc == SBN_OK)
+    rc = sbn_tensor_new(4, shape, &dy);
+  for (int step = 0; rc == SBN_OK && step < BIG_STEPS; step++) {
+    float *xd = sbn_tensor_data(x), *gd = sbn_tensor_data(dy);
+    for (size_t n = 0; n < 2; n++)
+      for (size_t c = 0; c < BIG_C; c++)
+        for (size_t i = 0; i < S; i++) {
+          xd[(n * BIG_C + c) * S + i] = big_value(t->rank, c, n * S + i);
+          gd[(n * BIG_C + c) * S + i] = (float)((i + c + (size_t)step) % 5) - 2.0f;
+        }
+    sbn_tensor_free(y);
+    sbn_tensor_free(dx);
+    y = dx = NULL;
+    rc = sbn_module_call(bn, x, &y);
+    if (rc == SBN_OK)
+      rc = sbn_module_backward(bn, dy, &dx);
+  }
+  if (rc == SBN_OK) {
+    const float *yd = sbn_tensor_cdata(y);
+    for (size_t c = 0; c < BIG_C; c++) {
+      t->ysum[c] = t->ysq[c] = 0;
+      for (size_t n = 0; n < 2; n++)
+        for (size_t i = 0; i < S; i++) {
+          const double v = yd[(n * BIG_C + c) * S + i];
+          t->ysum[c] += v;
+          t->ysq[c] += v * v;
+        }
+    }
+    memcpy(t->rmean, sbn_tensor_cdata(sbn_module_get_tensor(bn, "running_mean")),
+           sizeof(t->rmean));
+  }
+  /* Then a plain BatchNorm: the threads' calls run side by side with no
+   * round to wait for between them. */
+  sbn_module *plain = NULL;
+  if (rc == SBN_OK)
+    rc = sbn_batchnorm_new(&o, &plain);
+  for (int step = 0; rc == SBN_OK && step < BIG_STEPS; step++) {
+    sbn_tensor_free(y);
+    sbn_tensor_free(dx);
+    y = dx = NULL;
+    rc = sbn_module_call(plain, x, &y);
+    if (rc == SBN_OK)
+      rc = sbn_module_backward(plain, dy, &dx);
+  }
+  sbn_module_free(plain);
+  if (rc != SBN_OK)
+    snprintf(t->err, sizeof(t->err), "big steps: %s", sbn_last_error());
+  sbn_tensor_free(x);
+  sbn_tensor_free(dy);
+  sbn_tensor_free(y);
+  sbn_tensor_free(dx);
+  sbn_module_free(bn);
+  sbn_finalize(ctx);
+  return rc == SBN_OK ? 0 : 3;
+}
+
+static void *thread_worker(void *p) {
+  thread_run *t = p;
+  t->status = worker(t->rank, (void *)t->a, t->sh);
+  if (t->status == 0)
+    t->status = big_steps(t);
+  if (t->status != 0) {
+    pthread_barrier_wait(t->failed);
+    return NULL;
+  }
+  size_t shape[1] = {1};
+  sbn_tensor *x = NULL;
+  if (sbn_tensor_new(100 + t->rank, shape, &x) != SBN_ESHAPE)
+    t->status = 2;
+  pthread_barrier_wait(t->failed);
+  snprintf(t->err, sizeof(t->err), "%s", sbn_last_error());
+  return NULL;
+}
+
+START_TEST(test_slices_as_threads) {
+  const int ci = thread_cases[_i];
+  const dist_case *dc = &cases[ci];
+  ref_file ref = ref_load(dc->file);
+  ck_assert_int_eq(coord_start(&coord, NULL), 0);
+  arg a = {coord.addr, unique_job(), dc, &ref};
+  shared *sh = calloc(1, sizeof(shared));
+  ck_assert_ptr_nonnull(sh);
+  pthread_barrier_t failed;
+  ck_assert_int_eq(pthread_barrier_init(&failed, NULL, (unsigned)dc->world), 0);
+  thread_run t[WORKERS_MAX];
+  pthread_t th[WORKERS_MAX];
+  for (int r = 0; r < dc->world; r++) {
+    t[r] = (thread_run){.rank = r, .world = dc->world, .a = &a, .sh = sh, .failed = &failed};
+    ck_assert_int_eq(pthread_create(&th[r], NULL, thread_worker, &t[r]), 0);
+  }
+  int status[WORKERS_MAX] = {0};
+  for (int r = 0; r < dc->world; r++) {
+    ck_assert_int_eq(pthread_join(th[r], NULL), 0);
+    status[r] = t[r].status;
+  }
+  for (int r = 0; r < dc->world; r++)
+    ck_assert_msg(t[r].status != 3, "thread %d: %s", r, t[r].err);
+  check_case(ci, &ref, sh, status);
+  /* The big steps: over all ranks each channel of y has mean 0 and (biased)
+   * variance var / (var + eps), var the channel's; every rank has the same
+   * running mean, bit for bit. */
+  const double cnt = 2.0 * BIG_HW * BIG_HW * dc->world;
+  for (size_t c = 0; c < BIG_C; c++) {
+    double s1 = 0, s2 = 0, m = 0, v = 0;
+    for (int r = 0; r < dc->world; r++)
+      for (size_t i = 0; i < 2 * BIG_HW * BIG_HW; i++)
+        m += big_value(r, c, i) / cnt;
+    for (int r = 0; r < dc->world; r++) {
+      s1 += t[r].ysum[c], s2 += t[r].ysq[c];
+      for (size_t i = 0; i < 2 * BIG_HW * BIG_HW; i++)
+        v += (big_value(r, c, i) - m) * (big_value(r, c, i) - m) / cnt;
+      ck_assert_msg(memcmp(&t[r].rmean[c], &t[0].rmean[c], sizeof(float)) == 0,
+                    "channel %zu: running mean of rank %d %.9g, rank 0 %.9g", c, r,
+                    (double)t[r].rmean[c], (double)t[0].rmean[c]);
+    }
+    ck_assert_msg(fabs(s1 / cnt) < 1e-5, "channel %zu: mean of y %g", c, s1 / cnt);
+    ck_assert_msg(fabs(s2 / cnt - v / (v + 1e-5)) < 1e-4, "channel %zu: variance of y %g, want %g",
+                  c, s2 / cnt, v / (v + 1e-5));
+  }
+  for (int r = 0; r < dc->world; r++) {
+    char want[64];
+    snprintf(want, sizeof(want), "tensor rank %d is outside", 100 + r);
+    ck_assert_msg(strstr(t[r].err, want) != NULL, "thread %d read '%s'", r, t[r].err);
+  }
+  pthread_barrier_destroy(&failed);
+  free(sh);
+  ref_free(&ref);
+  ck_assert_int_eq(coord_stop(&coord, SIGTERM, 5000), 0);
+}
+END_TEST
+
 
 /* ---- failures --------------------------------------------------------------- */
 
@@ -391,6 +579,8 @@ int main(void) {
   tcase_set_timeout(tc, 60);
   tcase_add_loop_test(tc, test_slices_match_full_batch, 0,
                       (int)(sizeof(cases) / sizeof(cases[0])));
+  tcase_add_loop_test(tc, test_slices_as_threads, 0,
+                      (int)(sizeof(thread_cases) / sizeof(thread_cases[0])));
   suite_add_tcase(s, tc);
   TCase *tf = tcase_create("failures");
   tcase_set_timeout(tf, 60);

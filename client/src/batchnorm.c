@@ -53,7 +53,9 @@ typedef struct bn {
 
 #define KNOWN_FLAGS (SBN_BN_CHANNELS_LAST | SBN_BN_FUSED_RELU)
 
-static atomic_ulong layer_counter;
+/* Per thread: ranks run as threads of one process, each building its own
+ * model, then number their layers alike (test_syncbn_dist). */
+static _Thread_local unsigned long layer_counter;
 static atomic_int warned_n1;
 
 /* ---- helpers -------------------------------------------------------------- */
@@ -1864,8 +1866,7 @@ static int bn_new(const sbn_module_vtable *vt, const sbn_bn_options *o, sbn_modu
   b->freeze = !!o->freeze;
   b->flags = o->flags;
   b->group = o->group;
-  snprintf(b->default_name, sizeof(b->default_name), "SyncBatchNorm#%lu",
-           atomic_fetch_add(&layer_counter, 1));
+  snprintf(b->default_name, sizeof(b->default_name), "SyncBatchNorm#%lu", layer_counter++);
   b->saved_mean = malloc(C * sizeof(double));
   b->saved_invstd = malloc(C * sizeof(double));
   b->saved_aff = malloc(4 * C * sizeof(float));

@@ -65,7 +65,8 @@ typedef struct sbn_bn_options {
   sbn_group *group;
   /* The layer's identity in rounds (at most SBN_LAYER_MAX-1 bytes, copied);
    * NULL = its dotted path once sbn_module_name_layers() ran, else
-   * "SyncBatchNorm#k" (k counts layers created by this process). */
+   * "SyncBatchNorm#k" (k counts layers created by this thread, so that
+   * ranks that are threads of one process number theirs alike). */
   const char *name;
   unsigned flags;    /* SBN_BN_* below, OR-ed; 0 = NCHW input, no ReLU */
   void *reserved[4]; /* must be NULL */
