@@ -789,6 +789,58 @@ START_TEST(test_error_before_the_result_it_follows) {
 }
 END_TEST
 
+/*
+ * A process forked from a worker (a data loader's, say) inherits its context
+ * and socket: using them would put its bytes into the parent's stream, and
+ * its sbn_finalize would say goodbye for the parent's rank.  The child's
+ * collectives fail with SBN_ESTATE naming both processes, its finalize sends
+ * nothing, and the parent's job goes on.
+ */
+static int fork_worker(int rank, void *ap, void *sp) {
+  const arg *a = ap;
+  shared *sh = sp;
+  sbn_ctx *ctx = connect_rank(a, rank, sh);
+  if (ctx == NULL)
+    return 1;
+  float v[3] = {1, 2, 3};
+  if (rank == 0) {
+    pid_t child = fork();
+    if (child == 0) {
+      int bad = 0;
+      float w[3] = {1, 2, 3};
+      char want[64];
+      snprintf(want, sizeof(want), "belongs to process %ld", (long)getppid());
+      if (sbn_allreduce(sbn_world(ctx), w, 3, SBN_REDUCE_SUM) != SBN_ESTATE ||
+          strstr(sbn_last_error(), want) == NULL || strstr(sbn_last_error(), "forked") == NULL)
+        bad = 1;
+      if (sbn_barrier(sbn_world(ctx)) != SBN_ESTATE)
+        bad |= 2;
+      if (sbn_finalize(ctx) != SBN_OK)
+        bad |= 4;
+      _exit(bad);
+    }
+    int st = 0;
+    if (child < 0 || waitpid(child, &st, 0) != child || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+      FAIL(sh, rank, "forked child: status %d (1: allreduce, 2: barrier, 4: finalize)",
+           WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+  }
+  /* The parent's job is intact: a round with rank 1, then goodbye. */
+  if (sbn_allreduce(sbn_world(ctx), v, 3, SBN_REDUCE_SUM) != SBN_OK)
+    FAIL(sh, rank, "allreduce after the fork: %s", sbn_last_error());
+  else if (v[0] != 2 || v[1] != 4 || v[2] != 6)
+    FAIL(sh, rank, "allreduce after the fork: %g %g %g", v[0], v[1], v[2]);
+  if (sbn_finalize(ctx) != SBN_OK)
+    FAIL(sh, rank, "finalize: %s", sbn_last_error());
+  return sh->failures[rank] ? 1 : 0;
+}
+
+START_TEST(test_forked_child_cannot_use_context) {
+  worker_set ws;
+  run_workers(&ws, NULL, 2, fork_worker, 30000);
+  finish(&ws);
+}
+END_TEST
+
 START_TEST(test_local_collectives) {
   sbn_config cfg;
   sbn_config_init(&cfg);
@@ -820,6 +872,7 @@ int main(void) {
                       (int)(sizeof(script_deaths) / sizeof(script_deaths[0])));
   tcase_add_test(tc, test_error_before_the_result_it_follows);
   tcase_add_test(tc, test_local_collectives);
+  tcase_add_test(tc, test_forked_child_cannot_use_context);
   suite_add_tcase(s, tc);
   return run_suite(s);
 }

@@ -2,9 +2,12 @@
  * ctx.c - process set-up: sbn_init() connects and says hello, sbn_finalize()
  * says goodbye.  A world of one never touches the network.
  */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "auth.h"
 #include "internal.h"
@@ -15,6 +18,22 @@
 #define SBN_DEFAULT_CONNECT_TIMEOUT_MS 30000
 /* How long goodbye may take before we just close. */
 #define SBN_GOODBYE_TIMEOUT_MS 1000
+
+/* Forks since the library first made a context, counted in each child (no
+ * system call per round, unlike comparing getpid()). */
+static atomic_ulong fork_epoch;
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static void in_child(void) { atomic_fetch_add_explicit(&fork_epoch, 1, memory_order_relaxed); }
+static void watch_forks(void) { pthread_atfork(NULL, NULL, in_child); }
+
+int sbn__ctx_forked(const sbn_ctx *ctx) {
+  if (atomic_load_explicit(&fork_epoch, memory_order_relaxed) == ctx->fork_epoch)
+    return 0;
+  return sbn__fail(SBN_ESTATE,
+                   "this context of rank %d belongs to process %ld; process %ld was forked from "
+                   "it and cannot use its connection (call sbn_init in the child)",
+                   ctx->rank, ctx->owner_pid, (long)getpid());
+}
 
 SBN_API void sbn_config_init(sbn_config *cfg) {
   memset(cfg, 0, sizeof(*cfg));
@@ -191,6 +210,7 @@ SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out) {
       return sbn__fail(SBN_EINVAL, "coordinator address '%s' has port 0",
                        cfg->coordinator);
   }
+  pthread_once(&watch_once, watch_forks);
   sbn_ctx *ctx = calloc(1, sizeof(*ctx));
   sbn_group *world = calloc(1, sizeof(*world));
   uint32_t *members = calloc((size_t)cfg->world_size, sizeof(uint32_t));
@@ -202,6 +222,8 @@ SBN_API int sbn_init(const sbn_config *cfg, sbn_ctx **out) {
   }
   ctx->rank = cfg->rank;
   ctx->world_size = cfg->world_size;
+  ctx->owner_pid = (long)getpid();
+  ctx->fork_epoch = atomic_load_explicit(&fork_epoch, memory_order_relaxed);
   snprintf(ctx->job, sizeof(ctx->job), "%s", cfg->job ? cfg->job : "default");
   ctx->generation = cfg->generation;
   ctx->timeout_ms = cfg->timeout_ms;
@@ -247,7 +269,11 @@ SBN_API int sbn_finalize(sbn_ctx *ctx) {
   if (ctx == NULL)
     return SBN_OK;
   int rc = SBN_OK;
-  if (ctx->conn.fd >= 0) {
+  /* In a forked child: the connection is the parent's, so no goodbye (it
+   * would end the parent's rank); closing the child's copy of the socket
+   * leaves the parent's open. */
+  const int forked = atomic_load_explicit(&fork_epoch, memory_order_relaxed) != ctx->fork_epoch;
+  if (ctx->conn.fd >= 0 && !forked) {
     Sbn__Goodbye bye = SBN__GOODBYE__INIT;
     Sbn__Envelope env = SBN__ENVELOPE__INIT;
     bye.reason = "finalize";

@@ -127,6 +127,8 @@ static int error_from_reply(const Sbn__Error *e) {
 int sbn__round_send(sbn_group *g, const sbn__round_req *req, sbn__round_tx *tx) {
   sbn_ctx *ctx = g->ctx;
   memset(tx, 0, sizeof(*tx));
+  if (sbn__ctx_forked(ctx))
+    return SBN_ESTATE;
   if (req->layer != NULL && strlen(req->layer) >= SBN_LAYER_MAX)
     return sbn__fail(SBN_EINVAL, "layer name '%.40s...' is longer than %d bytes", req->layer,
                      SBN_LAYER_MAX - 1);

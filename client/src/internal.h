@@ -105,7 +105,16 @@ struct sbn_ctx {
   float *lat;
   size_t lat_n;
   unsigned long long rounds_ok, rounds_failed;
+  /* The process that made the context, and sbn__fork_epoch() then: a child
+   * forked from it (a data loader's worker, say) must not write to the
+   * connection it inherited, which is the parent's stream (sbn__ctx_forked). */
+  long owner_pid;
+  unsigned long fork_epoch;
 };
+
+/* SBN_ESTATE with a message if ctx was made by another process that this
+ * one was forked from (0 otherwise); nothing is sent then. */
+int sbn__ctx_forked(const sbn_ctx *ctx);
 
 struct sbn_group {
   sbn_ctx *ctx;

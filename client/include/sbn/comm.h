@@ -4,7 +4,14 @@
  *
  * Threading: an sbn_ctx and its groups belong to one thread at a time; calls
  * on the same context must not overlap (the library sends one request and
- * waits for its reply).  Different contexts are independent.
+ * waits for its reply).  Different contexts are independent, also in one
+ * process (ranks as threads: tested under ThreadSanitizer).
+ *
+ * Fork: a context belongs to the process that made it.  In a process forked
+ * from that one (a data loader's worker, say) every call that would use the
+ * connection fails with SBN_ESTATE, naming both processes, and sends nothing;
+ * sbn_finalize there only frees the child's copy (no goodbye, so the parent's
+ * rank stays in its job).  A child that takes part calls sbn_init itself.
  *
  * Failure: every function returns SBN_OK or a negative SBN_E* code and, on
  * failure, leaves a message for sbn_last_error() on the calling thread.  No
