@@ -243,6 +243,16 @@ static float big_value(int rank, size_t c, size_t i) {
   return (float)(rank + 1) * 0.5f + (float)c * 0.01f + (float)(i % 7) * 0.1f;
 }
 
+/* Forward and backward of m; the previous outputs *y and *dx are freed. */
+static int train_step(sbn_module *m, sbn_tensor *x, sbn_tensor *dy, sbn_tensor **y,
+                      sbn_tensor **dx) {
+  sbn_tensor_free(*y);
+  sbn_tensor_free(*dx);
+  *y = *dx = NULL;
+  int rc = sbn_module_call(m, x, y);
+  return rc == SBN_OK ? sbn_module_backward(m, dy, dx) : rc;
+}
+
 /* 0 or a status; the message in t->err. */
 static int big_steps(thread_run *t) {
   char job[96];
@@ -270,12 +280,7 @@ static int big_steps(thread_run *t) {
           xd[(n * BIG_C + c) * S + i] = big_value(t->rank, c, n * S + i);
           gd[(n * BIG_C + c) * S + i] = (float)((i + c + (size_t)step) % 5) - 2.0f;
         }
-    sbn_tensor_free(y);
-    sbn_tensor_free(dx);
-    y = dx = NULL;
-    rc = sbn_module_call(bn, x, &y);
-    if (rc == SBN_OK)
-      rc = sbn_module_backward(bn, dy, &dx);
+    rc = train_step(bn, x, dy, &y, &dx);
   }
   if (rc == SBN_OK) {
     const float *yd = sbn_tensor_cdata(y);
@@ -296,14 +301,8 @@ static int big_steps(thread_run *t) {
   sbn_module *plain = NULL;
   if (rc == SBN_OK)
     rc = sbn_batchnorm_new(&o, &plain);
-  for (int step = 0; rc == SBN_OK && step < BIG_STEPS; step++) {
-    sbn_tensor_free(y);
-    sbn_tensor_free(dx);
-    y = dx = NULL;
-    rc = sbn_module_call(plain, x, &y);
-    if (rc == SBN_OK)
-      rc = sbn_module_backward(plain, dy, &dx);
-  }
+  for (int step = 0; rc == SBN_OK && step < BIG_STEPS; step++)
+    rc = train_step(plain, x, dy, &y, &dx);
   sbn_module_free(plain);
   if (rc != SBN_OK)
     snprintf(t->err, sizeof(t->err), "big steps: %s", sbn_last_error());
