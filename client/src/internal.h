@@ -105,8 +105,8 @@ struct sbn_ctx {
   float *lat;
   size_t lat_n;
   unsigned long long rounds_ok, rounds_failed;
-  /* The process that made the context, and sbn__fork_epoch() then: a child
-   * forked from it (a data loader's worker, say) must not write to the
+  /* The process that made the context, and ctx.c's count of forks then: a
+   * child forked from it (a data loader's worker, say) must not write to the
    * connection it inherited, which is the parent's stream (sbn__ctx_forked). */
   long owner_pid;
   unsigned long fork_epoch;
