@@ -659,6 +659,19 @@ START_TEST(test_dispatch_paths_agree) {
       {3, {2, 150, 48}, 48, CL | RELU, 0.0f, 0},
       {3, {2, 150, 48}, 48, CL | RELU, 1e4f, 1},
       {2, {300, 144}, 144, RELU, 0.5f, 1},
+      /* The same for NCHW planes (plane_relu_thresholds: every channel
+       * alone, C % 16 channels in a padded block), from 256 values per
+       * channel (N * S): planes with 16-value blocks and 4 + 1 tails, at the
+       * edge and around it, small and streamed (S >= 256), 5 to 40 channels
+       * (21 = 16 + 5, 37 = 32 + 5, 40 = 32 + 8), some with negative and zero
+       * weights (those channels compute v). */
+      {4, {2, 21, 8, 16}, 21, RELU, 0.0f, 1},  /* N * S = 256 */
+      {4, {1, 21, 15, 17}, 21, RELU, 0.5f, 1}, /* 255 */
+      {4, {3, 40, 7, 13}, 40, RELU, 1e4f, 0},  /* 273 */
+      {4, {3, 40, 7, 13}, 40, RELU, 0.0f, 1},
+      {3, {5, 5, 61}, 5, RELU, 0.0f, 0},       /* 305, fewer than 16 channels */
+      {3, {2, 37, 301}, 37, RELU, 0.5f, 1},    /* streamed */
+      {3, {1, 19, 261}, 19, RELU, 0.0f, 0},    /* streamed, 261 values */
   };
   int paths[N_PATHS], np = 0;
   for (int p = 0; p < N_PATHS; p++)
@@ -694,16 +707,31 @@ END_TEST
 
 /*
  * The fused ReLU's mask at its edge: the AVX-512 sums replace v > 0 by x > T
- * per channel (relu_thresholds in batchnorm.c), which must be exact to the
- * last bit of x.  Rows R0..R-1 of each channel hold consecutive floats around
- * the x where v = ((x - hi) - lo) * a + b changes sign (found by iterating
- * on the batch statistics, which those rows move), so an error of one float
- * in T keeps or drops one dy and Σdy (the bias' gradient) shows it; every
- * path must give the generic one's bits.
+ * per channel (relu_thresholds and plane_relu_thresholds in batchnorm.c),
+ * which must be exact to the last bit of x.  Rows R0..R-1 of each channel
+ * (its values in order: rows, or the planes' values one plane after the
+ * other) hold consecutive floats around the x where v = ((x - hi) - lo) * a
+ * + b changes sign (found by iterating on the batch statistics, which those
+ * rows move), so an error of one float in T keeps or drops one dy and Σdy
+ * (the bias' gradient) shows it; every path must give the generic one's
+ * bits.  In the planes of 25 values (a 16-value block, two 4-value tails and
+ * one value) the edge's place in the run moves with the channel (c % 25),
+ * so that it falls in every part of a plane.
  */
 START_TEST(test_relu_mask_edge) {
-  static const size_t Cs[] = {48, 160}; /* all rows in one sweep; sweeps of RB */
-  const size_t C = Cs[_i], R0 = 500, R = 600, shape[2] = {R, C};
+  static const struct {
+    size_t C, N, S; /* S == 0: channels-last rows (R = N) */
+  } cs[] = {
+      {48, 600, 0},  /* rows: all rows in one sweep */
+      {160, 600, 0}, /* sweeps of RB */
+      {40, 24, 25},  /* planes: two blocks of 16 channels and 8 more */
+      {21, 2, 301},  /* streamed planes, 16 + 5 channels */
+  };
+  const size_t C = cs[_i].C, S = cs[_i].S ? cs[_i].S : 1, N = cs[_i].N, R = N * S, R0 = R - 100;
+  const size_t shape[3] = {N, C, S};
+  const unsigned flags = cs[_i].S ? RELU : CL | RELU;
+  /* Channel c's value j: row j, or value j % S of plane j / S. */
+#define AT(j, c) (cs[_i].S ? ((j) / S * C + (c)) * S + (j) % S : (j) * C + (c))
   float *x = malloc(R * C * sizeof(float)), *dy = malloc(R * C * sizeof(float));
   ck_assert(x && dy);
   uint32_t s = 777;
@@ -718,23 +746,26 @@ START_TEST(test_relu_mask_edge) {
   for (int it = 0; it < 40; it++)
     for (size_t c = 0; c < C; c++) {
       double sum = 0, sq = 0;
-      for (size_t r = 0; r < R; r++) sum += x[r * C + c];
+      for (size_t r = 0; r < R; r++) sum += x[AT(r, c)];
       const double mean = sum / (double)R;
-      for (size_t r = 0; r < R; r++) sq += (x[r * C + c] - mean) * (x[r * C + c] - mean);
+      for (size_t r = 0; r < R; r++) sq += (x[AT(r, c)] - mean) * (x[AT(r, c)] - mean);
       const double edge = mean - (double)bias[c] * sqrt(sq / (double)R + 1e-5) / (double)w[c];
       float v = (float)edge;
-      for (size_t r = R0; r < (R0 + R) / 2; r++) v = nextafterf(v, -INFINITY);
-      for (size_t r = R0; r < R; r++) x[r * C + c] = v, v = nextafterf(v, INFINITY);
+      const size_t mid = (R0 + R) / 2 + (cs[_i].S ? c % 25 : 12) - 12;
+      for (size_t r = R0; r < mid; r++) v = nextafterf(v, -INFINITY);
+      for (size_t r = R0; r < R; r++) x[AT(r, c)] = v, v = nextafterf(v, INFINITY);
     }
   sbn_tensor *out[N_PATHS][4] = {{NULL}};
   for (int p = 0; p < N_PATHS; p++) {
     if (sbn__bn_kernel_path(p) != p) continue;
-    sbn_module *m = make_layer(0, C, CL | RELU, 0);
+    sbn_module *m = make_layer(0, C, flags, 0);
     memcpy(sbn_tensor_data(T(m, "weight")), w, C * sizeof(float));
     memcpy(sbn_tensor_data(T(m, "bias")), bias, C * sizeof(float));
     sbn_tensor *xt, *dyt;
-    ck_assert_int_eq(sbn_tensor_new(2, shape, &xt), SBN_OK);
-    ck_assert_int_eq(sbn_tensor_new(2, shape, &dyt), SBN_OK);
+    const int nd = cs[_i].S ? 3 : 2;
+    const size_t *sh = cs[_i].S ? shape : (const size_t[]){R, C};
+    ck_assert_int_eq(sbn_tensor_new(nd, sh, &xt), SBN_OK);
+    ck_assert_int_eq(sbn_tensor_new(nd, sh, &dyt), SBN_OK);
     memcpy(sbn_tensor_data(xt), x, R * C * sizeof(float));
     memcpy(sbn_tensor_data(dyt), dy, R * C * sizeof(float));
     sbn_module_train(m, 1, 1);
@@ -748,9 +779,12 @@ START_TEST(test_relu_mask_edge) {
   }
   ck_assert_int_ge(sbn__bn_kernel_path(-1), 0);
   /* The edge is inside the runs: y has zeros and positive values there. */
-  size_t zeros = 0;
-  for (size_t r = R0; r < R; r++) zeros += sbn_tensor_cdata(out[0][0])[r * C] == 0.0f;
-  ck_assert(zeros > 0 && zeros < R - R0);
+  for (size_t c = 0; c < C; c++) {
+    size_t zeros = 0;
+    for (size_t r = R0; r < R; r++) zeros += sbn_tensor_cdata(out[0][0])[AT(r, c)] == 0.0f;
+    ck_assert_msg(zeros > 0 && zeros < R - R0, "channel %zu: %zu zeros", c, zeros);
+  }
+#undef AT
   for (int p = 1; p < N_PATHS; p++)
     for (int k = 0; k < 4 && out[p][0]; k++)
       ck_assert_msg(bitwise_equal(out[0][k], out[p][k]), "C %zu path %d: output %d differs", C,
@@ -807,7 +841,7 @@ int main(void) {
   tcase_add_test(to, test_repr);
   tcase_add_test(to, test_convert_and_state_dict);
   tcase_add_test(to, test_dispatch_paths_agree);
-  tcase_add_loop_test(to, test_relu_mask_edge, 0, 2);
+  tcase_add_loop_test(to, test_relu_mask_edge, 0, 4);
   tcase_add_test(to, test_model_check_flags);
   suite_add_tcase(s, to);
   return run_suite(s);
