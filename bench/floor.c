@@ -41,8 +41,6 @@
 static const int floor_channels[] = {64, 256, 1024, 4096};
 #define N_FLOOR (int)(sizeof(floor_channels) / sizeof(floor_channels[0]))
 
-/* Cached p50 per [channel index][spin]; <0 = not measured yet. */
-
 size_t floor_payload_bytes(int channels) {
   return (size_t)channels * 2 * sizeof(double) + FLOOR_HEADER_BYTES;
 }
@@ -207,7 +205,6 @@ void bench_warm_up(double seconds) {
   while (now_s() < end && floor_measure(256, 0, 0, 1000, &st, NULL) == 0) {
   }
 }
-
 
 static int floor_reps(void) { return bench_reps(5000, 300); }
 static int floor_warm(void) { return g_opts.quick ? 50 : 500; }

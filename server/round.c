@@ -151,9 +151,9 @@ static int refuse_if_members_gone(sbn__srv_conn *conn, sbn__srv_group *g, const 
                                   const char *layer) {
   const sbn__srv_job *job = conn->job;
   uint32_t i = 0;
-  while (i < g->n && job->ranks[sbn__srv_group_rank(g, i)].state != SBN_RANK_LOST &&
-         job->ranks[sbn__srv_group_rank(g, i)].state != SBN_RANK_LEFT)
-    i++;
+  for (uint8_t st; i < g->n; i++)
+    if ((st = job->ranks[sbn__srv_group_rank(g, i)].state) == SBN_RANK_LOST || st == SBN_RANK_LEFT)
+      break;
   if (i == g->n)
     return 0; /* the usual case: one walk, as before anyone is named */
   uint32_t gone[SBN_SRV_GONE_NAMED];

@@ -26,8 +26,12 @@ static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
 static void in_child(void) { atomic_fetch_add_explicit(&fork_epoch, 1, memory_order_relaxed); }
 static void watch_forks(void) { pthread_atfork(NULL, NULL, in_child); }
 
+static int forked(const sbn_ctx *ctx) {
+  return atomic_load_explicit(&fork_epoch, memory_order_relaxed) != ctx->fork_epoch;
+}
+
 int sbn__ctx_forked(const sbn_ctx *ctx) {
-  if (atomic_load_explicit(&fork_epoch, memory_order_relaxed) == ctx->fork_epoch)
+  if (!forked(ctx))
     return 0;
   return sbn__fail(SBN_ESTATE,
                    "this context of rank %d belongs to process %ld; process %ld was forked from "
@@ -272,8 +276,7 @@ SBN_API int sbn_finalize(sbn_ctx *ctx) {
   /* In a forked child: the connection is the parent's, so no goodbye (it
    * would end the parent's rank); closing the child's copy of the socket
    * leaves the parent's open. */
-  const int forked = atomic_load_explicit(&fork_epoch, memory_order_relaxed) != ctx->fork_epoch;
-  if (ctx->conn.fd >= 0 && !forked) {
+  if (ctx->conn.fd >= 0 && !forked(ctx)) {
     Sbn__Goodbye bye = SBN__GOODBYE__INIT;
     Sbn__Envelope env = SBN__ENVELOPE__INIT;
     bye.reason = "finalize";
