@@ -29,6 +29,9 @@ typedef struct bench_opts {
   /* round rows only with this many workers / channels / spin mode (0: all
    * of them; spin: 1 blocking only, 2 spinning only) */
   int round_workers, round_channels, round_spin;
+  const char *mpi_peer; /* sbn-bench-mpi, or NULL: no MPI reference */
+  const char *mpirun;   /* Open MPI's mpirun (looked up in PATH) */
+  const char *python;   /* the interpreter for bench/gloo.py */
 } bench_opts;
 
 extern bench_opts g_opts;
@@ -123,6 +126,13 @@ int procs_wait_ctl(procs *ps, bench_ctl *ctl, int (*pred)(bench_ctl *, int), int
 int pred_ready(bench_ctl *ctl, int n);
 int pred_done(bench_ctl *ctl, int n);
 
+/* Runs argv (argv[0] looked up in PATH) in its own process group, with its
+ * stdout to out_fd (or to stderr when -1: stdout is for JSON lines) and its
+ * stderr to err_fd (or inherited when -1), for at most timeout_ms.  Returns
+ * its exit status, or -1 when it could not run, was killed or timed out
+ * (then its whole group is killed). */
+int run_bounded(const char *const *argv, int out_fd, int err_fd, int timeout_ms);
+
 /* ---- the coordinator ----------------------------------------------------- */
 
 typedef struct coord {
@@ -177,6 +187,15 @@ int floor_star_samples(int workers, int channels, int spin, int reps, double *ou
 /* The two-process floor's timed round trips (us) into out[reps]; 0 or -1. */
 int floor_samples(int channels, int spin, int reps, double *out);
 
+/* The MPI reference (mpi_ref.c): MPI_Allreduce over TCP of what a round of
+ * `channels` carries, on `workers` ranks started by mpirun; out[reps] gets
+ * rank 0's timed calls (us).  0, or -1 (reason on stderr). */
+int mpi_samples(int workers, int channels, int warm, int reps, double *out);
+/* True when the MPI reference can run (checked once; says why not). */
+int mpi_ref_available(void);
+/* The MPI configuration, for the JSON lines. */
+const char *mpi_ref_describe(void);
+
 int bench_floor(void);
 /* Round trips on loopback for `seconds`, before anything is timed (floor.c). */
 void bench_warm_up(double seconds);
@@ -184,5 +203,6 @@ int bench_round(coord *c);
 int bench_groups(coord *c);
 int bench_allreduce(coord *c);
 int bench_kernel(void);
+int bench_gloo(void);
 
 #endif /* SBN_BENCH_H */

@@ -1,21 +1,58 @@
 #!/bin/sh
 # ctest bench_select: sbn-bench's row selection picks exactly the row asked
 # for, and bad values are refused with status 2 and a message naming the
-# option.  No timing is checked.  $1: the sbn-bench binary.
+# option.  With the MPI reference built ($2 = 1), the row comes with its
+# floor_mpi line and mpi_ratio, --mpi no leaves them out, and an mpirun that
+# cannot run fails the bench (status 1) naming --mpirun.  No timing is
+# checked.  $1: the sbn-bench binary; $2: 1 when it was built with MPI.
 set -u
 bench=$1
+has_mpi=${2:-0}
 out=$(mktemp) err=$(mktemp)
 trap 'rm -f "$out" "$err"' EXIT
 fail() { echo "bench_select: $*" >&2; cat "$err" >&2; exit 1; }
+row="--quick --only round --workers 2 --channels 64"
 
-"$bench" --quick --only round --workers 2 --channels 64 --spin no >"$out" 2>"$err" ||
-  fail "selected run exited $?"
+# shellcheck disable=SC2086 # $row is several words
+"$bench" $row --spin no >"$out" 2>"$err" || fail "selected run exited $?"
 [ "$(grep -c '"bench":"round"' "$out")" -eq 1 ] || fail "wanted one round line, got: $(cat "$out")"
 grep '"bench":"round"' "$out" | grep -q '"workers":2,"channels":64,.*"spin":false' ||
   fail "not the row asked for: $(cat "$out")"
 [ "$(grep -c '"bench":"floor_star"' "$out")" -eq 1 ] || fail "wanted one floor_star line"
+if [ "$has_mpi" = 1 ]; then
+  [ "$(grep -c '"bench":"floor_mpi","workers":2,"channels":64,' "$out")" -eq 1 ] ||
+    fail "wanted one floor_mpi line for the row, got: $(cat "$out")"
+  grep '"bench":"round"' "$out" | grep -q '"mpi_ratio":[0-9]' || fail "no mpi_ratio: $(cat "$out")"
 
-for bad in "--workers 3" "--channels 100" "--spin maybe"; do
+  # shellcheck disable=SC2086
+  "$bench" $row --spin no --mpi no >"$out" 2>"$err" || fail "--mpi no exited $?"
+  ! grep -q 'mpi' "$out" || fail "--mpi no still measured MPI: $(cat "$out")"
+
+  # shellcheck disable=SC2086
+  "$bench" $row --spin no --mpirun /bin/false >"$out" 2>"$err"
+  st=$?
+  [ "$st" -eq 1 ] || fail "--mpirun /bin/false exited $st, wanted 1"
+  grep -q -- "--mpirun" "$err" || fail "--mpirun /bin/false: the message does not name --mpirun"
+else
+  ! grep -q 'mpi' "$out" || fail "built without MPI, yet measured it: $(cat "$out")"
+fi
+
+# The gloo bench: a Python without torch (gloo.py's status 3) is skipped
+# with a note; one that fails fails the bench; only whole JSON objects of
+# its output reach stdout.
+fake=$(mktemp)
+trap 'rm -f "$out" "$err" "$fake"' EXIT
+printf '#!/bin/sh\nexit 3\n' >"$fake" && chmod +x "$fake"
+"$bench" --quick --only gloo --python "$fake" >"$out" 2>"$err" || fail "gloo without torch exited $?"
+grep -q "gloo: skipped" "$err" || fail "gloo without torch: no note"
+[ ! -s "$out" ] || fail "gloo without torch printed results"
+printf '#!/bin/sh\necho "{\\"bench\\":\\"gloo\\"}"\necho "Traceback"\nexit 1\n' >"$fake"
+"$bench" --quick --only gloo --python "$fake" >"$out" 2>"$err"
+st=$?
+[ "$st" -eq 1 ] || fail "a failing gloo.py: exit $st, wanted 1"
+[ "$(cat "$out")" = '{"bench":"gloo"}' ] || fail "a failing gloo.py: stdout was: $(cat "$out")"
+
+for bad in "--workers 3" "--channels 100" "--spin maybe" "--mpi /nonexistent"; do
   # shellcheck disable=SC2086 # the option and its value are two words
   "$bench" --quick --only round $bad >"$out" 2>"$err"
   st=$?

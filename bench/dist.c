@@ -299,14 +299,15 @@ static void emit_fit(double pts[][3], int n) {
 /*
  * One round row and what its ratios divide by, measured in turns: the
  * rounds, the star floor, the two-process floor (and the spinning floor for
- * a spinning row), ROW_ALTERNATIONS times reps / ROW_ALTERNATIONS round
- * trips each, so that all of them span the same minutes of this machine's
+ * a spinning row) and MPI_Allreduce over TCP (when mpi_ref_available()),
+ * ROW_ALTERNATIONS times reps / ROW_ALTERNATIONS round trips each, so that all of them span the same minutes of this machine's
  * moods (one after the other, a row and its floors moved apart by up to 2x
  * here).  Each statistic is over all the turns' samples together.
  */
 #define ROW_ALTERNATIONS 4
 typedef struct row_result {
-  bench_stats lat, star, floor, floor_spin; /* microseconds */
+  bench_stats lat, star, floor, floor_spin, mpi; /* microseconds */
+  int has_mpi;
   double rounds_per_s, relay_cpu_us;
   double coord_cpu_us, coord_sched_us, coord_allocs;
   long long rounds;
@@ -316,12 +317,13 @@ typedef struct row_result {
 static int measure_row(coord *cc, int N, int C, int spin, int warm, int reps, row_result *out) {
   const int k = reps >= ROW_ALTERNATIONS * 100 ? ROW_ALTERNATIONS : 1, rk = reps / k;
   const size_t per = (size_t)rk * (size_t)k;
-  double *v = malloc(sizeof(double) * per * 4);
+  double *v = malloc(sizeof(double) * per * 5);
   if (v == NULL)
     return -1;
-  double *lat = v, *star = v + per, *fl = v + 2 * per, *fls = v + 3 * per;
+  double *lat = v, *star = v + per, *fl = v + 2 * per, *fls = v + 3 * per, *mpi = v + 4 * per;
   memset(out, 0, sizeof(*out));
   out->alternations = k;
+  out->has_mpi = mpi_ref_available();
   double elapsed = 0, relay = 0;
   int rc = -1;
   for (int t = 0; t < k; t++) {
@@ -333,6 +335,10 @@ static int measure_row(coord *cc, int N, int C, int spin, int warm, int reps, ro
     if (floor_star_samples(N, C, spin, rk, star + o, &rcpu) != 0 ||
         floor_samples(C, 0, rk, fl + o) != 0 || (spin && floor_samples(C, 1, rk, fls + o) != 0)) {
       note("round N=%d C=%d spin=%d: a floor failed", N, C, spin);
+      goto out;
+    }
+    if (out->has_mpi && mpi_samples(N, C, warm, rk, mpi + o) != 0) {
+      note("round N=%d C=%d spin=%d: the MPI reference failed", N, C, spin);
       goto out;
     }
     elapsed += (double)rk / r.rounds_per_s;
@@ -349,6 +355,8 @@ static int measure_row(coord *cc, int N, int C, int spin, int warm, int reps, ro
   stats_compute(fl, (int)per, &out->floor);
   if (spin)
     stats_compute(fls, (int)per, &out->floor_spin);
+  if (out->has_mpi)
+    stats_compute(mpi, (int)per, &out->mpi);
   rc = 0;
 out:
   free(v);
@@ -367,6 +375,8 @@ int bench_round(coord *c) {
   char spin_arg[16];
   snprintf(spin_arg, sizeof(spin_arg), "%d", SPIN_US);
   const char *const spin_args[] = {"--spin-us", spin_arg, NULL};
+  if (g_opts.mpi_peer != NULL && !mpi_ref_available())
+    fails++; /* asked for (or built with) the MPI reference, and it cannot run */
   for (int spin = 0; spin <= 1; spin++)
     for (int ni = 0; ni < 3; ni++) {
       if ((g_opts.round_spin && g_opts.round_spin != spin + 1) ||
@@ -404,6 +414,18 @@ int bench_round(coord *c) {
         j_num(&j, "mean_us", r.star.mean);
         j_num(&j, "relay_cpu_us_per_round", r.relay_cpu_us);
         j_emit(&j);
+        if (r.has_mpi) {
+          j_begin(&j, "floor_mpi");
+          j_int(&j, "workers", N);
+          j_int(&j, "channels", C);
+          j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
+          j_str(&j, "mpi", mpi_ref_describe());
+          j_int(&j, "reps", r.mpi.n);
+          j_num(&j, "p50_us", r.mpi.p50);
+          j_num(&j, "p99_us", r.mpi.p99);
+          j_num(&j, "mean_us", r.mpi.mean);
+          j_emit(&j);
+        }
         j_begin(&j, "round");
         j_int(&j, "workers", N);
         j_int(&j, "channels", C);
@@ -424,6 +446,10 @@ int bench_round(coord *c) {
         if (spin) {
           j_num(&j, "floor_spin_p50_us", r.floor_spin.p50);
           j_num(&j, "floor_spin_ratio", r.lat.p50 / r.floor_spin.p50);
+        }
+        if (r.has_mpi) {
+          j_num(&j, "mpi_p50_us", r.mpi.p50);
+          j_num(&j, "mpi_ratio", r.lat.p50 / r.mpi.p50);
         }
         j_num(&j, "coord_cpu_us_per_round", r.coord_cpu_us / (double)r.rounds);
         j_num(&j, "coord_sched_us_per_round", r.coord_sched_us / (double)r.rounds);

@@ -4,9 +4,10 @@
  *   sbn-bench [--quick] [--only NAME[,NAME...]] [--reps N]
  *             [--coordinator PATH] [--coord-arg ARG]... [--groups G] [--verbose]
  *             [--workers N] [--channels C] [--spin yes|no]
+ *             [--mpi PATH|no] [--mpirun PATH] [--python PATH]
  *
- * Benches: floor, round, groups, allreduce, kernel (all by default, in that
- * order).  Each result is one JSON object on its own line on stdout; progress
+ * Benches: floor, round, groups, allreduce, kernel, gloo (all by default, in
+ * that order).  Each result is one JSON object on its own line on stdout; progress
  * goes to stderr.  The program starts its own sbn-coordinator on 127.0.0.1
  * port 0 and its own worker processes, and stops them all before exiting.
  * Exit status: 0 when every selected bench ran, 1 when one failed, 2 on
@@ -19,19 +20,30 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifndef SBN_COORDINATOR_BIN
 #define SBN_COORDINATOR_BIN "sbn-coordinator"
 #endif
+/* Built only when CMake found MPI (bench/mpi/). */
+#ifdef SBN_BENCH_MPI_BIN
+static const char *const mpi_default = SBN_BENCH_MPI_BIN;
+#else
+static const char *const mpi_default = NULL;
+#endif
+#ifndef SBN_BENCH_MPIRUN
+#define SBN_BENCH_MPIRUN "mpirun"
+#endif
 
-static const char *const all_benches[] = {"floor", "round", "groups", "allreduce", "kernel"};
-#define N_BENCHES 5
+static const char *const all_benches[] = {"floor",  "round", "groups",
+                                          "allreduce", "kernel", "gloo"};
+#define N_BENCHES 6
 
 static void usage(FILE *f) {
   fprintf(f,
           "usage: sbn-bench [options]\n"
           "  --quick              few repetitions (a smoke run of seconds)\n"
-          "  --only NAME[,NAME]   run only these of: floor, round, groups, allreduce, kernel\n"
+          "  --only NAME[,NAME]   run only these of: floor, round, groups, allreduce, kernel, gloo\n"
           "  --reps N             repetitions of every measurement (overrides defaults)\n"
           "  --coordinator PATH   sbn-coordinator binary (default %s)\n"
           "  --coord-arg ARG      extra argument for the coordinator (repeatable)\n"
@@ -39,9 +51,12 @@ static void usage(FILE *f) {
           "  --workers N          round: only the rows with N workers (2, 4 or 8)\n"
           "  --channels C         round: only the rows with C channels (64, 256, 1024, 4096)\n"
           "  --spin yes|no        round: only the spinning or the blocking rows\n"
+          "  --mpi PATH|no        round: the MPI reference program, or no MPI (default %s)\n"
+          "  --mpirun PATH        Open MPI's mpirun for it (default %s)\n"
+          "  --python PATH        gloo: a Python with torch (default /usr/bin/python3)\n"
           "  --verbose            let the coordinator's log through to stderr\n"
           "Results: one JSON object per line on stdout.\n",
-          SBN_COORDINATOR_BIN);
+          SBN_COORDINATOR_BIN, mpi_default != NULL ? mpi_default : "not built", SBN_BENCH_MPIRUN);
 }
 
 /* Loopback round trips before the first timed one (bench_warm_up). */
@@ -57,8 +72,11 @@ static int parse_int(const char *s, int *out) {
 }
 
 int main(int argc, char **argv) {
-  int selected[N_BENCHES] = {1, 1, 1, 1, 1};
+  int selected[N_BENCHES] = {1, 1, 1, 1, 1, 1};
   g_opts.coordinator = SBN_COORDINATOR_BIN;
+  g_opts.mpi_peer = mpi_default;
+  g_opts.mpirun = SBN_BENCH_MPIRUN;
+  g_opts.python = "/usr/bin/python3"; /* Debian's, where python3-torch goes */
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *val = (i + 1 < argc) ? argv[i + 1] : NULL;
@@ -120,6 +138,19 @@ int main(int argc, char **argv) {
       }
       g_opts.round_spin = strcmp(val, "yes") == 0 ? 2 : 1;
       i++;
+    } else if (val != NULL && strcmp(a, "--mpi") == 0) {
+      if (strcmp(val, "no") != 0 && access(val, X_OK) != 0) {
+        fprintf(stderr, "sbn-bench: --mpi wants no or an executable, got '%s'\n", val);
+        return 2;
+      }
+      g_opts.mpi_peer = strcmp(val, "no") == 0 ? NULL : val;
+      i++;
+    } else if (val != NULL && strcmp(a, "--python") == 0) {
+      g_opts.python = val;
+      i++;
+    } else if (val != NULL && strcmp(a, "--mpirun") == 0) {
+      g_opts.mpirun = val;
+      i++;
     } else if (val != NULL && strcmp(a, "--coordinator") == 0) {
       g_opts.coordinator = val;
       i++;
@@ -174,8 +205,11 @@ int main(int argc, char **argv) {
     case 3:
       rc = bench_allreduce(&c);
       break;
-    default:
+    case 4:
       rc = bench_kernel();
+      break;
+    default:
+      rc = bench_gloo();
       break;
     }
     note("%s: %s in %.1f s", all_benches[b], rc == 0 ? "done" : "FAILED", now_s() - t0);

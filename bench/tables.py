@@ -87,11 +87,13 @@ def main(paths):
                              med(runs, "round", "star_ratio", 2, True, **m),
                              med(runs, "round", "floor_ratio", 2, True, **m),
                              med(runs, "round", "floor_spin_ratio", 2, **m),
+                             med(runs, "round", "mpi_p50_us", 1, **m),
+                             med(runs, "round", "mpi_ratio", 2, True, **m),
                              med(runs, "round", "coord_sched_us_per_round", 1, **m),
                              med(runs, "round", "coord_allocs_per_round", 0, **m)])
     table(["N", "C", "spin (workers + coordinator)", "p50 us", "p99 us", "rounds/s",
            "star p50 us", "star_ratio", "floor_ratio", "floor_spin_ratio",
-           "coord CPU us/round", "coord allocs/round"], body)
+           "MPI p50 us", "mpi_ratio", "coord CPU us/round", "coord allocs/round"], body)
     fits = [rows(r, "round_fit") for r in runs]
     for i, f in enumerate(fits):
         for o in f:
@@ -99,6 +101,28 @@ def main(paths):
                   f"per worker + {o['c_ns_per_worker_channel']:.1f} ns per worker-channel, "
                   f"R^2 = {o['r2']:.3f} (largest relative residual {o['max_rel_residual']:.2f})")
     print()
+
+    print("### gloo (PyTorch all_reduce of the same payload), against sbn's rounds of the same run\n")
+    body = []
+    for N in (2, 4, 8):
+        m = dict(workers=N, channels=256)
+        if not values(runs, "gloo", "p50_us", **m):
+            continue
+        # gloo's p50 over sbn's blocking and spinning p50, run by run
+        ratio = {}
+        for spin in (False, True):
+            r = []
+            for run in runs:
+                g = [o["p50_us"] for o in rows(run, "gloo", **m)]
+                s_ = [o["p50_us"] for o in rows(run, "round", spin=spin, **m)]
+                if g and s_:
+                    r.append(g[0] / s_[0])
+            ratio[spin] = (f"{statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f})"
+                           if len(r) > 1 else f"{r[0]:.1f}" if r else "")
+        body.append([str(N), "256", med(runs, "gloo", "p50_us", 0, True, **m),
+                     med(runs, "gloo", "p99_us", 0, **m), ratio[False], ratio[True]])
+    table(["N", "C", "gloo p50 us", "gloo p99 us", "gloo / sbn blocking",
+           "gloo / sbn spinning"], body)
 
     print("### groups\n")
     body = []

@@ -355,6 +355,47 @@ int procs_wait_ctl(procs *ps, bench_ctl *ctl, int (*pred)(bench_ctl *, int), int
   }
 }
 
+/* ---- other programs -------------------------------------------------------- */
+
+int run_bounded(const char *const *argv, int out_fd, int err_fd, int timeout_ms) {
+  fflush(stdout);
+  fflush(stderr);
+  pid_t pid = fork();
+  if (pid < 0)
+    return -1;
+  if (pid == 0) {
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (out_fd >= 0)
+      dup2(out_fd, STDOUT_FILENO);
+    else /* stdout carries sbn-bench's JSON only */
+      dup2(STDERR_FILENO, STDOUT_FILENO);
+    if (err_fd >= 0)
+      dup2(err_fd, STDERR_FILENO);
+    execvp(argv[0], (char *const *)argv);
+    _exit(127);
+  }
+  setpgid(pid, pid);
+  long long deadline = now_ms() + timeout_ms;
+  for (;;) {
+    int st;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r == pid) {
+      kill(-pid, SIGKILL); /* ranks that outlived mpirun */
+      return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    }
+    if (r < 0 && errno != EINTR)
+      return -1;
+    if (now_ms() > deadline) {
+      kill(-pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      note("%s did not finish in %d ms, killed", argv[0], timeout_ms);
+      return -1;
+    }
+    usleep(2000);
+  }
+}
+
 /* ---- the coordinator --------------------------------------------------------- */
 
 int coord_start(coord *c, const char *const *extra) {

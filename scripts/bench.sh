@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-sbn_install_deps >&2
+sbn_install_deps bench >&2
 
 dir=${SBN_BENCH_BUILD_DIR:-build-release}
 jobs=$(nproc 2>/dev/null || echo 2)

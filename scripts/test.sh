@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-sbn_install_deps
+sbn_install_deps bench
 
 jobs=$(nproc 2>/dev/null || echo 2)
 run_suite() {
