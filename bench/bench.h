@@ -187,14 +187,15 @@ int floor_star_samples(int workers, int channels, int spin, int reps, double *ou
 /* The two-process floor's timed round trips (us) into out[reps]; 0 or -1. */
 int floor_samples(int channels, int spin, int reps, double *out);
 
-/* The MPI reference (mpi_ref.c): MPI_Allreduce over TCP of what a round of
- * `channels` carries, on `workers` ranks started by mpirun; out[reps] gets
- * rank 0's timed calls (us).  0, or -1 (reason on stderr). */
-int mpi_samples(int workers, int channels, int warm, int reps, double *out);
+/* The MPI reference (mpi_ref.c): MPI_Allreduce over TCP on `workers` ranks
+ * started by mpirun, of what a round of `count` channels carries (floats 0)
+ * or of `count` floats (floats 1); out[reps] gets rank 0's timed calls (us).
+ * 0, or -1 (reason on stderr). */
+int mpi_samples(int floats, int workers, size_t count, int warm, int reps, double *out);
 /* True when the MPI reference can run (checked once; says why not). */
 int mpi_ref_available(void);
 /* The MPI configuration, for the JSON lines. */
-const char *mpi_ref_describe(void);
+const char *mpi_ref_describe(int floats);
 
 int bench_floor(void);
 /* Round trips on loopback for `seconds`, before anything is timed (floor.c). */

@@ -337,7 +337,7 @@ static int measure_row(coord *cc, int N, int C, int spin, int warm, int reps, ro
       note("round N=%d C=%d spin=%d: a floor failed", N, C, spin);
       goto out;
     }
-    if (out->has_mpi && mpi_samples(N, C, warm, rk, mpi + o) != 0) {
+    if (out->has_mpi && mpi_samples(0, N, (size_t)C, warm, rk, mpi + o) != 0) {
       note("round N=%d C=%d spin=%d: the MPI reference failed", N, C, spin);
       goto out;
     }
@@ -419,7 +419,7 @@ int bench_round(coord *c) {
           j_int(&j, "workers", N);
           j_int(&j, "channels", C);
           j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
-          j_str(&j, "mpi", mpi_ref_describe());
+          j_str(&j, "mpi", mpi_ref_describe(0));
           j_int(&j, "reps", r.mpi.n);
           j_num(&j, "p50_us", r.mpi.p50);
           j_num(&j, "p99_us", r.mpi.p99);
@@ -628,6 +628,34 @@ static int ar_run(coord *c, int N, size_t n, const size_t *ns, size_t k, int rep
   return ok ? 0 : -1;
 }
 
+/* MPI_Allreduce over TCP of n floats on N ranks: writes its "allreduce_mpi"
+ * line and returns its p50 in ms; NAN without MPI or when it failed. */
+static double mpi_ref_p50_ms(int N, size_t n, int reps) {
+  if (!mpi_ref_available())
+    return NAN;
+  double *v = malloc(sizeof(double) * (size_t)reps);
+  bench_stats st;
+  if (v == NULL || mpi_samples(1, N, n, AR_WARM, reps, v) != 0) {
+    free(v);
+    return NAN;
+  }
+  stats_compute(v, reps, &st);
+  free(v);
+  jline j;
+  j_begin(&j, "allreduce_mpi");
+  j_int(&j, "bytes", (long long)(n * sizeof(float)));
+  j_int(&j, "workers", N);
+  j_str(&j, "mpi", mpi_ref_describe(1));
+  j_str(&j, "op", "sum");
+  j_int(&j, "reps", st.n);
+  j_num(&j, "p50_ms", st.p50 / 1e3);
+  j_num(&j, "p99_ms", st.p99 / 1e3);
+  j_num(&j, "min_ms", st.min / 1e3);
+  j_num(&j, "gbps", (double)(n * sizeof(float)) / (st.p50 * 1e-6) / 1e9);
+  j_emit(&j);
+  return st.p50 / 1e3;
+}
+
 /* One row: the star floor for the same bytes and workers first (its own
  * line), then sbn, with the ratio of the two.  0 or -1. */
 static int ar_case(coord *c, const char *bench, int N, size_t n, const size_t *ns, size_t k) {
@@ -638,6 +666,8 @@ static int ar_case(coord *c, const char *bench, int N, size_t n, const size_t *n
   note("%s N=%d bytes=%zu", bench, N, bytes);
   if (ar_run(c, N, n, ns, k, reps, &st) != 0)
     return -1;
+  /* MPI_Allreduce of the same floats (one buffer: MPI has no fused call). */
+  double mpi = k > 0 ? NAN : mpi_ref_p50_ms(N, n, reps);
   jline j;
   j_begin(&j, bench);
   j_int(&j, "bytes", (long long)bytes);
@@ -654,8 +684,12 @@ static int ar_case(coord *c, const char *bench, int N, size_t n, const size_t *n
   j_num(&j, "gbps", (double)bytes / (st.p50 * 1e-3) / 1e9);
   j_num(&j, "floor_p50_ms", fl);
   j_num(&j, "floor_ratio", st.p50 / fl);
+  if (!isnan(mpi)) {
+    j_num(&j, "mpi_p50_ms", mpi);
+    j_num(&j, "mpi_ratio", st.p50 / mpi);
+  }
   j_emit(&j);
-  return isnan(fl) ? -1 : 0;
+  return isnan(fl) || (k == 0 && mpi_ref_available() && isnan(mpi)) ? -1 : 0;
 }
 
 int bench_allreduce(coord *c) {

@@ -15,10 +15,14 @@
  *                                       (shared memory would be 3 us here)
  *   --mca btl_tcp_if_include lo          loopback, as sbn's rows
  *   --bind-to none                      unbound, as sbn's processes
- *   coll_tuned_allreduce_algorithm 3     recursive doubling; at N = 2 Open
- *                                       MPI's own choice is 1.5-2x slower
- *                                       here, and the reference should be
- *                                       MPI at its best
+ *   coll_tuned_allreduce_algorithm       for a round's statistics, recursive
+ *                                       doubling (3): at N = 2 Open MPI's own
+ *                                       choice is 1.5-2x slower here; for
+ *                                       gradients, the ring (4): 100 MiB at
+ *                                       N = 2 took 363 ms, 440-600 ms with
+ *                                       the others and 480 ms with Open
+ *                                       MPI's own choice.  The reference
+ *                                       should be MPI at its best.
  * Open MPI's ranks busy-poll while they wait (they yield when there are more
  * ranks than cores): these are the "spinning ranks" of the issue.
  */
@@ -47,12 +51,17 @@ static const char *const mpi_args[] = {
     "--mca", "btl_tcp_if_include", "lo",
     "--mca", "oob_tcp_if_include", "lo",
     "--mca", "coll_tuned_use_dynamic_rules", "1",
-    "--mca", "coll_tuned_allreduce_algorithm", "3",
+    "--mca", "coll_tuned_allreduce_algorithm",
 };
 #define N_MPI_ARGS (sizeof(mpi_args) / sizeof(mpi_args[0]))
 
-const char *mpi_ref_describe(void) {
-  return "Open MPI, btl self,tcp on lo, recursive doubling, --bind-to none";
+/* Open MPI's numbers for its allreduce algorithms. */
+#define ALG_RECURSIVE_DOUBLING "3"
+#define ALG_RING "4"
+
+const char *mpi_ref_describe(int floats) {
+  return floats ? "Open MPI, btl self,tcp on lo, ring, --bind-to none"
+                : "Open MPI, btl self,tcp on lo, recursive doubling, --bind-to none";
 }
 
 /* Prints the last lines of the run's output to stderr. */
@@ -103,7 +112,7 @@ int mpi_ref_available(void) {
   return 1;
 }
 
-int mpi_samples(int workers, int channels, int warm, int reps, double *out) {
+int mpi_samples(int floats, int workers, size_t count, int warm, int reps, double *out) {
   if (!mpi_ref_available())
     return -1;
   char lat_path[] = "/tmp/sbn-bench-mpi-XXXXXX", log_path[] = "/tmp/sbn-bench-mpi-XXXXXX";
@@ -117,9 +126,9 @@ int mpi_samples(int workers, int channels, int warm, int reps, double *out) {
     return -1;
   }
   unlink(log_path);
-  char np[16], ch[16], wm[16], rp[16];
+  char np[16], ch[24], wm[16], rp[16];
   snprintf(np, sizeof(np), "%d", workers);
-  snprintf(ch, sizeof(ch), "%d", channels);
+  snprintf(ch, sizeof(ch), "%zu", count);
   snprintf(wm, sizeof(wm), "%d", warm);
   snprintf(rp, sizeof(rp), "%d", reps);
   const char *argv[N_MPI_ARGS + 12];
@@ -131,16 +140,20 @@ int mpi_samples(int workers, int channels, int warm, int reps, double *out) {
     argv[a++] = "--allow-run-as-root";
   for (size_t i = 0; i < N_MPI_ARGS; i++)
     argv[a++] = mpi_args[i];
+  argv[a++] = floats ? ALG_RING : ALG_RECURSIVE_DOUBLING;
   argv[a++] = g_opts.mpi_peer;
+  argv[a++] = floats ? "floats" : "stats";
   argv[a++] = ch;
   argv[a++] = wm;
   argv[a++] = rp;
   argv[a++] = lat_path;
   argv[a] = NULL;
   int rc = -1;
-  int st = run_bounded(argv, log_fd, log_fd, MPI_RUN_BASE_MS + MPI_RUN_PER_CALL_MS * (warm + reps));
+  /* 1 s per call and 100 MiB on top: 100 MiB at N = 4 took 0.75 s here. */
+  const int per_call = MPI_RUN_PER_CALL_MS + (int)((floats ? count * 4 : count * 16) / 100000);
+  int st = run_bounded(argv, log_fd, log_fd, MPI_RUN_BASE_MS + per_call * (warm + reps));
   if (st != 0) {
-    note("mpi: N=%d C=%d: mpirun exit status %d", workers, channels, st);
+    note("mpi: N=%d %s=%zu: mpirun exit status %d", workers, floats ? "floats" : "C", count, st);
     show_output(log_fd);
     goto out;
   }
@@ -152,7 +165,8 @@ int mpi_samples(int workers, int channels, int warm, int reps, double *out) {
     got += (size_t)k;
   }
   if (got != want) {
-    note("mpi: N=%d C=%d: %zu of %zu bytes of latencies", workers, channels, got, want);
+    note("mpi: N=%d %s=%zu: %zu of %zu bytes of latencies", workers, floats ? "floats" : "C",
+         count, got, want);
     goto out;
   }
   rc = 0;

@@ -152,8 +152,11 @@ def main(paths):
                              med(runs, bench, "p50_ms", 1, True, **m),
                              med(runs, bench, "floor_p50_ms", 1, **m),
                              med(runs, bench, "floor_ratio", 2, True, **m),
-                             med(runs, bench, "gbps", 2, **m)])
-    table(["call", "workers", "bytes", "p50 ms", "star floor p50 ms", "floor_ratio", "GB/s"], body)
+                             med(runs, bench, "gbps", 2, **m),
+                             med(runs, bench, "mpi_p50_ms", 1, **m),
+                             med(runs, bench, "mpi_ratio", 2, True, **m)])
+    table(["call", "workers", "bytes", "p50 ms", "star floor p50 ms", "floor_ratio", "GB/s",
+           "MPI p50 ms", "mpi_ratio"], body)
 
     print("### kernel (one thread)\n")
     body = []
