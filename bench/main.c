@@ -51,7 +51,7 @@ static void usage(FILE *f) {
           "  --workers N          round: only the rows with N workers (2, 4 or 8)\n"
           "  --channels C         round: only the rows with C channels (64, 256, 1024, 4096)\n"
           "  --spin yes|no        round: only the spinning or the blocking rows\n"
-          "  --mpi PATH|no        round: the MPI reference program, or no MPI (default %s)\n"
+          "  --mpi PATH|no        round, allreduce: the MPI reference program, or none (default %s)\n"
           "  --mpirun PATH        Open MPI's mpirun for it (default %s)\n"
           "  --python PATH        gloo: a Python with torch (default /usr/bin/python3)\n"
           "  --verbose            let the coordinator's log through to stderr\n"
