@@ -2,7 +2,7 @@
 # ctest bench_select: sbn-bench's row selection picks exactly the row asked
 # for, and bad values are refused with status 2 and a message naming the
 # option.  With the MPI reference built ($2 = 1), the row comes with its
-# floor_mpi line and mpi_ratio, --mpi no leaves them out, and an mpirun that
+# round_mpi line and mpi_ratio, --mpi no leaves them out, and an mpirun that
 # cannot run fails the bench (status 1) naming --mpirun.  No timing is
 # checked.  $1: the sbn-bench binary; $2: 1 when it was built with MPI,
 # then $3 mpiexec and $4 sbn-bench-mpi.  When mpiexec cannot start two
@@ -36,8 +36,8 @@ grep '"bench":"round"' "$out" | grep -q '"workers":2,"channels":64,.*"spin":fals
   fail "not the row asked for: $(cat "$out")"
 [ "$(grep -c '"bench":"floor_star"' "$out")" -eq 1 ] || fail "wanted one floor_star line"
 if [ "$has_mpi" = 1 ]; then
-  [ "$(grep -c '"bench":"floor_mpi","workers":2,"channels":64,' "$out")" -eq 1 ] ||
-    fail "wanted one floor_mpi line for the row, got: $(cat "$out")"
+  [ "$(grep -c '"bench":"round_mpi","workers":2,"channels":64,' "$out")" -eq 1 ] ||
+    fail "wanted one round_mpi line for the row, got: $(cat "$out")"
   grep '"bench":"round"' "$out" | grep -q '"mpi_ratio":[0-9]' || fail "no mpi_ratio: $(cat "$out")"
 
   # shellcheck disable=SC2086

@@ -415,7 +415,7 @@ int bench_round(coord *c) {
         j_num(&j, "relay_cpu_us_per_round", r.relay_cpu_us);
         j_emit(&j);
         if (r.has_mpi) {
-          j_begin(&j, "floor_mpi");
+          j_begin(&j, "round_mpi");
           j_int(&j, "workers", N);
           j_int(&j, "channels", C);
           j_int(&j, "payload_bytes", (long long)floor_payload_bytes(C));
