@@ -300,9 +300,9 @@ static void emit_fit(double pts[][3], int n) {
  * One round row and what its ratios divide by, measured in turns: the
  * rounds, the star floor, the two-process floor (and the spinning floor for
  * a spinning row) and MPI_Allreduce over TCP (when mpi_ref_available()),
- * ROW_ALTERNATIONS times reps / ROW_ALTERNATIONS round trips each, so that all of them span the same minutes of this machine's
- * moods (one after the other, a row and its floors moved apart by up to 2x
- * here).  Each statistic is over all the turns' samples together.
+ * ROW_ALTERNATIONS times reps / ROW_ALTERNATIONS round trips each, so that
+ * all of them span the same minutes of this machine's moods (one after the
+ * other, a row and its floors moved apart by up to 2x here).  Each statistic is over all the turns' samples together.
  */
 #define ROW_ALTERNATIONS 4
 typedef struct row_result {
