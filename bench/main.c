@@ -43,7 +43,8 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: sbn-bench [options]\n"
           "  --quick              few repetitions (a smoke run of seconds)\n"
-          "  --only NAME[,NAME]   run only these of: floor, round, groups, allreduce, kernel, gloo\n"
+          "  --only NAME[,NAME]   run only these of: floor, round, groups, allreduce,\n"
+          "                       kernel, gloo\n"
           "  --reps N             repetitions of every measurement (overrides defaults)\n"
           "  --coordinator PATH   sbn-coordinator binary (default %s)\n"
           "  --coord-arg ARG      extra argument for the coordinator (repeatable)\n"
@@ -51,7 +52,7 @@ static void usage(FILE *f) {
           "  --workers N          round: only the rows with N workers (2, 4 or 8)\n"
           "  --channels C         round: only the rows with C channels (64, 256, 1024, 4096)\n"
           "  --spin yes|no        round: only the spinning or the blocking rows\n"
-          "  --mpi PATH|no        round, allreduce: the MPI reference program, or none (default %s)\n"
+          "  --mpi PATH|no        round, allreduce: the MPI reference, or none (default %s)\n"
           "  --mpirun PATH        Open MPI's mpirun for it (default %s)\n"
           "  --python PATH        gloo: a Python with torch (default /usr/bin/python3)\n"
           "  --verbose            let the coordinator's log through to stderr\n"
