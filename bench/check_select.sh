@@ -49,6 +49,27 @@ if [ "$has_mpi" = 1 ]; then
   st=$?
   [ "$st" -eq 1 ] || fail "--mpirun /bin/false exited $st, wanted 1"
   grep -q -- "--mpirun" "$err" || fail "--mpirun /bin/false: the message does not name --mpirun"
+
+  # An mpirun that never finishes (nor does the rank it started) is killed
+  # with its whole process group at its time bound (30 s and a bit), and
+  # the bench fails saying so.
+  hang=$(mktemp) pidf=$(mktemp)
+  printf '#!/bin/sh\n[ "$1" = --version ] && { echo "mpiexec (OpenRTE) 4.1.4"; exit 0; }\nsleep 1000 &\necho $! >%s\nwait\n' "$pidf" >"$hang"
+  chmod +x "$hang"
+  # shellcheck disable=SC2086
+  "$bench" $row --spin no --mpirun "$hang" >"$out" 2>"$err"
+  st=$?
+  rank=$(cat "$pidf")
+  rm -f "$hang" "$pidf"
+  [ "$st" -eq 1 ] || fail "a hanging mpirun: exit $st, wanted 1"
+  grep -q "did not finish in" "$err" || fail "a hanging mpirun: no time-out message"
+  [ -n "$rank" ] || fail "a hanging mpirun: its rank never started"
+  # Killed means gone or a zombie not yet reaped by init (kill -0 succeeds
+  # on those); give the kill 2 s to land.
+  alive() { [ -r "/proc/$1/stat" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat"; }
+  i=0
+  while alive "$rank" && [ $i -lt 20 ]; do sleep 0.1; i=$((i + 1)); done
+  ! alive "$rank" || fail "a hanging mpirun: its rank $rank outlived the bound"
 elif [ "$has_mpi" = 0 ]; then
   ! grep -q 'mpi' "$out" || fail "built without MPI, yet measured it: $(cat "$out")"
 fi
