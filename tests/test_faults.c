@@ -63,6 +63,7 @@ typedef struct fault_arg {
   int timeout_ms; /* the client's bound on a round; 0 = default */
   int rounds;     /* rounds everyone completes (and checks) first */
   int victim;     /* this rank stops taking part after them; -1 = none */
+  int spin_us;    /* the client's spin option */
 } fault_arg;
 
 typedef struct fault_shared {
@@ -102,6 +103,7 @@ static int fault_worker(int rank, void *argp, void *sharedp) {
   cfg.world_size = a->world;
   cfg.generation = a->generation;
   cfg.timeout_ms = a->timeout_ms;
+  cfg.spin_us = a->spin_us;
   cfg.secret_file = secret;
   cfg.connect_timeout_ms = 5000;
   sbn_ctx *ctx;
@@ -181,7 +183,7 @@ static void stop_coord_ok(void) {
 
 START_TEST(worker_killed_mid_round) {
   start_coord("0", "60000");
-  fault_arg a = {coord.addr, unique_job(), 8, 0, 0, 5, 5};
+  fault_arg a = {coord.addr, unique_job(), 8, 0, 0, 5, 5, 0};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 8, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *sh = ws.shared;
@@ -198,7 +200,7 @@ END_TEST
 
 START_TEST(worker_stopped_mid_round) {
   start_coord("0", "500");
-  fault_arg a = {coord.addr, unique_job(), 4, 0, 0, 3, 3};
+  fault_arg a = {coord.addr, unique_job(), 4, 0, 0, 3, 3, 0};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 4, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *sh = ws.shared;
@@ -217,9 +219,14 @@ START_TEST(worker_stopped_mid_round) {
 }
 END_TEST
 
+/* The client's spin option in the fault tests: off, and far longer than any
+ * bound (a spinning worker must still see a failure at once, and its round
+ * bound must still hold). */
+static const int fault_spin_us[] = {0, 5000000};
+
 START_TEST(coordinator_killed_mid_round) {
   start_coord("0", "60000");
-  fault_arg a = {coord.addr, unique_job(), 4, 0, 0, 3, 3};
+  fault_arg a = {coord.addr, unique_job(), 4, 0, 0, 3, 3, fault_spin_us[_i]};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 4, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *sh = ws.shared;
@@ -238,7 +245,7 @@ START_TEST(coordinator_frozen_mid_round) {
   /* A coordinator that stops answering (SIGSTOP: no FIN, no RST) is found
    * by the workers' own round bound. */
   start_coord("0", "60000");
-  fault_arg a = {coord.addr, unique_job(), 3, 0, 1000, 2, -1};
+  fault_arg a = {coord.addr, unique_job(), 3, 0, 1000, 2, -1, 0};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 3, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *sh = ws.shared;
@@ -264,12 +271,32 @@ START_TEST(coordinator_frozen_mid_round) {
 }
 END_TEST
 
+START_TEST(spinning_worker_keeps_its_bound) {
+  /* Rank 1 never contributes and the coordinator waits a minute: rank 0,
+   * spinning 5 s (fault_spin_us[1]) with a round bound of 1 s, must return
+   * at its bound, not at the end of the spin. */
+  start_coord("0", "60000");
+  fault_arg a = {coord.addr, unique_job(), 2, 0, 1000, 2, 1, fault_spin_us[1]};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 2, fault_worker, &a, sizeof(fault_shared)), 0);
+  fault_shared *sh = ws.shared;
+  wait_ready(sh, 2);
+  long long t0 = test_now_ms();
+  wait_returned(sh, 2, 1, 8000);
+  expect_all(sh, 2, 1, SBN_ETIMEDOUT, "within 1000 ms", t0, 1500);
+  kill(ws.pids[1], SIGKILL);
+  workers_wait(&ws, 5000);
+  workers_release(&ws);
+  stop_coord_ok();
+}
+END_TEST
+
 START_TEST(coordinator_restart_same_port) {
   start_coord("0", "60000");
   char port[16];
   snprintf(port, sizeof(port), "%d", coord.port);
   const char *job = unique_job();
-  fault_arg a = {coord.addr, job, 4, 0, 0, 3, 3};
+  fault_arg a = {coord.addr, job, 4, 0, 0, 3, 3, 0};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, 4, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *sh = ws.shared;
@@ -285,7 +312,7 @@ START_TEST(coordinator_restart_same_port) {
    * with the next generation: it trains again, every result checked. */
   start_coord(port, "60000");
   ck_assert_int_eq(coord.port, atoi(port));
-  fault_arg b = {coord.addr, job, 4, 1, 0, 20, -1};
+  fault_arg b = {coord.addr, job, 4, 1, 0, 20, -1, 0};
   ck_assert_int_eq(workers_start(&ws, 4, fault_worker, &b, sizeof(fault_shared)), 0);
   ck_assert_int_eq(workers_wait(&ws, 20000), 4);
   sh = ws.shared;
@@ -301,7 +328,7 @@ START_TEST(newer_generation_replaces_stuck_one) {
   const char *job = unique_job();
   char jobcopy[64];
   snprintf(jobcopy, sizeof(jobcopy), "%s", job);
-  fault_arg a = {coord.addr, jobcopy, 3, 0, 0, 2, 2};
+  fault_arg a = {coord.addr, jobcopy, 3, 0, 0, 2, 2, 0};
   worker_set old;
   ck_assert_int_eq(workers_start(&old, 3, fault_worker, &a, sizeof(fault_shared)), 0);
   fault_shared *osh = old.shared;
@@ -309,7 +336,7 @@ START_TEST(newer_generation_replaces_stuck_one) {
   kill(old.pids[2], SIGSTOP); /* stuck, with its connection open */
   /* Generation 1 starts on the live coordinator: the old ranks waiting in
    * a round are told at once, and the new ones train. */
-  fault_arg b = {coord.addr, jobcopy, 3, 1, 0, 10, -1};
+  fault_arg b = {coord.addr, jobcopy, 3, 1, 0, 10, -1, 0};
   worker_set young;
   long long t0 = test_now_ms();
   ck_assert_int_eq(workers_start(&young, 3, fault_worker, &b, sizeof(fault_shared)), 0);
@@ -335,8 +362,9 @@ int main(void) {
   tcase_add_checked_fixture(tc, setup, teardown);
   tcase_add_test(tc, worker_killed_mid_round);
   tcase_add_test(tc, worker_stopped_mid_round);
-  tcase_add_test(tc, coordinator_killed_mid_round);
+  tcase_add_loop_test(tc, coordinator_killed_mid_round, 0, 2);
   tcase_add_test(tc, coordinator_frozen_mid_round);
+  tcase_add_test(tc, spinning_worker_keeps_its_bound);
   tcase_add_test(tc, coordinator_restart_same_port);
   tcase_add_test(tc, newer_generation_replaces_stuck_one);
   suite_add_tcase(s, tc);

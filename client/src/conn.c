@@ -133,17 +133,9 @@ int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_m
                    host, port, attempts, strerror(err));
 }
 
-/* Waits until fd is ready for events, spinning first if configured. */
+/* Waits until fd is ready for events or deadline_ms passes. */
 static int wait_fd(sbn__conn *c, short events, uint64_t deadline_ms) {
   struct pollfd p = {.fd = c->fd, .events = events};
-  if (c->spin_us > 0 && events == POLLIN) {
-    uint64_t spin_end = sbn__now_ns() + (uint64_t)c->spin_us * 1000u;
-    do {
-      if (poll(&p, 1, 0) > 0)
-        return SBN_OK;
-      sched_yield();
-    } while (sbn__now_ns() < spin_end);
-  }
   for (;;) {
     int left = ms_left(deadline_ms);
     int r = poll(&p, 1, left);
@@ -264,6 +256,13 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
   if (c->fd < 0)
     return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
                         : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
+  /* Spinning reads the socket itself without waiting (a poll() first would
+   * cost a second system call once the reply is there) until spin_us pass;
+   * then, and always when not spinning, poll() sleeps until there is
+   * something to read.  After a read that got bytes the next read comes
+   * first: the rest of a long reply is usually there already. */
+  int spinning = c->spin_us > 0, read_first = spinning;
+  uint64_t spin_end = spinning ? sbn__now_ns() + (uint64_t)c->spin_us * 1000u : 0;
   for (;;) {
     const uint8_t *body;
     size_t len;
@@ -288,11 +287,13 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
       snprintf(msg, sizeof(msg), "bad frame from the coordinator: %s", c->rx.errmsg);
       return sbn__conn_kill(c, r, msg);
     }
-    int rc = wait_fd(c, POLLIN, deadline_ms);
-    if (rc == SBN_ETIMEDOUT)
-      return sbn__fail(SBN_ETIMEDOUT, "no reply from the coordinator in time");
-    if (rc != SBN_OK)
-      return sbn__conn_kill(c, SBN_EIO, "poll failed while waiting for the coordinator");
+    if (!read_first) {
+      int rc = wait_fd(c, POLLIN, deadline_ms);
+      if (rc == SBN_ETIMEDOUT)
+        return sbn__fail(SBN_ETIMEDOUT, "no reply from the coordinator in time");
+      if (rc != SBN_OK)
+        return sbn__conn_kill(c, SBN_EIO, "poll failed while waiting for the coordinator");
+    }
     uint8_t *space;
     long room = sbn__framer_space(&c->rx, SBN_RECV_CHUNK, &space);
     if (room < 0)
@@ -300,10 +301,19 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
     ssize_t n = recv(c->fd, space, (size_t)room, MSG_DONTWAIT);
     if (n > 0) {
       sbn__framer_commit(&c->rx, (size_t)n);
+      read_first = 1;
       continue;
     }
-    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+    if (n < 0 && errno == EINTR)
       continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (spinning && sbn__now_ns() < spin_end && ms_left(deadline_ms) > 0) {
+        sched_yield(); /* lets a worker or coordinator sharing this core run */
+        continue;
+      }
+      spinning = read_first = 0;
+      continue;
+    }
     char msg[200];
     if (n == 0)
       snprintf(msg, sizeof(msg), "the coordinator closed the connection");
