@@ -1,10 +1,15 @@
 /*
  * conn.c - the blocking connection to the coordinator.
  *
- * Plain POSIX sockets with poll(): a worker makes one request and waits for
- * its reply, so an event loop would buy nothing here.  Every wait is bounded
- * by a deadline on the monotonic clock, and a connection that failed once
- * stays failed (the protocol stream cannot be trusted after a partial frame).
+ * Plain POSIX sockets: a worker makes one request and waits for its reply,
+ * so an event loop would buy nothing here.  Every wait is bounded by a
+ * deadline on the monotonic clock, and a connection that failed once stays
+ * failed (the protocol stream cannot be trusted after a partial frame).
+ *
+ * Once connected the socket is blocking: a reply is waited for inside
+ * recv() itself, bounded by SO_RCVTIMEO, which saves a poll() per round (a
+ * system call costs a microsecond or more on a VM).  Sends never block
+ * (MSG_DONTWAIT, then poll() for room).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -95,7 +100,12 @@ static int try_connect(const struct addrinfo *ai, uint64_t deadline_ms, int *err
     close(fd);
     return -1;
   }
-  int one = 1;
+  int one = 1, flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    *err = errno;
+    close(fd);
+    return -1;
+  }
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   return fd;
 }
@@ -118,6 +128,7 @@ int sbn__conn_open(sbn__conn *c, const char *host, int port, uint64_t deadline_m
       if (fd >= 0) {
         freeaddrinfo(res);
         c->fd = fd;
+        c->rcvtimeo_ms = 0;
         c->dead_code = 0;
         return SBN_OK;
       }
@@ -251,17 +262,30 @@ int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, 
   return send_all(c, iov, 2, deadline_ms);
 }
 
+/* Makes a blocking recv() on c return within left_ms (> 0).  The socket's
+ * SO_RCVTIMEO is set again only when it is longer than left_ms, or much
+ * shorter (a wait would wake up needlessly often): between rounds of one
+ * bound it stays as it is, and no system call is made. */
+static int bound_recv(sbn__conn *c, int left_ms) {
+  if (c->rcvtimeo_ms != 0 && c->rcvtimeo_ms <= left_ms && c->rcvtimeo_ms >= left_ms / 4)
+    return 0;
+  int ms = left_ms > 1 ? left_ms / 2 : 1;
+  struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+  if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0)
+    return -1;
+  c->rcvtimeo_ms = ms;
+  return 0;
+}
+
 int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
   *out = NULL;
   if (c->fd < 0)
     return c->dead_code ? sbn__fail(c->dead_code, "%s", c->dead_msg)
                         : sbn__fail(SBN_ECLOSED, "not connected to a coordinator");
-  /* Spinning reads the socket itself without waiting (a poll() first would
-   * cost a second system call once the reply is there) until spin_us pass;
-   * then, and always when not spinning, poll() sleeps until there is
-   * something to read.  After a read that got bytes the next read comes
-   * first: the rest of a long reply is usually there already. */
-  int spinning = c->spin_us > 0, read_first = spinning;
+  /* Spinning reads the socket without waiting (MSG_DONTWAIT) until spin_us
+   * pass; then, and always when not spinning, recv() itself waits, bounded
+   * by SO_RCVTIMEO and the deadline. */
+  int spinning = c->spin_us > 0;
   uint64_t spin_end = spinning ? sbn__now_ns() + (uint64_t)c->spin_us * 1000u : 0;
   for (;;) {
     const uint8_t *body;
@@ -287,31 +311,31 @@ int sbn__conn_recv(sbn__conn *c, Sbn__Envelope **out, uint64_t deadline_ms) {
       snprintf(msg, sizeof(msg), "bad frame from the coordinator: %s", c->rx.errmsg);
       return sbn__conn_kill(c, r, msg);
     }
-    if (!read_first) {
-      int rc = wait_fd(c, POLLIN, deadline_ms);
-      if (rc == SBN_ETIMEDOUT)
+    if (!spinning) {
+      int left = ms_left(deadline_ms);
+      if (left == 0)
         return sbn__fail(SBN_ETIMEDOUT, "no reply from the coordinator in time");
-      if (rc != SBN_OK)
-        return sbn__conn_kill(c, SBN_EIO, "poll failed while waiting for the coordinator");
+      if (bound_recv(c, left) != 0)
+        return sbn__conn_kill(c, SBN_EIO, "cannot bound the wait for the coordinator");
     }
     uint8_t *space;
     long room = sbn__framer_space(&c->rx, SBN_RECV_CHUNK, &space);
     if (room < 0)
       return sbn__conn_kill(c, (int)room, "cannot buffer the coordinator's reply");
-    ssize_t n = recv(c->fd, space, (size_t)room, MSG_DONTWAIT);
+    ssize_t n = recv(c->fd, space, (size_t)room, spinning ? MSG_DONTWAIT : 0);
     if (n > 0) {
       sbn__framer_commit(&c->rx, (size_t)n);
-      read_first = 1;
       continue;
     }
     if (n < 0 && errno == EINTR)
       continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (spinning && sbn__now_ns() < spin_end && ms_left(deadline_ms) > 0) {
+      /* Spinning and nothing yet, or SO_RCVTIMEO expired: the loop checks
+       * the deadline. */
+      if (spinning && (sbn__now_ns() >= spin_end || ms_left(deadline_ms) == 0))
+        spinning = 0;
+      else if (spinning)
         sched_yield(); /* lets a worker or coordinator sharing this core run */
-        continue;
-      }
-      spinning = read_first = 0;
       continue;
     }
     char msg[200];

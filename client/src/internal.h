@@ -33,6 +33,7 @@ typedef struct sbn__conn {
   ProtobufCAllocator alloc;
   uint32_t max_frame; /* the coordinator's, from its welcome */
   int spin_us;
+  int rcvtimeo_ms; /* the socket's SO_RCVTIMEO; 0 = none set yet */
   /* Once the connection fails it stays failed: later calls get this. */
   int dead_code;
   char dead_msg[256];
