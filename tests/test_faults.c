@@ -5,7 +5,9 @@
  * the coordinator killed or frozen mid-round; a coordinator restarted on the
  * same port; a newer generation replacing a stuck one on a live coordinator.
  * In every case each worker returns within a bounded time with an error
- * that says what happened, and the next generation trains again.
+ * that says what happened, and the next generation trains again.  And a
+ * slow member: the others wait for it asleep, however short their
+ * handshake's bound was.
  */
 #define _GNU_SOURCE
 #include <check.h>
@@ -15,11 +17,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "coord_proc.h"
+#include "internal.h"
 #include "sbn/sbn.h"
 #include "workers.h"
 
@@ -27,6 +31,11 @@
 #define READY_TIMEOUT_MS 15000
 #define VICTIM_SLEEP_S 30
 #define TOL 1e-9
+/* slow_member_waits_asleep: the slow rank's delay, and the most wake-ups
+ * and CPU time the waiting rank may have meanwhile. */
+#define SLOW_DELAY_MS 3000
+#define SLOW_WAKEUPS_MAX 3
+#define SLOW_CPU_MS_MAX 150
 
 static char dir[128], secret[160];
 static coord_proc coord;
@@ -291,6 +300,110 @@ START_TEST(spinning_worker_keeps_its_bound) {
 }
 END_TEST
 
+typedef struct slow_arg {
+  const char *addr, *job;
+} slow_arg;
+
+typedef struct slow_shared {
+  int rc[2];
+  long wakeups; /* rank 0's voluntary context switches in the slow round */
+  long cpu_ms;  /* and its CPU time (user + system) */
+  char msg[2][256];
+} slow_shared;
+
+static long rusage_ms(const struct rusage *r) {
+  return (r->ru_utime.tv_sec + r->ru_stime.tv_sec) * 1000L +
+         (r->ru_utime.tv_usec + r->ru_stime.tv_usec) / 1000L;
+}
+
+static int slow_worker(int rank, void *argp, void *sharedp) {
+  slow_arg *a = argp;
+  slow_shared *sh = sharedp;
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = a->addr;
+  cfg.job = a->job;
+  cfg.rank = rank;
+  cfg.world_size = 2;
+  cfg.secret_file = secret;
+  cfg.connect_timeout_ms = 5000;
+  cfg.timeout_ms = 60000;
+  sbn_ctx *ctx = NULL;
+  int rc = sbn_init(&cfg, &ctx);
+  double mean[C] = {0}, m2[C] = {0}, gm[C], gv[C];
+  uint64_t gc;
+  struct rusage r0, r1;
+  for (int k = 0; rc == SBN_OK && k < 2; k++) {
+    if (k == 1 && rank == 1)
+      usleep(SLOW_DELAY_MS * 1000);
+    getrusage(RUSAGE_SELF, &r0);
+    rc = sbn_sync_stats(sbn_world(ctx), "bn", C, 1, mean, m2, &gc, gm, gv);
+    getrusage(RUSAGE_SELF, &r1);
+  }
+  if (rank == 0) {
+    sh->wakeups = r1.ru_nvcsw - r0.ru_nvcsw;
+    sh->cpu_ms = rusage_ms(&r1) - rusage_ms(&r0);
+  }
+  sh->rc[rank] = rc;
+  snprintf(sh->msg[rank], sizeof(sh->msg[rank]), "%s", rc ? sbn_last_error() : "");
+  if (ctx != NULL)
+    sbn_finalize(ctx);
+  return rc != SBN_OK;
+}
+
+START_TEST(slow_member_waits_asleep) {
+  /* Rank 0 waits SLOW_DELAY_MS for rank 1 in one round: asleep, neither
+   * polling nor waking up again and again. */
+  start_coord("0", "60000");
+  slow_arg a = {coord.addr, unique_job()};
+  worker_set ws;
+  ck_assert_int_eq(workers_start(&ws, 2, slow_worker, &a, sizeof(slow_shared)), 0);
+  ck_assert_int_eq(workers_wait(&ws, SLOW_DELAY_MS + 10000), 2);
+  slow_shared *sh = ws.shared;
+  for (int r = 0; r < 2; r++)
+    ck_assert_msg(sh->rc[r] == SBN_OK, "rank %d: %d %s", r, sh->rc[r], sh->msg[r]);
+  ck_assert_msg(sh->wakeups >= 1 && sh->wakeups <= SLOW_WAKEUPS_MAX,
+                "rank 0 woke up %ld times waiting %d ms", sh->wakeups, SLOW_DELAY_MS);
+  ck_assert_msg(sh->cpu_ms <= SLOW_CPU_MS_MAX, "rank 0 used %ld ms of CPU waiting %d ms",
+                sh->cpu_ms, SLOW_DELAY_MS);
+  workers_release(&ws);
+  stop_coord_ok();
+}
+END_TEST
+
+START_TEST(rcvtimeo_rules) {
+  /* What bounds a blocking recv() (sbn__rcvtimeo_next): none set yet, kept
+   * at both edges, shortened past the bound, lengthened past 4x. */
+  ck_assert_int_eq(sbn__rcvtimeo_next(0, 60000), 30000);
+  ck_assert_int_eq(sbn__rcvtimeo_next(30000, 60000), 0);
+  ck_assert_int_eq(sbn__rcvtimeo_next(30000, 30000), 0);
+  ck_assert_int_eq(sbn__rcvtimeo_next(30000, 29999), 14999);
+  ck_assert_int_eq(sbn__rcvtimeo_next(30000, 120003), 0); /* 120003 / 4 == 30000 */
+  ck_assert_int_eq(sbn__rcvtimeo_next(30000, 120004), 60002);
+  ck_assert_int_eq(sbn__rcvtimeo_next(5, 60000), 30000); /* after a wait that ran out */
+  ck_assert_int_eq(sbn__rcvtimeo_next(0, 1), 1);
+  ck_assert_int_eq(sbn__rcvtimeo_next(2, 1), 1);
+  ck_assert_int_eq(sbn__rcvtimeo_next(1, 1), 0);
+  /* A wait that runs to its deadline, every recv() timing out: the bound
+   * always holds, and the socket option is set a logarithmic number of
+   * times. */
+  for (int start = 1; start <= 70000; start = start * 3 + 1) {
+    int cur = 0, left = start, sets = 0;
+    while (left > 0) {
+      int ms = sbn__rcvtimeo_next(cur, left);
+      if (ms != 0) {
+        cur = ms;
+        sets++;
+      }
+      ck_assert_int_le(cur, left);
+      ck_assert_int_ge(cur, 1);
+      left -= cur;
+    }
+    ck_assert_int_le(sets, 18);
+  }
+}
+END_TEST
+
 START_TEST(coordinator_restart_same_port) {
   start_coord("0", "60000");
   char port[16];
@@ -365,6 +478,8 @@ int main(void) {
   tcase_add_loop_test(tc, coordinator_killed_mid_round, 0, 2);
   tcase_add_test(tc, coordinator_frozen_mid_round);
   tcase_add_test(tc, spinning_worker_keeps_its_bound);
+  tcase_add_test(tc, slow_member_waits_asleep);
+  tcase_add_test(tc, rcvtimeo_rules);
   tcase_add_test(tc, coordinator_restart_same_port);
   tcase_add_test(tc, newer_generation_replaces_stuck_one);
   suite_add_tcase(s, tc);

@@ -262,14 +262,17 @@ int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, 
   return send_all(c, iov, 2, deadline_ms);
 }
 
-/* Makes a blocking recv() on c return within left_ms (> 0).  The socket's
- * SO_RCVTIMEO is set again only when it is longer than left_ms, or much
- * shorter (a wait would wake up needlessly often): between rounds of one
- * bound it stays as it is, and no system call is made. */
-static int bound_recv(sbn__conn *c, int left_ms) {
-  if (c->rcvtimeo_ms != 0 && c->rcvtimeo_ms <= left_ms && c->rcvtimeo_ms >= left_ms / 4)
+int sbn__rcvtimeo_next(int cur_ms, int left_ms) {
+  if (cur_ms != 0 && cur_ms <= left_ms && cur_ms >= left_ms / 4)
     return 0;
-  int ms = left_ms > 1 ? left_ms / 2 : 1;
+  return left_ms > 1 ? left_ms / 2 : 1;
+}
+
+/* Makes a blocking recv() on c return within left_ms (> 0). */
+static int bound_recv(sbn__conn *c, int left_ms) {
+  int ms = sbn__rcvtimeo_next(c->rcvtimeo_ms, left_ms);
+  if (ms == 0)
+    return 0;
   struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
   if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0)
     return -1;

@@ -48,6 +48,12 @@ int sbn__conn_send(sbn__conn *c, const Sbn__Envelope *env, uint64_t deadline_ms)
  * tail_bytes of values are sent from tail, uncopied (sbn__msg_tail_prefix). */
 int sbn__conn_send_tail(sbn__conn *c, const Sbn__Envelope *env, uint32_t field, const void *tail,
                         size_t tail_bytes, uint64_t deadline_ms);
+/* The SO_RCVTIMEO (ms) to set before a blocking recv() that must return
+ * within left_ms (> 0), when the socket has cur_ms (0 = none): 0 to keep
+ * cur_ms, which is kept while it is at most left_ms and at least a quarter
+ * of it (between rounds of one bound no system call is made, and a long wait
+ * does not wake up needlessly often); else left_ms / 2, at least 1. */
+int sbn__rcvtimeo_next(int cur_ms, int left_ms);
 /*
  * Receives one envelope before deadline_ms.  It lives in the connection's
  * arena, and an allreduce Result's fvals usually in its receive buffer

@@ -48,7 +48,9 @@ typedef struct sbn_config {
   uint64_t generation;    /* restart counter, default 0 */
   int connect_timeout_ms; /* keep retrying connect this long, default 30000 */
   /* Bound on each blocking round; 0 = the coordinator's round timeout plus
-   * 5 s, so that its error (which names the missing ranks) arrives first. */
+   * 5 s, so that its error (which names the missing ranks) arrives first.
+   * A call returns SBN_ETIMEDOUT within a few milliseconds after it (the
+   * kernel's timer granularity), also while spinning. */
   int timeout_ms;
   /* Poll the socket without sleeping this long before blocking on a reply
    * (trades CPU for latency; between polls the thread yields the CPU to any
