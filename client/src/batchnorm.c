@@ -1126,21 +1126,10 @@ KERNEL void gsums16(const float *p, const float *g, const v16f *k, const v8d *m0
   GSUMS8(x1, g1, *m1, *s1, *q1);
 }
 
-/* plane_grad_sums_one with 512-bit vectors (as plane_stats_one8); relu ==
- * RELU_T: g kept where x > t (or NaN), t the channel's threshold (see
- * plane_relu_thresholds), in the tails too. */
-KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, double mu,
-                                 const float *aff, size_t C, size_t c, float t, stats_acc8 *a,
-                                 const int relu, const int fm) {
-  const v8d mv = bcast8d(mu);
-  v16f k[4];
-  if (relu == RELU_T)
-    k[0] = splat16(t);
-  else if (relu)
-    for (int j = 0; j < 4; j++) k[j] = bcast16(aff + (size_t)j * C + c);
-  size_t i = 0;
-  for (; i + 16 <= S; i += 16)
-    gsums16(p + i, g + i, k, &mv, &mv, &a->s01, &a->q01, &a->s23, &a->q23, relu, fm);
+/* The 4-value blocks and single values of plane_grad_sums_one8 from i. */
+KERNEL void plane_grad_sums_tail8(const float *p, const float *g, size_t i, size_t S, double mu,
+                                  const float *aff, size_t C, size_t c, float t, stats_acc8 *a,
+                                  const int relu, const int fm) {
   for (; i + 4 <= S; i += 4) {
     const v4f xv = ld4f(p + i);
     v4f gv = ld4f(g + i);
@@ -1163,6 +1152,47 @@ KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, doubl
     a->st += gi;
     a->qt += (double)gi * ((double)p[i] - mu);
   }
+}
+
+/* plane_grad_sums_one with 512-bit vectors (as plane_stats_one8); relu ==
+ * RELU_T: g kept where x > t (or NaN), t the channel's threshold (see
+ * plane_relu_thresholds), in the tails too. */
+KERNEL void plane_grad_sums_one8(const float *p, const float *g, size_t S, double mu,
+                                 const float *aff, size_t C, size_t c, float t, stats_acc8 *a,
+                                 const int relu, const int fm) {
+  const v8d mv = bcast8d(mu);
+  v16f k[4];
+  if (relu == RELU_T)
+    k[0] = splat16(t);
+  else if (relu)
+    for (int j = 0; j < 4; j++) k[j] = bcast16(aff + (size_t)j * C + c);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16)
+    gsums16(p + i, g + i, k, &mv, &mv, &a->s01, &a->q01, &a->s23, &a->q23, relu, fm);
+  plane_grad_sums_tail8(p, g, i, S, mu, aff, C, c, t, a, relu, fm);
+}
+
+/*
+ * plane_grad_sums_one8 for the planes (p, g) and (r, h) of channels c and
+ * c + 1 at once, into a and b, as plane_stats_two8 does for the statistics:
+ * each channel's additions in the same order, so the same bits, and twice
+ * the independent additions.  relu is 0 or RELU_T (thresholds t and tr):
+ * the other ReLU mode keeps four constants per channel in registers, and
+ * its channels run one at a time.
+ */
+KERNEL void plane_grad_sums_two8(const float *p, const float *g, const float *r, const float *h,
+                                 size_t S, double mu, double mr, float t, float tr, stats_acc8 *a,
+                                 stats_acc8 *b, const int relu, const int fm) {
+  const v8d mv = bcast8d(mu), mw = bcast8d(mr);
+  v16f k[4], kr[4];
+  k[0] = splat16(t), kr[0] = splat16(tr);
+  size_t i = 0;
+  for (; i + 16 <= S; i += 16) {
+    gsums16(p + i, g + i, k, &mv, &mv, &a->s01, &a->q01, &a->s23, &a->q23, relu, fm);
+    gsums16(r + i, h + i, kr, &mw, &mw, &b->s01, &b->q01, &b->s23, &b->q23, relu, fm);
+  }
+  plane_grad_sums_tail8(p, g, i, S, mu, NULL, 0, 0, t, a, relu, fm);
+  plane_grad_sums_tail8(r, h, i, S, mr, NULL, 0, 0, tr, b, relu, fm);
 }
 
 /*
@@ -1213,6 +1243,23 @@ KERNEL void plane_grad_sums_run(const float *x, const float *dy, size_t C, size_
                         c, a, relu != 0, fm);
 }
 
+/* Planes n0..n1-1 of channels c and c + 1 into a and b (AVX-512 only;
+ * relu 0 or RELU_T with thresholds t and tr). */
+KERNEL void plane_grad_sums_run2(const float *x, const float *dy, size_t C, size_t S, size_t c,
+                                 size_t n0, size_t n1, double mu, double mr, float t, float tr,
+                                 stats_acc *a, stats_acc *b, const int relu, const int fm) {
+  stats_acc8 a8, b8;
+  memcpy(&a8, a, STATS_ACC_BYTES);
+  memcpy(&b8, b, STATS_ACC_BYTES);
+  for (size_t n = n0; n < n1; n++) {
+    const size_t o = (n * C + c) * S;
+    plane_grad_sums_two8(x + o, dy + o, x + o + S, dy + o + S, S, mu, mr, t, tr, &a8, &b8, relu,
+                         fm);
+  }
+  memcpy(a, &a8, STATS_ACC_BYTES);
+  memcpy(b, &b8, STATS_ACC_BYTES);
+}
+
 KERNEL void grad_sums_finish(const stats_acc *a, double *sdy, double *sdyx) {
   *sdy = hsum4d((a->s0 + a->s1) + (a->s2 + a->s3)) + a->st;
   *sdyx = hsum4d((a->q0 + a->q1) + (a->q2 + a->q3)) + a->qt;
@@ -1244,11 +1291,28 @@ KERNEL void plane_grad_sums(const float *x, const float *dy, size_t N, size_t C,
   const int thr = relu && (fm & FM_512) && N * S >= RELU_T_MIN_ROWS;
   if (thr) plane_relu_thresholds(aff, C, T, ok);
   if (S < PLANE_STREAM_MIN) {
-    for (size_t c = 0; c < C; c++) {
+    /* With AVX-512, channels in pairs where both compute the same way
+     * (without the ReLU, or both with their thresholds), as the statistics
+     * do (plane_stats). */
+    for (size_t c = 0; c < C;) {
       stats_acc a;
       memset(&a, 0, sizeof(a));
+      const int mode = thr && ok[c] ? RELU_T : relu;
+      if ((fm & FM_512) && c + 1 < C && (mode == 0 || mode == RELU_T) &&
+          mode == (thr && ok[c + 1] ? RELU_T : relu)) {
+        stats_acc b;
+        memset(&b, 0, sizeof(b));
+        const float t = mode == RELU_T ? T[c] : 0.0f, tr = mode == RELU_T ? T[c + 1] : 0.0f;
+        plane_grad_sums_run2(x, dy, C, S, c, 0, N, mean[c], mean[c + 1], t, tr, &a, &b, mode,
+                             fm);
+        grad_sums_finish(&a, sdy + c, sdyx + c);
+        grad_sums_finish(&b, sdy + c + 1, sdyx + c + 1);
+        c += 2;
+        continue;
+      }
       PLANE_GRAD_SUMS_RUN(0, N);
       grad_sums_finish(&a, sdy + c, sdyx + c);
+      c++;
     }
     return;
   }
