@@ -45,6 +45,7 @@ typedef struct run_arg {
   const char *job;
   int world;
   uint64_t jitter_salt; /* changes arrival order between runs */
+  int spin_us;          /* the workers' spin option */
 } run_arg;
 
 static uint64_t splitmix(uint64_t *s) {
@@ -100,8 +101,15 @@ static int close_rel(double got, long double ref, long double scale) {
 static int rounds_worker(int rank, void *argp, void *sharedp) {
   run_arg *arg = argp;
   shared_results *sh = sharedp;
+  sbn_config cfg;
+  sbn_config_init(&cfg);
+  cfg.coordinator = arg->addr;
+  cfg.job = arg->job;
+  cfg.rank = rank;
+  cfg.world_size = arg->world;
+  cfg.spin_us = arg->spin_us;
   sbn_ctx *ctx;
-  if (worker_connect(arg->addr, arg->job, rank, arg->world, &ctx) != SBN_OK) {
+  if (sbn_init(&cfg, &ctx) != SBN_OK) {
     snprintf(sh->first_failure[rank], 256, "init: %s", sbn_last_error());
     return 1;
   }
@@ -216,8 +224,9 @@ static int rounds_worker(int rank, void *argp, void *sharedp) {
   return sbn_finalize(ctx) == SBN_OK ? 0 : 1;
 }
 
-static void run_rounds(const char *addr, int world, uint64_t salt, shared_results *out) {
-  run_arg arg = {addr, unique_job(), world, salt};
+static void run_rounds(const char *addr, int world, uint64_t salt, int spin_us,
+                       shared_results *out) {
+  run_arg arg = {addr, unique_job(), world, salt, spin_us};
   worker_set ws;
   ck_assert_int_eq(workers_start(&ws, world, rounds_worker, &arg, sizeof(shared_results)), 0);
   int ok = workers_wait(&ws, WORKER_TIMEOUT_MS);
@@ -251,19 +260,20 @@ static void stop_coord(void) {
 START_TEST(test_rounds_n) {
   static const int worlds[] = {2, 4, 8};
   start_coord();
-  run_rounds(coord.addr, worlds[_i], 0, NULL);
+  run_rounds(coord.addr, worlds[_i], 0, 0, NULL);
   stop_coord();
 }
 END_TEST
 
-/* A spinning coordinator (--spin-us at its limit) gives the same answers,
- * and still shuts down cleanly. */
-START_TEST(test_rounds_spinning_coordinator) {
+/* A spinning coordinator (--spin-us at its limit) and spinning workers
+ * (reading the socket without waiting) give the same answers, and the
+ * coordinator still shuts down cleanly. */
+START_TEST(test_rounds_spinning) {
   char max[16];
   snprintf(max, sizeof(max), "%u", SBN_COORD_SPIN_MAX_US);
   const char *args[] = {"--spin-us", max, NULL};
   ck_assert_int_eq(coord_start(&coord, args), 0);
-  run_rounds(coord.addr, 4, 0, NULL);
+  run_rounds(coord.addr, 4, 0, 200, NULL);
   stop_coord();
 }
 END_TEST
@@ -271,8 +281,8 @@ END_TEST
 START_TEST(test_rounds_shuffled_same_bytes) {
   static shared_results a, b;
   start_coord();
-  run_rounds(coord.addr, 4, 0x1234, &a);
-  run_rounds(coord.addr, 4, 0x9876, &b);
+  run_rounds(coord.addr, 4, 0x1234, 0, &a);
+  run_rounds(coord.addr, 4, 0x9876, 0, &b);
   for (int round = 0; round < ROUNDS; round++)
     ck_assert_msg(a.hash[0][round] == b.hash[0][round],
                   "round %d: other bytes when arrival order changed", round);
@@ -484,7 +494,7 @@ static Suite *rounds_suite(void) {
   tcase_set_timeout(tc, 120);
   tcase_add_loop_test(tc, test_rounds_n, 0, 3);
   tcase_add_test(tc, test_rounds_shuffled_same_bytes);
-  tcase_add_test(tc, test_rounds_spinning_coordinator);
+  tcase_add_test(tc, test_rounds_spinning);
   suite_add_tcase(s, tc);
   TCase *tf = tcase_create("faults");
   tcase_set_timeout(tf, 60);
