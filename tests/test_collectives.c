@@ -705,11 +705,7 @@ static int early_worker(int rank, void *ap, void *sp) {
   const arg *a = ap;
   shared *sh = sp;
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = 2;
+  worker_config(&cfg, a->addr, a->job, rank, 2);
   cfg.timeout_ms = EARLY_TIMEOUT_MS;
   sbn_ctx *ctx = NULL;
   if (sbn_init(&cfg, &ctx) != SBN_OK) {

@@ -105,11 +105,7 @@ static int fault_worker(int rank, void *argp, void *sharedp) {
   fault_arg *a = argp;
   fault_shared *sh = sharedp;
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = a->world;
+  worker_config(&cfg, a->addr, a->job, rank, a->world);
   cfg.generation = a->generation;
   cfg.timeout_ms = a->timeout_ms;
   cfg.spin_us = a->spin_us;
@@ -320,11 +316,7 @@ static int slow_worker(int rank, void *argp, void *sharedp) {
   slow_arg *a = argp;
   slow_shared *sh = sharedp;
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = a->addr;
-  cfg.job = a->job;
-  cfg.rank = rank;
-  cfg.world_size = 2;
+  worker_config(&cfg, a->addr, a->job, rank, 2);
   cfg.secret_file = secret;
   cfg.connect_timeout_ms = 5000;
   cfg.timeout_ms = 60000;

@@ -102,11 +102,7 @@ static int rounds_worker(int rank, void *argp, void *sharedp) {
   run_arg *arg = argp;
   shared_results *sh = sharedp;
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = arg->addr;
-  cfg.job = arg->job;
-  cfg.rank = rank;
-  cfg.world_size = arg->world;
+  worker_config(&cfg, arg->addr, arg->job, rank, arg->world);
   cfg.spin_us = arg->spin_us;
   sbn_ctx *ctx;
   if (sbn_init(&cfg, &ctx) != SBN_OK) {
@@ -306,11 +302,7 @@ static int fault_worker(int rank, void *argp, void *sharedp) {
   fault_arg *arg = argp;
   shared_results *sh = sharedp;
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = arg->addr;
-  cfg.job = arg->job;
-  cfg.rank = rank;
-  cfg.world_size = arg->world;
+  worker_config(&cfg, arg->addr, arg->job, rank, arg->world);
   cfg.timeout_ms = 20000;
   sbn_ctx *ctx;
   if (sbn_init(&cfg, &ctx) != SBN_OK) {

@@ -66,13 +66,17 @@ const char *unique_job(void) {
   return buf;
 }
 
+void worker_config(sbn_config *cfg, const char *addr, const char *job, int rank, int world) {
+  sbn_config_init(cfg);
+  cfg->coordinator = addr;
+  cfg->job = job;
+  cfg->rank = rank;
+  cfg->world_size = world;
+}
+
 int worker_connect(const char *addr, const char *job, int rank, int world, sbn_ctx **ctx) {
   sbn_config cfg;
-  sbn_config_init(&cfg);
-  cfg.coordinator = addr;
-  cfg.job = job;
-  cfg.rank = rank;
-  cfg.world_size = world;
+  worker_config(&cfg, addr, job, rank, world);
   return sbn_init(&cfg, ctx);
 }
 

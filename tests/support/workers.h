@@ -35,6 +35,12 @@ void workers_release(worker_set *ws);
 const char *unique_job(void);
 
 struct sbn_ctx;
+struct sbn_config;
+/* sbn_config_init(cfg), then a test worker's coordinator addr, job, rank and
+ * world: callers set whatever else they need before sbn_init(). */
+void worker_config(struct sbn_config *cfg, const char *addr, const char *job, int rank,
+                   int world);
+
 /*
  * sbn_init() for a worker of a test: coordinator addr, job, rank, world,
  * everything else default.  Returns the status; *ctx is NULL on failure.
